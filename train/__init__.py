@@ -1,0 +1,1 @@
+"""Training: per-qtype QLoRA adapters from question/answer data, and held-out evaluation."""
