@@ -45,10 +45,28 @@ Quant = Literal["nf4", "none"]
 # Config keys that define the architecture. A fixed allow-list keeps the fingerprint stable when a
 # new transformers release adds bookkeeping keys to saved configs.
 _ARCH_KEYS = (
-    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta",
-    "rms_norm_eps", "tie_word_embeddings", "d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers",
-    "num_heads", "n_embd", "n_layer", "n_head",
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "d_model",
+    "d_ff",
+    "d_kv",
+    "num_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "n_embd",
+    "n_layer",
+    "n_head",
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -175,9 +193,7 @@ def _from_hub(spec: str) -> BaseRef:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        local = Path(
-            snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
-        )
+        local = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise BaseModelError(f"--base {spec!r}: could not fetch it from the Hugging Face hub ({e})") from None
     # The snapshot folder is named after the commit: the revision is the weights' identity.
@@ -225,7 +241,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BaseModelError(f"could not read GGUF {gguf.name!r}: {e}") from e
     # A model loaded from GGUF keeps a quantizer that refuses to serialize; its weights are already dense.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp)
@@ -295,7 +311,7 @@ def load_base(
     elif quant != "none":
         raise BaseModelError(f"quant {quant!r} is not one of: nf4, none")
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.load_path, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(ref.load_path, **kwargs)
     except (OSError, ValueError) as e:
         raise BaseModelError(f"could not load base {ref.base_id!r}: {e}") from e
     if quant == "none":

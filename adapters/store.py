@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-
 from loraswap.adapters.manifest import (
     CONFIG_FILE,
     WEIGHTS_FILE,

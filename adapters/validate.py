@@ -57,9 +57,7 @@ def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return {
-        name: (m.in_features, m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
+        name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }
 
 
@@ -141,6 +139,7 @@ def validate_adapter(
             check_compatible(manifest, ref)
         except AdapterError as e:
             problems.append(str(e))
+            ref = None  # shapes of another base say nothing more
     if (folder / WEIGHTS_FILE).is_file():
         problems.extend(_check_weights(folder / WEIGHTS_FILE, config, method, ref, manifest))
     return problems

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -35,8 +35,7 @@ DataOpt = Annotated[
     str,
     typer.Option(
         "--data",
-        help="Hub dataset id, or a local .csv/.csv.gz/.parquet/.jsonl with columns qtype, Question, Answer "
-        "(any case).",
+        help="Hub dataset id, or a local .csv/.csv.gz/.parquet/.jsonl with columns qtype, Question, Answer (any case).",
     ),
 ]
 AdaptersDirOpt = Annotated[
@@ -54,8 +53,11 @@ class UsageError(Exception):
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     # bitsandbytes announces an optional hub-fetched CPU kernel on every load; it is not needed.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -79,7 +81,9 @@ def train(
         str, typer.Option("--method", help="lora (default), prefix, prompt (prompt tuning) or ptuning.")
     ] = "lora",
     max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps per adapter; -1 uses --epochs.")] = 60,
-    epochs: Annotated[float, typer.Option("--epochs", help="Epochs over the training rows when --max-steps is -1.")] = 1.0,
+    epochs: Annotated[
+        float, typer.Option("--epochs", help="Epochs over the training rows when --max-steps is -1.")
+    ] = 1.0,
     max_examples: Annotated[
         int | None, typer.Option("--max-examples", help="Use at most this many training rows per qtype.")
     ] = None,
@@ -93,7 +97,7 @@ def train(
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling, shuffling and initialisation.")] = 0,
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
-    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (scale alpha/r).")] = 32.0,
+    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha (scale alpha/r).")] = 32,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.1,
     target_modules: Annotated[
         str,
@@ -132,12 +136,24 @@ def train(
         raise UsageError("give --qtype (one or more) or --all-qtypes, not both")
     cfg = TrainConfig(
         method=method,  # type: ignore[arg-type]
-        rank=rank, alpha=alpha, dropout=dropout,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
         target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
-        num_virtual_tokens=num_virtual_tokens, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-        max_steps=max_steps, epochs=epochs, max_examples=max_examples, max_seq_len=max_seq_len, seed=seed,
-        heldout_fraction=heldout_fraction, quant="none" if no_quant else "nf4", bucketing=not no_bucketing,
-        gradient_checkpointing=gradient_checkpointing, eval_examples=eval_examples,
+        num_virtual_tokens=num_virtual_tokens,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_steps=max_steps,
+        epochs=epochs,
+        max_examples=max_examples,
+        max_seq_len=max_seq_len,
+        seed=seed,
+        heldout_fraction=heldout_fraction,
+        quant="none" if no_quant else "nf4",
+        bucketing=not no_bucketing,
+        gradient_checkpointing=gradient_checkpointing,
+        eval_examples=eval_examples,
     )
     qtypes = list(qtype or [])
     if all_qtypes:
@@ -177,14 +193,12 @@ def eval_(
     ),
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Answer length for rougeL.")] = 128,
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Truncation for NLL, as in training.")] = 256,
-    heldout_fraction: Annotated[
-        float, typer.Option("--heldout-fraction", help="Must match training's split.")
-    ] = 0.1,
+    heldout_fraction: Annotated[float, typer.Option("--heldout-fraction", help="Must match training's split.")] = 0.1,
     base: BaseOpt = "embedded",
     no_quant: NoQuantOpt = False,
 ) -> None:
     """Evaluate the base and adapters on held-out questions: answer NLL and ROUGE-L of greedy answers."""
-    from loraswap.adapters.base import load_base
+    from loraswap.adapters.base import load_base, resolve_base
     from loraswap.adapters.store import AdapterStore
     from loraswap.train.data import check_qtypes, load_qa, split
     from loraswap.train.evaluate import BASE, METRICS, evaluate_adapters, plot_matrix
@@ -197,8 +211,14 @@ def eval_(
     if bad or not wanted:
         raise UsageError(f"--metrics {metrics!r}: choose from {', '.join(METRICS)}")
     store = AdapterStore.default(adapters_dir)
-    entries = store.entries()
-    chosen = [store.get(a) for a in adapter] if adapter else list(entries.values())
+    ref = resolve_base(base)
+    if adapter:
+        chosen = [store.get(a) for a in adapter]
+    else:  # every adapter made for this base; the others cannot be evaluated on it
+        chosen = [e for e in store.entries().values() if e.manifest.base_fingerprint == ref.fingerprint]
+        other = sorted(set(store.names()) - {e.name for e in chosen})
+        if other:
+            print(f"skipping adapters of other bases: {', '.join(other)}", file=sys.stderr)
     if not matrix:
         if not qtype:
             raise UsageError("give --qtype (or --matrix)")
@@ -208,7 +228,7 @@ def eval_(
     rows = load_qa(data)
     check_qtypes(rows, qtypes)
     heldout = {q: split(rows, q, heldout_fraction).heldout[:limit] for q in qtypes}
-    loaded = load_base(base, quant="none" if no_quant else "nf4")
+    loaded = load_base(ref, quant="none" if no_quant else "nf4")
     results = evaluate_adapters(loaded, chosen, heldout, wanted, max_seq_len, max_new_tokens)
 
     if matrix:
@@ -261,8 +281,10 @@ def adapters_list(
     print(f"{'name':22s} {'qtype':18s} {'method':7s} {'rank':>4s} {'size':>9s}  source  base")
     for d in described:
         size = f"{int(d['size_bytes']) / 1e6:.2f} MB"  # type: ignore[call-overload]
-        print(f"{d['name']!s:22s} {d['qtype'] or '-'!s:18s} {d['method']!s:7s} {d['rank'] or '-'!s:>4s} "
-              f"{size:>9s}  {d['source']!s:7s} {d['base_id']} ({d['base_fingerprint']})")
+        print(
+            f"{d['name']!s:22s} {d['qtype'] or '-'!s:18s} {d['method']!s:7s} {d['rank'] or '-'!s:>4s} "
+            f"{size:>9s}  {d['source']!s:7s} {d['base_id']} ({d['base_fingerprint']})"
+        )
     for name, why in store.problems().items():
         print(f"unusable: {name}: {why}", file=sys.stderr)
 
@@ -308,13 +330,15 @@ def train_bench(
             print(f"{k}: {v}")
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> None:
     from loraswap.adapters.base import BaseModelError
     from loraswap.adapters.manifest import AdapterError
     from loraswap.train.data import DataError
 
     try:
-        return app(argv, standalone_mode=False)
+        code = app(argv, standalone_mode=False)  # without standalone mode click returns exit codes
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except (UsageError, DataError, AdapterError, BaseModelError) as e:
         print(f"loraswap: error: {e}", file=sys.stderr)
         sys.exit(2)

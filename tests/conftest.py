@@ -33,7 +33,9 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def write_qa_csv(path: Path, rows: list[tuple[str, str, str]], header: tuple[str, ...] = ("qtype", "Question", "Answer")) -> Path:
+def write_qa_csv(
+    path: Path, rows: list[tuple[str, str, str]], header: tuple[str, ...] = ("qtype", "Question", "Answer")
+) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -77,17 +79,23 @@ def build_tiny_tokenizer(texts: list[str]):  # type: ignore[no-untyped-def]
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama (hidden 64) with a BPE tokenizer, saved as a local HF folder: loads in milliseconds."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from loraswap.adapters.prompt import SYSTEM_PROMPT
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     texts = [SYSTEM_PROMPT] + [t for r in qa_rows() for t in r[1:]]
     tokenizer = build_tiny_tokenizer(texts)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
+from conftest import qa_rows, write_qa_csv
 from loraswap.adapters.prompt import normalize_answer, normalize_question
 from loraswap.train.data import DataError, check_qtypes, is_heldout, load_qa, qtype_counts, split
-from conftest import qa_rows, write_qa_csv
 
 
 def test_every_local_format_reads_the_same_rows(tmp_path: Path) -> None:
@@ -47,7 +46,9 @@ def test_empty_file(tmp_path: Path) -> None:
 
 def test_non_utf8_file(tmp_path: Path) -> None:
     p = tmp_path / "latin1.csv"
-    p.write_bytes("qtype,Question,Answer\nsymptoms,Qu'est-ce que la fièvre ?,Une température élevée\n".encode("latin-1"))
+    p.write_bytes(
+        "qtype,Question,Answer\nsymptoms,Qu'est-ce que la fièvre ?,Une température élevée\n".encode("latin-1")
+    )
     with pytest.raises(DataError, match="not UTF-8"):
         load_qa(str(p))
 

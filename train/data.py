@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-
 from loraswap.adapters.prompt import normalize_question
 
 DEFAULT_DATA = "keivalya/MedQuad-MedicalQnADataset"
@@ -40,10 +39,8 @@ class QA:
 def load_qa(source: str) -> list[QA]:
     """Read every row of `source` (local file or hub id) as QA records, in file order."""
     path = Path(source).expanduser()
-    if path.exists() or any(source.endswith(s) for s in LOCAL_SUFFIXES):
-        frame = _read_local(path)
-    else:
-        frame = _read_hub(source)
+    local = path.exists() or source.endswith(LOCAL_SUFFIXES)
+    frame = _read_local(path) if local else _read_hub(source)
     return _to_records(frame, path.name if path.exists() else source)
 
 
@@ -112,16 +109,21 @@ def check_qtypes(rows: list[QA], wanted: list[str]) -> None:
         raise DataError(f"unknown qtype(s) {unknown}; the data has: {found}")
 
 
-def is_heldout(question: str, fraction: float = DEFAULT_HELDOUT_FRACTION) -> bool:
-    """Deterministic: the first 8 bytes of sha256(normalised question) as a number in [0, 1)."""
+def question_rank(question: str) -> float:
+    """The first 8 bytes of sha256(normalised question) as a number in [0, 1): a stable pseudo-random draw."""
     digest = hashlib.sha256(normalize_question(question).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_heldout(question: str, fraction: float = DEFAULT_HELDOUT_FRACTION) -> bool:
+    return question_rank(question) < fraction
 
 
 @dataclass(frozen=True)
 class Split:
     train: list[QA]
     heldout: list[QA]
+    """Distinct questions, in a stable pseudo-random order: `heldout[:n]` is a fair sample."""
 
     @property
     def hash(self) -> str:
@@ -143,4 +145,7 @@ def split(rows: list[QA], qtype: str | None = None, fraction: float = DEFAULT_HE
         if is_heldout(r.question, fraction) and key not in seen:
             seen.add(key)
             heldout.append(r)
+    # Ordered by hash, not by file order (MedQuAD is sorted by source collection), so that the first
+    # N held-out questions are a fair sample of the qtype.
+    heldout.sort(key=lambda r: question_rank(r.question))
     return Split(train, heldout)

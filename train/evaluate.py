@@ -8,14 +8,13 @@ name per call; the base is scored with the adapters disabled.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from loraswap.adapters.prompt import build_example, normalize_answer, prompt_ids, stop_token_ids
 from loraswap.train.data import QA
+from tqdm.auto import tqdm
 
 BASE = "__base__"
 METRICS = ("nll", "rougeL")
@@ -26,7 +25,6 @@ def answer_nll(
 ) -> float:
     """Mean negative log-likelihood per answer token (the prompt is not scored)."""
     import torch
-
     from loraswap.train.trainer import PadCollator
 
     examples = [e for e in (build_example(tokenizer, r.question, r.answer, max_seq_len) for r in rows) if e]
@@ -54,7 +52,11 @@ def answer_nll(
 
 
 def greedy_answers(
-    model: Any, tokenizer: Any, questions: Sequence[str], max_new_tokens: int = 128, batch_size: int = 8,
+    model: Any,
+    tokenizer: Any,
+    questions: Sequence[str],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
     desc: str | None = None,
 ) -> list[str]:
     """Greedy answers, batched with left padding."""
@@ -73,8 +75,12 @@ def greedy_answers(
             mask[j, width - len(p) :] = 1
         with torch.no_grad():
             gen = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
             )
         out.extend(tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
     return out
@@ -85,7 +91,9 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(normalize_answer(r), p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    scores = [
+        scorer.score(normalize_answer(r), p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
+    ]
     return sum(scores) / len(scores)
 
 
@@ -102,7 +110,12 @@ def using(model: Any, adapter: str) -> Iterator[Any]:
 
 
 def score(
-    model: Any, tokenizer: Any, rows: Sequence[QA], metrics: Sequence[str], max_seq_len: int, max_new_tokens: int,
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[QA],
+    metrics: Sequence[str],
+    max_seq_len: int,
+    max_new_tokens: int,
     label: str,
 ) -> dict[str, float]:
     result: dict[str, float] = {}
@@ -111,7 +124,9 @@ def score(
         result["nll"] = round(nll, 4)
         result["ppl"] = round(math.exp(nll), 3)
     if "rougeL" in metrics:
-        answers = greedy_answers(model, tokenizer, [r.question for r in rows], max_new_tokens, desc=f"{label}: generate")
+        answers = greedy_answers(
+            model, tokenizer, [r.question for r in rows], max_new_tokens, desc=f"{label}: generate"
+        )
         result["rougeL"] = round(rouge_l(answers, [r.answer for r in rows]), 4)
     return result
 
@@ -119,7 +134,7 @@ def score(
 def evaluate_adapters(
     base: Any,
     entries: Sequence[Any],
-    rows_by_qtype: dict[str, Sequence[QA]],
+    rows_by_qtype: Mapping[str, Sequence[QA]],
     metrics: Sequence[str] = ("nll",),
     max_seq_len: int = 256,
     max_new_tokens: int = 128,
@@ -129,9 +144,8 @@ def evaluate_adapters(
     Each adapter is checked against the base first (fingerprint and prompt format); LoRA adapters
     share one PeftModel, each prompt-learning adapter gets its own wrapper of the same base.
     """
-    from peft import PeftModel
-
     from loraswap.adapters.validate import check_compatible
+    from peft import PeftModel
 
     for e in entries:
         check_compatible(e.manifest, base.ref)
@@ -175,7 +189,9 @@ def plot_matrix(matrix: dict[str, dict[str, float]], path: Any, title: str) -> N
     ax.set_yticks(range(len(adapters)), adapters)
     for i, row in enumerate(values):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v > sum(row) / len(row) else "k", fontsize=8)
+            ax.text(
+                j, i, f"{v:.2f}", ha="center", va="center", color="w" if v > sum(row) / len(row) else "k", fontsize=8
+            )
     for j in range(len(qtypes)):
         best = min(range(len(adapters)), key=lambda i: values[i][j])
         ax.add_patch(Rectangle((j - 0.5, best - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))

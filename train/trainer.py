@@ -50,7 +50,7 @@ class TrainConfig:
     """lora (default), or a prompt-learning method: prefix, prompt, ptuning."""
     rank: int = 8
     """LoRA rank r."""
-    alpha: float = 32.0
+    alpha: int = 32
     """LoRA alpha (scale = alpha / r)."""
     dropout: float = 0.1
     """LoRA dropout."""
@@ -199,7 +199,9 @@ def _history_callback(history: list[dict[str, float]]) -> Any:
     class History(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
             if logs and "loss" in logs:
-                history.append({"step": state.global_step, "loss": float(logs["loss"]), "lr": logs.get("learning_rate")})
+                history.append(
+                    {"step": state.global_step, "loss": float(logs["loss"]), "lr": logs.get("learning_rate")}
+                )
 
     return History()
 
@@ -277,7 +279,11 @@ def run_trainer(
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
-    log.debug("trained to step %d; padding share %.1f%%", out.global_step, 100 * (1 - collator.tokens / max(1, collator.slots)))
+    log.debug(
+        "trained to step %d; padding share %.1f%%",
+        out.global_step,
+        100 * (1 - collator.tokens / max(1, collator.slots)),
+    )
     return history, seconds, collator
 
 
@@ -293,7 +299,9 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None
     ax.plot(steps, losses, lw=1, alpha=0.5, label="step loss")
     if len(losses) >= 5:
         k = max(2, len(losses) // 10)
-        smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))
+        ]
         ax.plot(steps, smooth, lw=2, label=f"mean of {k}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("answer-token loss")
@@ -341,7 +349,9 @@ def train_qtype(
     print(f"[{name}] {len(examples)} training examples, {len(sp.heldout)} held-out questions; base {ref.base_id}")
     peft_model = attach_adapter(base, cfg)
     work = _work_dir(out, name, cfg, ref, sp.hash)
-    history, seconds, collated = run_trainer(peft_model, examples, cfg, work, base.tokenizer.pad_token_id, progress=progress)
+    history, seconds, collated = run_trainer(
+        peft_model, examples, cfg, work, base.tokenizer.pad_token_id, progress=progress
+    )
 
     metrics: dict[str, Any] = {}
     heldout = sp.heldout[: cfg.eval_examples]
@@ -396,8 +406,12 @@ def train_many(
     rows = load_qa(data)
     check_qtypes(rows, qtypes)
     ref = resolve_base(base_spec)
-    return [train_qtype(ref, rows, q, out, cfg, data_source=Path(data).name if Path(data).exists() else data,
-                        progress=progress) for q in qtypes]
+    return [
+        train_qtype(
+            ref, rows, q, out, cfg, data_source=Path(data).name if Path(data).exists() else data, progress=progress
+        )
+        for q in qtypes
+    ]
 
 
 __all__ = ["TrainConfig", "TrainResult", "replace", "train_many", "train_qtype"]

@@ -1,0 +1,153 @@
+"""The `loraswap` command on the tiny base: train, adapters list/validate, eval, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from loraswap.main import main
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def store(tiny_base: Path, qa_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli-store")
+    main(
+        [
+            "train",
+            "--qtype",
+            "symptoms",
+            "--qtype",
+            "treatment",
+            "--data",
+            str(qa_csv),
+            "--out",
+            str(out),
+            "--base",
+            str(tiny_base),
+            "--max-steps",
+            "6",
+            "--lr",
+            "5e-3",
+            "--no-quant",
+            "--eval-examples",
+            "2",
+        ]
+    )
+    return out
+
+
+def test_every_command_explains_its_options() -> None:
+    for cmd in (
+        ["--help"],
+        ["train", "--help"],
+        ["eval", "--help"],
+        ["adapters", "list", "--help"],
+        ["adapters", "validate", "--help"],
+        ["train-bench", "--help"],
+    ):
+        r = subprocess.run([sys.executable, "-m", "loraswap.main", *cmd], capture_output=True, text=True, check=True)
+        assert "Usage" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "loraswap.main", "train", "--help"], capture_output=True, text=True)
+    for opt in (
+        "--qtype",
+        "--all-qtypes",
+        "--max-steps",
+        "--epochs",
+        "--max-examples",
+        "--max-seq-len",
+        "--lr",
+        "--seed",
+        "--grad-accum",
+        "--rank",
+        "--alpha",
+        "--method",
+        "--no-quant",
+    ):
+        assert opt in r.stdout, opt
+
+
+def test_train_writes_adapters_listed_by_the_store(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["adapters", "list", "--json", "--adapters-dir", str(store)], capsys)
+    assert code == 0
+    listed = {d["name"]: d for d in json.loads(out)}
+    for name in ("symptoms", "treatment"):
+        d = listed[name]
+        assert d["qtype"] == name and d["method"] == "lora" and d["rank"] == 8 and d["source"] == "user"
+        assert d["size_bytes"] > 0
+
+
+def test_validate_reports_problems_with_exit_status(
+    store: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(["adapters", "validate", str(store / "symptoms"), "--base", str(tiny_base)], capsys)
+    assert code == 0 and "ok" in out
+    code, out, _ = run(
+        ["adapters", "validate", str(store / "symptoms"), "--base", str(tiny_base), "--max-rank", "4"], capsys
+    )
+    assert code == 1 and "rank r=8 is outside 1..4" in out
+
+
+def test_eval_json_and_matrix(
+    store: Path, tiny_base: Path, qa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--data", str(qa_csv), "--adapters-dir", str(store), "--base", str(tiny_base), "--no-quant"]
+    code, out, _ = run(
+        ["eval", "--qtype", "symptoms", "--limit", "3", "--json", "--max-new-tokens", "4", *common], capsys
+    )
+    assert code == 0
+    obj = json.loads(out)
+    assert obj["qtype"] == "symptoms" and obj["n"] >= 1
+    assert set(obj["results"]) >= {"__base__", "symptoms"}
+    assert set(obj["results"]["symptoms"]) == {"nll", "rougeL"}
+    code, out, _ = run(["eval", "--matrix", "--limit", "3", "--out", str(tmp_path), *common], capsys)
+    assert code == 0
+    matrix = json.loads((tmp_path / "matrix.json").read_text())["nll"]
+    assert set(matrix) == {"symptoms", "treatment"}
+    assert set(matrix["symptoms"]) == {"__base__", "symptoms", "treatment"}
+    assert (tmp_path / "matrix.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--qtype", "symptom"], "unknown qtype(s) ['symptom']"),
+        (["train"], "give --qtype"),
+        (["train", "--qtype", "symptoms", "--method", "ia3"], "--method 'ia3'"),
+        (["eval", "--qtype", "symptoms", "--metrics", "bleu"], "choose from nll, rougeL"),
+        (["eval", "--qtype", "symptoms", "--adapter", "symtoms"], "did you mean 'symptoms'"),
+    ],
+)
+def test_errors_are_one_clear_line(
+    args: list[str], message: str, store: Path, qa_csv: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(
+        [*args, "--data", str(qa_csv), "--base", str(tiny_base)]
+        + (["--adapters-dir", str(store)] if args[0] == "eval" else []),
+        capsys,
+    )
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_base_is_a_clear_error(qa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        ["train", "--qtype", "symptoms", "--data", str(qa_csv), "--base", str(tmp_path / "nothing")], capsys
+    )
+    assert code == 2 and "is not 'embedded', an existing model folder" in err
+    empty = tmp_path / "model"
+    empty.mkdir()
+    code, _, err = run(["train", "--qtype", "symptoms", "--data", str(qa_csv), "--base", str(empty)], capsys)
+    assert code == 2 and "has no config.json" in err
