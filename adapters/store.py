@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -121,3 +123,12 @@ class AdapterStore:
         close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise AdapterNotFound(f"adapter {name!r} not found{hint} (available: {', '.join(sorted(entries)) or 'none'})")
+
+    def remove(self, name: str) -> None:
+        """Delete a user adapter: renamed aside first (atomic), then removed. Shipped adapters are read-only."""
+        entry = self.get(name)
+        if entry.source != "user":
+            raise AdapterError(f"adapter {name!r} is shipped with loraswap and cannot be removed")
+        trash = entry.path.parent / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+        os.rename(entry.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)

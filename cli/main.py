@@ -308,6 +308,46 @@ def adapters_validate(
     print(f"{path.name}: ok")
 
 
+@adapters_app.command("install")
+def adapters_install(
+    archive: Annotated[
+        Path,
+        typer.Argument(
+            help="A .tar.gz or .zip with adapter_config.json and adapter_model.safetensors (optionally loraswap.json)."
+        ),
+    ],
+    name: Annotated[str, typer.Option("--name", help="Name in the store: [a-z0-9][a-z0-9._-]{0,63}.")],
+    adapters_dir: AdaptersDirOpt = None,
+    base: BaseOpt = "embedded",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an adapter of the same name.")] = False,
+    max_rank: Annotated[int, typer.Option("--max-rank", help="Largest LoRA rank accepted.")] = 64,
+) -> None:
+    """Validate an adapter archive against the base and add it to the user store (all or nothing)."""
+    from loraswap.adapters.archive import install_archive
+    from loraswap.adapters.base import resolve_base
+    from loraswap.adapters.store import AdapterStore
+
+    _quiet_libraries()
+    store = AdapterStore.default(adapters_dir)
+    try:
+        path = install_archive(archive.read_bytes(), name, store.user_dir, resolve_base(base), overwrite, max_rank)
+    except FileExistsError as e:
+        raise UsageError(f"{e}; pass --overwrite to replace it") from None
+    print(f"installed {name} -> {path}")
+
+
+@adapters_app.command("remove")
+def adapters_remove(
+    name: Annotated[str, typer.Argument(help="Adapter to delete from the user store.")],
+    adapters_dir: AdaptersDirOpt = None,
+) -> None:
+    """Delete a user adapter (shipped adapters are read-only)."""
+    from loraswap.adapters.store import AdapterStore
+
+    AdapterStore.default(adapters_dir).remove(name)
+    print(f"removed {name}")
+
+
 @app.command("train-bench")
 def train_bench(
     data: DataOpt = "keivalya/MedQuad-MedicalQnADataset",

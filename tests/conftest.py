@@ -75,8 +75,7 @@ def build_tiny_tokenizer(texts: list[str]):  # type: ignore[no-untyped-def]
     return fast
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_tiny_base(out: Path, initializer_range: float = 0.02) -> Path:
     """A 2-layer Llama (hidden 64) with a BPE tokenizer, saved as a local HF folder: loads in milliseconds."""
     import torch
     from loraswap.adapters.prompt import SYSTEM_PROMPT
@@ -97,12 +96,24 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_base(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def lively_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with large random weights: its greedy output changes with the prompt and the adapter
+    at every token (the default init soon repeats one token), so parity tests compare real sequences."""
+    return build_tiny_base(tmp_path_factory.mktemp("lively-llama"), initializer_range=0.5)
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +121,31 @@ def medquad() -> Path:
     if not MEDQUAD.is_file():
         pytest.skip(f"MedQuAD copy not found beside the repository ({MEDQUAD.name})")
     return MEDQUAD
+
+
+def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int) -> Path:
+    """A LoRA adapter with random non-zero weights (PEFT's `init_lora_weights=False`), installed into
+    `store_dir` through the upload path. Random adapters make every generated token depend on the
+    adapter, which is what parity tests need (trained tiny adapters soon repeat one token)."""
+    import io
+    import tarfile
+    import tempfile
+
+    import torch
+    from loraswap.adapters.archive import install_archive
+    from loraswap.adapters.base import resolve_base
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                tar.add(Path(tmp) / f, arcname=f)
+    return install_archive(buf.getvalue(), name, store_dir, resolve_base(str(tiny_base)))

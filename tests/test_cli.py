@@ -151,3 +151,24 @@ def test_bad_base_is_a_clear_error(qa_csv: Path, tmp_path: Path, capsys: pytest.
     empty.mkdir()
     code, _, err = run(["train", "--qtype", "symptoms", "--data", str(qa_csv), "--base", str(empty)], capsys)
     assert code == 2 and "has no config.json" in err
+
+
+def test_install_and_remove_an_archive(
+    store: Path, tiny_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tarfile
+
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in ("adapter_config.json", "adapter_model.safetensors", "loraswap.json"):
+            tar.add(store / "symptoms" / f, arcname=f"symptoms/{f}")
+    user = tmp_path / "user"
+    common = ["--adapters-dir", str(user), "--base", str(tiny_base)]
+    code, _, _ = run(["adapters", "install", str(archive), "--name", "uploaded", *common], capsys)
+    assert code == 0 and (user / "uploaded" / "adapter_model.safetensors").is_file()
+    code, _, err = run(["adapters", "install", str(archive), "--name", "uploaded", *common], capsys)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    code, _, _ = run(["adapters", "remove", "uploaded", "--adapters-dir", str(user)], capsys)
+    assert code == 0 and not (user / "uploaded").exists()
+    code, _, err = run(["adapters", "remove", "uploaded", "--adapters-dir", str(user)], capsys)
+    assert code == 2 and "not found" in err

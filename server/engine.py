@@ -1,0 +1,391 @@
+"""A continuous-batching decode engine: one base, many LoRA adapters, chosen per request.
+
+Every `step()` admits waiting requests (their prompts are prefilled together), runs one decoding
+forward over all running requests, and retires the ones that finished, so a short answer never
+waits for a long one. Each row names its adapter through PEFT's `adapter_names`: which adapter a
+request uses is request data, never model-global state.
+
+The KV cache is one batched `DynamicCache`, left-padded: rows joining are padded to the common
+length and concatenated, rows leaving are dropped, and columns that are padding in every row are
+trimmed. Positions are tracked per row, so padding never shifts a row's rotary positions.
+
+Adapters load lazily from the store on first use into an LRU bounded by count and bytes
+(`lru.AdapterLRU`); an adapter with running requests is never evicted. Loaded adapters are keyed by
+their weights' sha256, so an adapter replaced on disk under the same name is a new entry, and
+requests already running on the old weights finish on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from loraswap.adapters.prompt import stop_token_ids
+from loraswap.adapters.store import StoreEntry
+from loraswap.server.lru import AdapterLRU, CacheFull
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    uid: str
+    prompt_ids: list[int]
+    adapter: str | None
+    """Store name of the adapter, or None for the base model."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What happened to one request in one step: new text, and the finish reason once it is done."""
+
+    uid: str
+    text: str
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass
+class _Row:
+    req: GenRequest
+    key: str  # loaded adapter key, or BASE
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of decoded text already sent
+    real_len: int = 0  # tokens of this row held in the cache
+    next_token: int = -1
+    started: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        resolve: Callable[[str], StoreEntry],
+        max_batch_size: int = 8,
+        max_loaded: int = 16,
+        max_loaded_bytes: int = 1 << 30,
+        max_context: int | None = None,
+    ) -> None:
+        """`model` is the base (a transformers causal LM); `resolve` maps an adapter name to its store entry
+        (raising AdapterNotFound for unknown names)."""
+        self.base_model = model
+        self.peft: Any = None  # the PeftModel, created with the first adapter
+        self.tokenizer = tokenizer
+        self.resolve = resolve
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
+        self.lru = AdapterLRU(max_loaded, max_loaded_bytes)
+        self.stop_ids = set(stop_token_ids(tokenizer))
+        self.device = next(model.parameters()).device
+        self.waiting: list[GenRequest] = []
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [rows, cache columns], 1 where the cache holds a real token
+        self.cancelled: set[str] = set()
+        self.load_seconds: list[float] = []
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def submit(self, req: GenRequest) -> None:
+        if not req.prompt_ids:
+            raise ValueError("empty prompt")
+        if len(req.prompt_ids) + 1 > self.max_context:
+            raise ValueError(f"prompt is {len(req.prompt_ids)} tokens; the context holds {self.max_context}")
+        if req.adapter is not None:
+            self.resolve(req.adapter)  # unknown names fail here, before the request is queued
+        self.waiting.append(req)
+
+    def cancel(self, uid: str) -> None:
+        """Stop a request (client gone); it leaves the batch at the next step."""
+        self.cancelled.add(uid)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    def _ensure_loaded(self, name: str) -> str:
+        entry = self.resolve(name)
+        key = "w" + entry.manifest.weights_sha256[:20]
+        if key in self.lru:
+            self.lru.touch(key)
+            return key
+        if entry.manifest.method != "lora":
+            raise ValueError(f"adapter {name!r} uses {entry.manifest.method}; this engine serves LoRA adapters")
+        size = entry.size_bytes
+        evict = self.lru.plan_load(key, size)
+        start = time.perf_counter()
+        if self.peft is None:
+            from peft import PeftModel
+
+            self.peft = PeftModel.from_pretrained(self.base_model, str(entry.path), adapter_name=key)
+            self.peft.eval()
+        else:
+            self.peft.load_adapter(str(entry.path), adapter_name=key)
+        self.load_seconds.append(time.perf_counter() - start)
+        self.lru.added(key, size)
+        for old in evict:  # only after the new one loaded: a failed load evicts nothing
+            self.peft.delete_adapter(old)
+            self.lru.removed(old)
+        return key
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        events += self._drop_cancelled()
+        events += self._admit()
+        if self.rows:
+            try:
+                events += self._decode()
+            except Exception as e:  # one failed forward fails the running rows, not the engine
+                log.exception("decode step failed")
+                events += self._fail_all(f"generation failed: {type(e).__name__}")
+        return events
+
+    def _forward(self, **kwargs: Any) -> Any:
+        names = kwargs.pop("adapter_names")
+        try:
+            with torch.inference_mode():
+                if self.peft is None:
+                    return self.base_model(**kwargs, use_cache=True)
+                return self.peft(**kwargs, adapter_names=names, use_cache=True)
+        except BaseException:
+            _remove_adapter_name_hooks(self.peft)  # peft#3475: hooks survive an exception
+            raise
+
+    def _admit(self) -> list[Event]:
+        events: list[Event] = []
+        new: list[_Row] = []
+        while self.waiting and len(self.rows) + len(new) < self.max_batch_size:
+            req = self.waiting.pop(0)
+            if req.uid in self.cancelled:
+                self.cancelled.discard(req.uid)
+                events.append(Event(req.uid, "", "cancelled", len(req.prompt_ids), 0))
+                continue
+            try:
+                key = BASE if req.adapter is None else self._ensure_loaded(req.adapter)
+            except CacheFull:
+                self.waiting.insert(0, req)  # retry when a running request frees an adapter
+                break
+            except Exception as e:
+                events.append(Event(req.uid, "", "error", len(req.prompt_ids), 0, error=str(e)))
+                continue
+            if key != BASE:
+                self.lru.acquire(key)
+            gen = None
+            if req.temperature > 0:
+                gen = torch.Generator(device="cpu")
+                gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(req.uid.encode()[:8], "big"))
+            new.append(_Row(req, key, gen))
+        if not new:
+            return events
+        try:
+            events += self._prefill(new)
+        except Exception as e:
+            log.exception("prefill failed")
+            for row in new:
+                self._release(row)
+                events.append(Event(row.req.uid, "", "error", len(row.req.prompt_ids), 0, error=type(e).__name__))
+        return events
+
+    def _prefill(self, new: list[_Row]) -> list[Event]:
+        width = max(len(r.req.prompt_ids) for r in new)
+        ids = torch.full((len(new), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, r in enumerate(new):
+            n = len(r.req.prompt_ids)
+            ids[i, width - n :] = torch.tensor(r.req.prompt_ids)
+            mask[i, width - n :] = 1
+            r.real_len = n
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            adapter_names=[r.key for r in new],
+        )
+        self._merge(out.past_key_values, mask)
+        self.rows += new
+        return self._sample_and_emit(new, out.logits[:, -1, :])
+
+    def _decode(self) -> list[Event]:
+        assert self.mask is not None
+        ids = torch.tensor([[r.next_token] for r in self.rows], dtype=torch.long)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        positions = torch.tensor([[r.real_len] for r in self.rows], dtype=torch.long)
+        for r in self.rows:
+            r.real_len += 1
+        out = self._forward(
+            input_ids=ids.to(self.device),
+            attention_mask=self.mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=self.cache,
+            adapter_names=[r.key for r in self.rows],
+        )
+        self.cache = out.past_key_values
+        return self._sample_and_emit(list(self.rows), out.logits[:, -1, :])
+
+    def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[Event]:
+        events: list[Event] = []
+        finished: list[_Row] = []
+        logits = logits.float().cpu()
+        for row, row_logits in zip(rows, logits, strict=True):
+            token = _sample(row_logits, row.req.temperature, row.req.top_p, row.generator)
+            reason: FinishReason | None = None
+            if token in self.stop_ids:
+                reason = "stop"
+            else:
+                row.generated.append(token)
+                row.next_token = token
+                if len(row.generated) >= row.req.max_tokens or row.real_len + 1 >= self.max_context:
+                    reason = "length"
+            text, hit_stop = self._new_text(row, final=reason is not None)
+            if hit_stop:
+                reason = "stop"
+            if text or reason:
+                events.append(Event(row.req.uid, text, reason, len(row.req.prompt_ids), len(row.generated)))
+            if reason:
+                finished.append(row)
+        if finished:
+            self._retire(finished)
+        return events
+
+    def _new_text(self, row: _Row, final: bool) -> tuple[str, bool]:
+        """Text decoded since the last event. Held back: an incomplete UTF-8 character, and a tail that
+        could be the start of a stop string. A stop string ends the text before it."""
+        full = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        for s in row.req.stop:
+            at = full.find(s, max(0, row.emitted - len(s)))
+            if at != -1:
+                text = full[row.emitted : at] if at > row.emitted else ""
+                row.emitted = max(row.emitted, at)
+                return text, True
+        end = len(full)
+        if not final:
+            if full.endswith("\ufffd"):
+                end = len(full.rstrip("\ufffd"))
+            for s in row.req.stop:
+                for k in range(min(len(s) - 1, end), 0, -1):
+                    if full[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        end = max(end, row.emitted)
+        text = full[row.emitted : end]
+        row.emitted = end
+        return text, False
+
+    # ---- cache bookkeeping ----------------------------------------------------------------------
+
+    def _merge(self, new_cache: Any, new_mask: torch.Tensor) -> None:
+        if self.cache is None or not self.rows:
+            self.cache, self.mask = new_cache, new_mask
+            return
+        assert self.mask is not None
+        old_len, new_len = self.mask.shape[1], new_mask.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(self.cache.layers, new_cache.layers, strict=True):
+            old_layer.keys = torch.cat([_left_pad(old_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0)
+            old_layer.values = torch.cat(
+                [_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)], dim=0
+            )
+        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(new_mask, width)], dim=0)
+
+    def _retire(self, finished: list[_Row]) -> None:
+        gone = {id(r) for r in finished}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        for r in finished:
+            self._release(r)
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask = None, None
+            return
+        assert self.mask is not None
+        index = torch.tensor(keep, dtype=torch.long)
+        self.mask = self.mask[index]
+        # Columns that are padding in every remaining row are dropped.
+        first = int(self.mask.any(dim=0).long().argmax())
+        self.mask = self.mask[:, first:]
+        dev_index = index.to(self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, dev_index)[:, :, first:]
+            layer.values = layer.values.index_select(0, dev_index)[:, :, first:]
+
+    def _release(self, row: _Row) -> None:
+        if row.key != BASE:
+            self.lru.release(row.key)
+
+    def _drop_cancelled(self) -> list[Event]:
+        if not self.cancelled:
+            return []
+        gone = [r for r in self.rows if r.req.uid in self.cancelled]
+        for r in gone:
+            self.cancelled.discard(r.req.uid)
+        if gone:
+            self._retire(gone)
+        return [Event(r.req.uid, "", "cancelled", len(r.req.prompt_ids), len(r.generated)) for r in gone]
+
+    def _fail_all(self, message: str) -> list[Event]:
+        events = [
+            Event(r.req.uid, "", "error", len(r.req.prompt_ids), len(r.generated), error=message) for r in self.rows
+        ]
+        for r in self.rows:
+            self._release(r)
+        self.rows, self.cache, self.mask = [], None, None
+        return events
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H, width, D] with zeros in front (masked out, never attended)."""
+    pad = width - t.shape[2]
+    if pad == 0:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], dim=2)
+
+
+def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
+    pad = width - m.shape[1]
+    return m if pad == 0 else torch.cat([m.new_zeros(m.shape[0], pad), m], dim=1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0 or generator is None:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _remove_adapter_name_hooks(model: Any) -> None:
+    """Remove PEFT's per-call `adapter_names` pre-forward hooks left behind by a failed forward."""
+    if model is None:
+        return
+    for module in model.modules():
+        for hid, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, functools.partial) and hook.func.__name__ == "_adapter_names_pre_forward_hook":
+                del module._forward_pre_hooks[hid]
+                module._forward_pre_hooks_with_kwargs.pop(hid, None)

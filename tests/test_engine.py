@@ -1,0 +1,241 @@
+"""The continuous-batching engine on the tiny base: mixed-adapter parity with PEFT, joins, cancels, eviction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_lora_adapter
+from loraswap.adapters.base import load_base
+from loraswap.adapters.manifest import AdapterNotFound
+from loraswap.adapters.prompt import prompt_ids, stop_token_ids
+from loraswap.adapters.store import AdapterStore
+from loraswap.server.engine import Engine, Event, GenRequest
+from loraswap.server.lru import AdapterLRU, CacheFull
+
+QUESTIONS = [
+    "What are the symptoms of carditis ?",
+    "What are the treatments for hepatitis ?",
+    "What is osteitis ?",
+    "How to prevent dermitis ?",
+]
+
+
+@pytest.fixture(scope="module")
+def store(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterStore:
+    out = tmp_path_factory.mktemp("engine-store")
+    random_lora_adapter(lively_base, out, "symptoms", seed=1)
+    random_lora_adapter(lively_base, out, "treatment", seed=2)
+    return AdapterStore(out, shipped_dir=None)
+
+
+def make_engine(lively_base: Path, store: AdapterStore, **kw: int) -> Engine:
+    base = load_base(str(lively_base), quant="none")
+    return Engine(base.model, base.tokenizer, store.get, **kw)
+
+
+def run_all(engine: Engine, max_steps: int = 500) -> dict[str, list[Event]]:
+    events: dict[str, list[Event]] = {}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            break
+        for e in engine.step():
+            events.setdefault(e.uid, []).append(e)
+    assert not engine.has_work()
+    return events
+
+
+def solo_reference(lively_base: Path, store: AdapterStore, adapter: str | None, question: str, n: int) -> list[int]:
+    """PEFT's plain path: a fresh model with only this adapter, `generate`, greedy."""
+    from peft import PeftModel
+
+    base = load_base(str(lively_base), quant="none")
+    model = base.model
+    if adapter is not None:
+        model = PeftModel.from_pretrained(base.model, str(store.get(adapter).path))
+    model.eval()
+    ids = torch.tensor([prompt_ids(base.tokenizer, question)])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=stop_token_ids(base.tokenizer),
+        pad_token_id=base.tokenizer.pad_token_id,
+    )
+    return [t for t in out[0, ids.shape[1] :].tolist() if t not in stop_token_ids(base.tokenizer)]
+
+
+def text_of(events: list[Event]) -> str:
+    return "".join(e.text for e in events)
+
+
+def test_mixed_batch_matches_each_adapter_alone(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2]), ("symptoms", QUESTIONS[3])]
+    for i, (adapter, q) in enumerate(plan):
+        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=12))
+    events = run_all(engine)
+    outputs = {}
+    for i, (adapter, q) in enumerate(plan):
+        ref = solo_reference(lively_base, store, adapter, q, 12)
+        assert text_of(events[f"r{i}"]) == tok.decode(ref, skip_special_tokens=True), (adapter, q)
+        final = events[f"r{i}"][-1]
+        assert final.finish_reason in ("stop", "length")
+        assert final.completion_tokens == len(ref)
+        outputs[i] = text_of(events[f"r{i}"])
+    # The adapters are non-zero and the outputs varied: this parity could fail.
+    assert len(set(outputs.values())) == len(plan)
+    assert all(len(set(t)) > 5 for t in outputs.values())
+
+
+def test_requests_join_a_running_batch_and_still_match(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    engine.submit(GenRequest("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=16))
+    events: dict[str, list[Event]] = {}
+    for step in range(200):
+        if step == 3:
+            engine.submit(GenRequest("late", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=6))
+            engine.submit(GenRequest("late-base", prompt_ids(tok, QUESTIONS[2]), None, max_tokens=6))
+        if step > 3 and not engine.has_work():
+            break
+        for e in engine.step():
+            events.setdefault(e.uid, []).append(e)
+    for uid, adapter, q, n in [
+        ("long", "symptoms", QUESTIONS[0], 16),
+        ("late", "treatment", QUESTIONS[1], 6),
+        ("late-base", None, QUESTIONS[2], 6),
+    ]:
+        ref = solo_reference(lively_base, store, adapter, q, n)
+        assert text_of(events[uid]) == tok.decode(ref, skip_special_tokens=True), uid
+
+
+def test_short_request_leaves_before_the_long_one(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    engine.submit(GenRequest("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=40))
+    engine.submit(GenRequest("short", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=2))
+    finished_at: dict[str, int] = {}
+    for step in range(100):
+        for e in engine.step():
+            if e.finish_reason:
+                finished_at[e.uid] = step
+        if not engine.has_work():
+            break
+    assert finished_at["short"] <= 2
+    if finished_at["long"] > 2:  # the long one may stop early on its own end-of-turn token
+        assert engine.running == 0
+
+
+def test_unknown_adapter_is_refused_before_queueing(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    with pytest.raises(AdapterNotFound, match="did you mean 'symptoms'"):
+        engine.submit(GenRequest("x", [1, 2, 3], "symtoms"))
+    assert not engine.has_work()
+    with pytest.raises(ValueError, match="context holds"):
+        engine.submit(GenRequest("x", list(range(5000)), None))
+
+
+def test_cancel_frees_the_row(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=50))
+    engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "symptoms", max_tokens=5))
+    engine.step()
+    engine.cancel("a")
+    events = run_all(engine)
+    assert events["a"][-1].finish_reason == "cancelled"
+    assert events["b"][-1].finish_reason in ("stop", "length")
+    assert engine.lru.in_use(next(iter(engine.lru.names()))) == 0
+
+
+def test_lru_eviction_with_one_slot(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store, max_loaded=1)
+    tok = engine.tokenizer
+    engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=4))
+    engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=4))
+    events = run_all(engine)
+    # "b" waits until "a" releases the only slot, then evicts it: both complete, correctly.
+    for uid, adapter, q in [("a", "symptoms", QUESTIONS[0]), ("b", "treatment", QUESTIONS[1])]:
+        ref = solo_reference(lively_base, store, adapter, q, 4)
+        assert text_of(events[uid]) == tok.decode(ref, skip_special_tokens=True)
+    assert len(engine.lru) == 1 and len(engine.peft.peft_config) == 1
+
+
+def test_stop_strings_cut_the_text(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    engine.submit(GenRequest("free", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=12))
+    free = text_of(run_all(engine)["free"])
+    assert len(free) > 4
+    stop = free[2:4]
+    engine.submit(GenRequest("cut", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=12, stop=(stop,)))
+    events = run_all(engine)["cut"]
+    assert text_of(events) == free[: free.find(stop)]
+    assert events[-1].finish_reason == "stop"
+
+
+def test_a_failed_forward_fails_its_rows_and_the_engine_recovers(
+    lively_base: Path, store: AdapterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=6))
+    engine.step()
+    head = engine.peft.get_base_model().lm_head
+    real = head.forward
+    calls = {"n": 0}
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1  # raised inside PeftModel.forward, while its adapter_names hooks are attached
+        raise RuntimeError("simulated device error")
+
+    monkeypatch.setattr(head, "forward", boom)
+    events = run_all(engine)
+    assert events["a"][-1].finish_reason == "error"
+    assert calls["n"] == 1
+    stale = [
+        h
+        for m in engine.peft.modules()
+        for h in m._forward_pre_hooks.values()
+        if getattr(getattr(h, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook"
+    ]
+    assert stale == []  # peft#3475: a failed call leaves its hooks attached unless they are removed
+    monkeypatch.setattr(head, "forward", real)
+    engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
+    after = run_all(engine)
+    ref = solo_reference(lively_base, store, "treatment", QUESTIONS[1], 5)
+    assert text_of(after["b"]) == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_sampling_is_reproducible_with_a_seed(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    texts = []
+    for uid in ("s1", "s2"):
+        engine.submit(GenRequest(uid, prompt_ids(tok, QUESTIONS[0]), None, max_tokens=10, temperature=1.0, seed=7))
+        texts.append(text_of(run_all(engine)[uid]))
+    assert texts[0] == texts[1]
+
+
+def test_lru_bookkeeping() -> None:
+    lru = AdapterLRU(max_count=2, max_bytes=100)
+    assert lru.plan_load("a", 40) == []
+    lru.added("a", 40)
+    lru.added("b", 40)
+    lru.acquire("a")
+    assert lru.plan_load("c", 40) == ["b"]  # "a" is busy, "b" is not
+    lru.acquire("b")
+    with pytest.raises(CacheFull, match="in use"):
+        lru.plan_load("c", 40)
+    with pytest.raises(RuntimeError, match="running request"):
+        lru.removed("a")
+    lru.release("a")
+    assert lru.plan_load("c", 40) == ["a"]
+    with pytest.raises(CacheFull, match="at most 100"):
+        lru.plan_load("huge", 101)
+    with pytest.raises(RuntimeError, match="released more often"):
+        lru.release("c")
