@@ -188,3 +188,15 @@ def test_missing_manifest(copy: Path) -> None:
     (copy / MANIFEST_FILE).unlink()
     assert any(f"no {MANIFEST_FILE}" in p for p in validate_adapter(copy))
     assert validate_adapter(copy, require_manifest=False) == []
+
+
+def test_corrupt_gguf_is_a_clear_error_and_leaves_no_cache(tmp_path: Path) -> None:
+    from loraswap.adapters.base import BaseModelError
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(BaseModelError, match="could not read GGUF 'broken.gguf'"):
+        resolve_base(str(bad), cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")] == []
+    with pytest.raises(BaseModelError, match="no such GGUF file"):
+        resolve_base(str(tmp_path / "missing.gguf"))

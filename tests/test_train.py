@@ -123,6 +123,7 @@ def test_interrupted_training_resumes_and_never_leaves_half_an_adapter(
     monkeypatch.setattr(Trainer, "training_step", counting_step)
     train_many(str(tiny_base), str(qa_csv), ["symptoms"], tmp_path, FAST, progress=False)
     assert counting["n"] == 12 - 4  # resumed after checkpoint-4
+    assert [h["step"] for h in json.loads((tmp_path / "symptoms" / "loss.json").read_text())] == list(range(1, 13))
     assert validate_adapter(tmp_path / "symptoms", resolve_base(str(tiny_base))) == []
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -193,19 +194,6 @@ def _progress_callback() -> Any:
     return LossBar
 
 
-def _history_callback(history: list[dict[str, float]]) -> Any:
-    from transformers import TrainerCallback
-
-    class History(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-            if logs and "loss" in logs:
-                history.append(
-                    {"step": state.global_step, "loss": float(logs["loss"]), "lr": logs.get("learning_rate")}
-                )
-
-    return History()
-
-
 def attach_adapter(base: LoadedBase, cfg: TrainConfig) -> Any:
     """Wrap the base in a trainable PeftModel for `cfg.method`."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -261,21 +249,14 @@ def run_trainer(
         use_cpu=str(peft_model.device) == "cpu",
         dataloader_num_workers=0,
     )
-    history: list[dict[str, float]] = []
     collator = PadCollator(pad_id)
-    trainer = Trainer(
-        model=peft_model,
-        args=args,
-        train_dataset=ds,
-        data_collator=lambda feats: collator([{k: f[k] for k in ("input_ids", "labels")} for f in feats]),
-        callbacks=[_history_callback(history)],
-    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, data_collator=collator)
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_progress_callback())
     checkpoint = get_last_checkpoint(str(work_dir)) if resume and work_dir.is_dir() else None
     if checkpoint:
-        log.info("resuming from %s", Path(checkpoint).name)
+        print(f"resuming from {Path(checkpoint).name}", file=sys.stderr)
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
@@ -284,6 +265,12 @@ def run_trainer(
         out.global_step,
         100 * (1 - collator.tokens / max(1, collator.slots)),
     )
+    # The trainer's log history includes the steps before a resume (restored from the checkpoint).
+    history = [
+        {"step": h["step"], "loss": float(h["loss"]), "lr": float(h.get("learning_rate") or 0.0)}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
     return history, seconds, collator
 
 
