@@ -149,3 +149,14 @@ def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int) 
             for f in ("adapter_config.json", "adapter_model.safetensors"):
                 tar.add(Path(tmp) / f, arcname=f)
     return install_archive(buf.getvalue(), name, store_dir, resolve_base(str(tiny_base)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -200,3 +200,25 @@ def test_corrupt_gguf_is_a_clear_error_and_leaves_no_cache(tmp_path: Path) -> No
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")] == []
     with pytest.raises(BaseModelError, match="no such GGUF file"):
         resolve_base(str(tmp_path / "missing.gguf"))
+
+
+def test_hub_ids_resolve_through_the_hub_snapshot(
+    tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub is outside the process: its download is replaced by a local snapshot folder named by commit."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_base, snapshot)
+    asked: list[str] = []
+
+    def fake_download(repo_id: str, **kwargs: object) -> str:
+        asked.append(repo_id)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    ref = resolve_base("someorg/tiny-llama")
+    assert asked == ["someorg/tiny-llama"]
+    assert ref.base_id == "tiny-llama" and ref.load_path == str(snapshot)
+    assert ref.weights_source == "hub:someorg/tiny-llama@0123abcd"
+    assert ref.fingerprint != resolve_base(str(tiny_base)).fingerprint  # another weights identity

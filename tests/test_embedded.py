@@ -69,6 +69,15 @@ def test_shipped_adapters_are_valid_small_and_specialised(nf4) -> None:  # type:
         assert validate_adapter(e.path, nf4.ref) == [], name
         m = read_manifest(e.path)
         assert m.metrics["nll"] < m.metrics["base_nll"], name
+        config = json.loads((e.path / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == EMBEDDED_ID  # no path of the machine it was trained on
+        assert sorted(f.name for f in e.path.iterdir()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "loraswap.json",
+            "loss.json",
+            "loss.png",
+        ]
 
 
 def test_a_shipped_adapter_beats_the_base_on_held_out_questions(nf4, medquad: Path) -> None:  # type: ignore[no-untyped-def]

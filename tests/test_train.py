@@ -60,6 +60,13 @@ def test_training_writes_a_complete_adapter(trained: Path, tiny_base: Path) -> N
     assert not (trained / ".work" / "symptoms").exists()  # checkpoints are cleaned up after publishing
     assert [p.name for p in trained.iterdir() if p.name.startswith(".tmp")] == []
     assert validate_adapter(folder, ref) == []
+    # Nothing of this machine in the artifact: the base is named by id, PEFT's model card is dropped.
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["base_model_name_or_path"] == ref.base_id
+    assert not (folder / "README.md").exists()
+    for f in folder.iterdir():
+        if f.suffix == ".json":
+            assert str(tiny_base) not in f.read_text() and "/tmp" not in f.read_text(), f.name
 
 
 def test_reload_and_generate_with_each_adapter(trained: Path, tiny_base: Path, qa_csv: Path) -> None:
@@ -150,3 +157,18 @@ def test_nf4_training_on_tiny_base(tiny_base: Path, qa_csv: Path, tmp_path: Path
     assert base.model.is_loaded_in_4bit
     nll = answer_nll(base.model, base.tokenizer, load_qa(str(qa_csv))[:2])
     assert nll > 0
+
+
+def test_compute_dtype_follows_the_device() -> None:
+    from loraswap.adapters.base import compute_dtype_for
+
+    assert compute_dtype_for("cpu") == torch.float32
+
+
+@pytest.mark.gpu
+def test_nf4_on_cuda_computes_in_bf16(tiny_base: Path, qa_csv: Path, tmp_path: Path) -> None:
+    base = load_base(str(tiny_base), quant="nf4", device="cuda")
+    assert base.compute_dtype == torch.bfloat16 and base.model.is_loaded_in_4bit
+    cfg = TrainConfig(max_steps=2, batch_size=2, eval_examples=2, quant="nf4")
+    [result] = train_many(str(tiny_base), str(qa_csv), ["symptoms"], tmp_path, cfg, progress=False)
+    assert result.metrics["nll"] > 0

@@ -299,6 +299,17 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None
     plt.close(fig)
 
 
+def portable_config(folder: Path, ref: BaseRef) -> None:
+    """PEFT records the base's load path (for the embedded base, a cache folder of this machine) and
+    writes a boilerplate model card that repeats it. An adapter names its base by id instead (a hub id
+    where there is one; the fingerprint in loraswap.json is what identifies it), and the card is dropped."""
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = ref.spec if ref.weights_source.startswith("hub:") else ref.base_id
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "README.md").unlink(missing_ok=True)
+
+
 def _work_dir(out: Path, name: str, cfg: TrainConfig, ref: BaseRef, split_hash: str) -> Path:
     """Checkpoints live in out/.work/<name>; a run with a different config starts over."""
     work = out / ".work" / name
@@ -358,6 +369,7 @@ def train_qtype(
 
     staged = staging_dir(out, name)
     peft_model.save_pretrained(str(staged))
+    portable_config(staged, ref)
     dump_json(staged / "loss.json", history)
     if history:
         plot_losses(history, staged / "loss.png", f"{name}: {cfg.method} r={cfg.rank} on {ref.base_id}")
