@@ -195,7 +195,7 @@ def test_corrupt_gguf_is_a_clear_error_and_leaves_no_cache(tmp_path: Path) -> No
 
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    with pytest.raises(BaseModelError, match="could not read GGUF 'broken.gguf'"):
+    with pytest.raises(BaseModelError, match=r"could not read GGUF 'broken\.gguf'"):
         resolve_base(str(bad), cache_dir=tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir() if not p.name.endswith(".lock")] == []
     with pytest.raises(BaseModelError, match="no such GGUF file"):
