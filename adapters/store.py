@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
+
 from loraswap.adapters.manifest import (
     CONFIG_FILE,
     WEIGHTS_FILE,

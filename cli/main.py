@@ -348,6 +348,35 @@ def adapters_remove(
     print(f"removed {name}")
 
 
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on [default 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port [default 8000].")] = None,
+    adapters_dir: AdaptersDirOpt = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model, as for train [default embedded].")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Worker processes, each with the base.")] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option("--max-batch-size", help="Requests decoded together per worker [default 8].")
+    ] = None,
+    no_quant: NoQuantOpt = False,
+) -> None:
+    """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
+    from loraswap.server.app import Settings
+    from loraswap.server.app import serve as run_server
+
+    _quiet_libraries()
+    settings = Settings.from_env(
+        host=host,
+        port=port,
+        adapters_dir=adapters_dir,
+        base=base,
+        workers=workers,
+        max_batch_size=max_batch_size,
+        quant="none" if no_quant else None,
+    )
+    run_server(settings)
+
+
 @app.command("train-bench")
 def train_bench(
     data: DataOpt = "keivalya/MedQuad-MedicalQnADataset",

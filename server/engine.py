@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
 from loraswap.adapters.prompt import stop_token_ids
 from loraswap.adapters.store import StoreEntry
 from loraswap.server.lru import AdapterLRU, CacheFull

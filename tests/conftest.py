@@ -78,8 +78,9 @@ def build_tiny_tokenizer(texts: list[str]):  # type: ignore[no-untyped-def]
 def build_tiny_base(out: Path, initializer_range: float = 0.02) -> Path:
     """A 2-layer Llama (hidden 64) with a BPE tokenizer, saved as a local HF folder: loads in milliseconds."""
     import torch
-    from loraswap.adapters.prompt import SYSTEM_PROMPT
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loraswap.adapters.prompt import SYSTEM_PROMPT
 
     texts = [SYSTEM_PROMPT] + [t for r in qa_rows() for t in r[1:]]
     tokenizer = build_tiny_tokenizer(texts)
@@ -132,10 +133,11 @@ def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int) 
     import tempfile
 
     import torch
-    from loraswap.adapters.archive import install_archive
-    from loraswap.adapters.base import resolve_base
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from loraswap.adapters.archive import install_archive
+    from loraswap.adapters.base import resolve_base
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(tiny_base)

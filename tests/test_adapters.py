@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from loraswap.adapters.base import BaseRef, fingerprint, resolve_base
 from loraswap.adapters.manifest import (
     MANIFEST_FILE,
@@ -27,7 +29,6 @@ from loraswap.adapters.manifest import (
 from loraswap.adapters.store import AdapterStore
 from loraswap.adapters.validate import check_compatible, validate_adapter
 from loraswap.train.trainer import TrainConfig, train_many
-from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from loraswap.adapters.archive import extract_adapter, install_archive
 from loraswap.adapters.base import BaseRef, resolve_base
 from loraswap.adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, AdapterError, read_manifest

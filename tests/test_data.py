@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import qa_rows, write_qa_csv
+
 from loraswap.adapters.prompt import normalize_answer, normalize_question
 from loraswap.train.data import DataError, check_qtypes, is_heldout, load_qa, qtype_counts, split
 

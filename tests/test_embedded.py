@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from loraswap.adapters.base import EMBEDDED_ID, load_base, resolve_base
 from loraswap.adapters.manifest import read_manifest
 from loraswap.adapters.prompt import prompt_ids

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_lora_adapter
+
 from loraswap.adapters.base import load_base
 from loraswap.adapters.manifest import AdapterNotFound
 from loraswap.adapters.prompt import prompt_ids, stop_token_ids

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from loraswap.adapters.base import load_base, resolve_base
 from loraswap.adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_manifest, sha256_of
 from loraswap.adapters.prompt import PROMPT_FORMAT_VERSION, build_example, prompt_ids

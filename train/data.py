@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
 from loraswap.adapters.prompt import normalize_question
 
 DEFAULT_DATA = "keivalya/MedQuad-MedicalQnADataset"

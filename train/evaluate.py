@@ -12,9 +12,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from loraswap.adapters.prompt import build_example, normalize_answer, prompt_ids, stop_token_ids
 from loraswap.train.data import QA
-from tqdm.auto import tqdm
 
 BASE = "__base__"
 METRICS = ("nll", "rougeL")
@@ -25,6 +26,7 @@ def answer_nll(
 ) -> float:
     """Mean negative log-likelihood per answer token (the prompt is not scored)."""
     import torch
+
     from loraswap.train.trainer import PadCollator
 
     examples = [e for e in (build_example(tokenizer, r.question, r.answer, max_seq_len) for r in rows) if e]
@@ -144,8 +146,9 @@ def evaluate_adapters(
     Each adapter is checked against the base first (fingerprint and prompt format); LoRA adapters
     share one PeftModel, each prompt-learning adapter gets its own wrapper of the same base.
     """
-    from loraswap.adapters.validate import check_compatible
     from peft import PeftModel
+
+    from loraswap.adapters.validate import check_compatible
 
     for e in entries:
         check_compatible(e.manifest, base.ref)

@@ -1,0 +1,554 @@
+"""The LitServe server: one base per worker, adapters chosen per request, an OpenAI-compatible API.
+
+Two kinds of process, as LitServe runs them:
+- API processes (uvicorn) validate every request here, in `LoraswapSpec`, before it is queued: an
+  unknown adapter, a bad field or a prompt over the context is answered with its own 4xx and never
+  reaches a batch. They also serve the adapter store routes, which only touch files.
+- Worker processes each hold the base and an `Engine`; `LoraswapAPI` plugs the engine into LitServe's
+  continuous-batching loop: each loop step is one engine step over every running request.
+
+Uploads and deletes change the shared store on disk (atomic renames), so every worker sees them on
+its next request; nothing about adapters is kept only in one process's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import difflib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from loraswap.adapters.base import BaseRef, Quant, load_base, load_tokenizer, resolve_base
+from loraswap.adapters.manifest import AdapterError, AdapterNotFound
+from loraswap.adapters.prompt import SYSTEM_PROMPT
+from loraswap.adapters.store import AdapterStore, StoreEntry
+from loraswap.server.protocol import (
+    AnswerRequest,
+    APIError,
+    ChatRequest,
+    chat_chunk,
+    chat_completion,
+    from_validation,
+    new_id,
+    sse,
+    usage,
+)
+
+log = logging.getLogger(__name__)
+BASE_NAMES = ("base", "__base__")
+
+
+class Settings(BaseModel):
+    """Server settings; `from_env` reads LORASWAP_* once, at start-up."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    base: str = "embedded"
+    quant: Quant = "nf4"
+    adapters_dir: Path | None = None
+    workers: int = 1
+    max_batch_size: int = 8
+    max_tokens: int = 1024
+    """Largest max_tokens a request may ask for."""
+    max_loaded_adapters: int = 32
+    max_upload_bytes: int = 64 << 20
+    max_body_bytes: int = 1 << 20
+    max_rank: int = 64
+    api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        env = {k.removeprefix("LORASWAP_").lower(): v for k, v in os.environ.items() if k.startswith("LORASWAP_")}
+        fields = set(cls.model_fields)
+        values: dict[str, Any] = {k: v for k, v in env.items() if k in fields}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+    def store(self) -> AdapterStore:
+        return AdapterStore.default(self.adapters_dir)
+
+
+# ---- worker side ------------------------------------------------------------------------------------
+
+
+class EngineLoop(ContinuousBatchingLoop):
+    """LitServe's continuous-batching loop, without its busy wait when no request is running."""
+
+    async def run(self, lit_api: Any, *args: Any, **kwargs: Any) -> None:
+        if not lit_api.has_active_requests():
+            await asyncio.sleep(0.002)
+            return
+        await super().run(lit_api, *args, **kwargs)
+
+
+class LoraswapAPI(ls.LitAPI):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            max_batch_size=settings.max_batch_size, stream=True, spec=LoraswapSpec(settings), loop=EngineLoop()
+        )
+        self.settings = settings
+
+    def setup(self, device: str) -> None:
+        from loraswap.server.engine import Engine
+
+        base = load_base(self.settings.base, quant=self.settings.quant, device=device)
+        store = self.settings.store()
+        self.engine = Engine(
+            base.model,
+            base.tokenizer,
+            store.get,
+            max_batch_size=self.settings.max_batch_size,
+            max_loaded=self.settings.max_loaded_adapters,
+        )
+        self.uids: dict[str, Any] = {}
+        self.immediate: list[Output] = []
+
+    def add_request(self, uid: Any, request: dict[str, Any]) -> None:
+        from loraswap.server.engine import GenRequest
+
+        if "cancel" in request:  # a client went away: free its row, answer the cancel message at once
+            self.engine.cancel(request["cancel"])
+            self.immediate.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+            return
+        key = str(uid)
+        self.uids[key] = uid
+        try:
+            self.engine.submit(GenRequest(uid=key, **request))
+        except Exception as e:  # validated in the API process; a store change in between lands here
+            self._finish(uid, {"error": str(e), "finish_reason": "error"})
+
+    def _finish(self, uid: Any, data: dict[str, Any]) -> None:
+        self.immediate.append(Output(uid, data, LitAPIStatus.OK))
+        self.immediate.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+
+    def has_active_requests(self) -> bool:
+        return bool(self.immediate) or self.engine.has_work()
+
+    def has_capacity(self) -> bool:
+        return True  # the engine queues what does not fit in its batch
+
+    def step(self, prev_outputs: Any) -> list[Output]:
+        outputs, self.immediate = self.immediate, []
+        for event in self.engine.step():
+            uid = self.uids[event.uid]
+            outputs.append(Output(uid, dataclasses.asdict(event), LitAPIStatus.OK))
+            if event.finish_reason:
+                outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+                del self.uids[event.uid]
+        return outputs
+
+    def encode_response(self, output: Any, **kwargs: Any) -> Any:
+        return output
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:  # the loop calls step(); LitServe checks it exists
+        raise NotImplementedError
+
+
+# ---- API side ---------------------------------------------------------------------------------------
+
+
+def _check_key(request: Request, key: SecretStr | None) -> bool:
+    if key is None:
+        return False
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {key.get_secret_value()}".encode())
+
+
+class LoraswapSpec(LitSpec):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.api_path = "/v1/chat/completions"
+        self._tokenizer: Any = None
+        self._ref: BaseRef | None = None
+        self.add_endpoint("/v1/chat/completions", self.chat, ["POST"])
+        self.add_endpoint("/v1/answer", self.answer, ["POST"])
+        self.add_endpoint("/v1/models", self.models, ["GET"])
+        self.add_endpoint("/v1/adapters", self.list_adapters, ["GET"])
+        self.add_endpoint("/v1/adapters", self.upload, ["POST"])
+        self.add_endpoint("/v1/adapters/{name}", self.delete, ["DELETE"])
+
+    @property
+    def stream(self) -> bool:
+        return True  # every response comes from the worker as a stream of events
+
+    def decode_request(self, request: Any, context_kwargs: Any = None) -> Any:
+        return request
+
+    def encode_response(self, output: Any, context_kwargs: Any = None) -> Any:
+        return output
+
+    # -- shared pieces --
+
+    @property
+    def ref(self) -> BaseRef:
+        if self._ref is None:
+            self._ref = resolve_base(self.settings.base)
+        return self._ref
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.ref)
+        return self._tokenizer
+
+    def _entries(self) -> dict[str, StoreEntry]:
+        fp = self.ref.fingerprint
+        return {n: e for n, e in self.settings.store().entries().items() if e.manifest.base_fingerprint == fp}
+
+    def _adapter(self, name: str, param: str) -> str | None:
+        """None for the base; the adapter's name if it exists for this base; else 404 with close names."""
+        if name in BASE_NAMES or name == self.ref.base_id:
+            return None
+        entries = self._entries()
+        if name in entries and entries[name].manifest.method == "lora":
+            return name
+        if name in entries:
+            raise APIError(
+                400,
+                f"adapter {name!r} uses {entries[name].manifest.method}; this server serves LoRA adapters",
+                param=param,
+                code="unsupported_adapter",
+            )
+        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise APIError(
+            404,
+            f"adapter {name!r} not found{hint} (available: base, {', '.join(sorted(entries))})",
+            "not_found_error",
+            param=param,
+            code="model_not_found",
+        )
+
+    def _auth(self, request: Request, admin: bool = False) -> None:
+        s = self.settings
+        if admin:
+            if s.admin_key is not None:
+                if not _check_key(request, s.admin_key):
+                    raise APIError(
+                        401,
+                        "admin routes need 'Authorization: Bearer <admin key>'",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    )
+                return
+            host = request.client.host if request.client else ""
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                raise APIError(
+                    403,
+                    "adapter upload and delete are only accepted from the loopback address "
+                    "unless LORASWAP_ADMIN_KEY is set",
+                    "permission_error",
+                )
+            return
+        if s.api_key is not None and not (_check_key(request, s.api_key) or _check_key(request, s.admin_key)):
+            raise APIError(
+                401,
+                "this server needs 'Authorization: Bearer <api key>'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def _body(self, request: Request, model: type[BaseModel]) -> Any:
+        raw = await request.body()
+        if len(raw) > self.settings.max_body_bytes:
+            raise APIError(
+                413,
+                f"request body is {len(raw)} bytes; the limit is {self.settings.max_body_bytes}",
+                code="payload_too_large",
+            )
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "body must be a JSON object", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise from_validation(e) from None
+
+    def _job(
+        self,
+        prompt: list[int],
+        adapter: str | None,
+        max_tokens: int | None,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: tuple[str, ...],
+    ) -> dict[str, Any]:
+        limit = self.settings.max_tokens
+        wanted = max_tokens or limit
+        if wanted > limit:
+            raise APIError(
+                400,
+                f"max_tokens is {wanted}; this server allows at most {limit}",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
+        context = int(self.ref.arch.get("max_position_embeddings", 2048))
+        if len(prompt) + 1 > context:
+            raise APIError(
+                400,
+                f"the prompt is {len(prompt)} tokens; the context length is {context}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return {
+            "prompt_ids": prompt,
+            "adapter": adapter,
+            "max_tokens": wanted,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "stop": stop,
+        }
+
+    async def _events(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Queue `job` for a worker and yield its events until it finishes. If the consumer stops early
+        (the client disconnected), the worker is told to drop the request."""
+        uid = uuid.uuid4()
+        q: deque[Any] = deque()
+        event = asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=q)
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
+        finished = False
+        try:
+            async for data, status in self.data_streamer(q, event, send_status=True):
+                if status == LitAPIStatus.ERROR:
+                    finished = True
+                    raise APIError(500, "the inference worker failed on this request", "server_error")
+                item = json.loads(data) if isinstance(data, str) else data
+                if item.get("finish_reason"):
+                    finished = True
+                yield item
+        finally:
+            self.response_buffer.pop(uid, None)  # LitServe's own spec leaks this entry (litserve#452)
+            if not finished:
+                self.request_queue.put((self.response_queue_id, uuid.uuid4(), time.monotonic(), {"cancel": str(uid)}))
+
+    # -- routes --
+
+    async def chat(self, request: Request) -> Response:
+        try:
+            self._auth(request)
+            body: ChatRequest = await self._body(request, ChatRequest)
+            adapter = self._adapter(body.model, "model")
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            if messages[0]["role"] not in ("system", "developer"):
+                messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            job = self._job(prompt, adapter, body.limit(), body.temperature, body.top_p, body.seed, body.stop_list())
+        except APIError as e:
+            return e.response()
+        cid = new_id("chatcmpl")
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._chat_stream(job, cid, body.model, include), media_type="text/event-stream")
+        return await self._collect(job, lambda text, fin, use: chat_completion(cid, body.model, text, fin, use))
+
+    async def _chat_stream(self, job: dict[str, Any], cid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        yield sse(chat_chunk(cid, model, created, {"role": "assistant", "content": ""}, None))
+        try:
+            async for ev in self._events(job):
+                if ev.get("error"):
+                    yield sse({"error": {"message": ev["error"], "type": "server_error", "param": None, "code": None}})
+                    return
+                if ev["text"]:
+                    yield sse(chat_chunk(cid, model, created, {"content": ev["text"]}, None))
+                if ev["finish_reason"]:
+                    reason = "length" if ev["finish_reason"] == "length" else "stop"
+                    yield sse(chat_chunk(cid, model, created, {}, reason))
+                    if include_usage:
+                        chunk = chat_chunk(cid, model, created, {}, None) | {
+                            "choices": [],
+                            "usage": usage(ev["prompt_tokens"], ev["completion_tokens"]),
+                        }
+                        yield sse(chunk)
+        except APIError as e:
+            yield sse(e.body)
+            return
+        yield sse("[DONE]")
+
+    async def _collect(self, job: dict[str, Any], build: Any) -> Response:
+        parts: list[str] = []
+        try:
+            async for ev in self._events(job):
+                if ev.get("error"):
+                    return APIError(500, ev["error"], "server_error").response()
+                parts.append(ev["text"])
+                if ev["finish_reason"]:
+                    reason = "length" if ev["finish_reason"] == "length" else "stop"
+                    return JSONResponse(
+                        build("".join(parts), reason, usage(ev["prompt_tokens"], ev["completion_tokens"]))
+                    )
+        except APIError as e:
+            return e.response()
+        return APIError(500, "generation ended without a result", "server_error").response()
+
+    async def answer(self, request: Request) -> Response:
+        try:
+            self._auth(request)
+            body: AnswerRequest = await self._body(request, AnswerRequest)
+            if body.adapter == "auto":
+                raise APIError(
+                    400,
+                    "adapter 'auto' is not available in this version; name an adapter or 'base'",
+                    param="adapter",
+                    code="unsupported_adapter",
+                )
+            adapter = self._adapter(body.adapter, "adapter")
+            from loraswap.adapters.prompt import prompt_ids
+
+            job = self._job(
+                prompt_ids(self.tokenizer, body.question),
+                adapter,
+                body.max_tokens,
+                body.temperature,
+                body.top_p,
+                None,
+                (),
+            )
+        except APIError as e:
+            return e.response()
+        aid = new_id("ans")
+        name = adapter or "base"
+        if body.stream:
+            return StreamingResponse(self._answer_stream(job, aid, name), media_type="text/event-stream")
+        return await self._collect(
+            job, lambda text, fin, use: {"id": aid, "adapter": name, "answer": text, "finish_reason": fin, "usage": use}
+        )
+
+    async def _answer_stream(self, job: dict[str, Any], aid: str, name: str) -> AsyncIterator[str]:
+        try:
+            async for ev in self._events(job):
+                if ev.get("error"):
+                    yield sse({"error": {"message": ev["error"], "type": "server_error", "param": None, "code": None}})
+                    return
+                out: dict[str, Any] = {"id": aid, "adapter": name, "delta": ev["text"]}
+                if ev["finish_reason"]:
+                    out["finish_reason"] = "length" if ev["finish_reason"] == "length" else "stop"
+                    out["usage"] = usage(ev["prompt_tokens"], ev["completion_tokens"])
+                yield sse(out)
+        except APIError as e:
+            yield sse(e.body)
+            return
+        yield sse("[DONE]")
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._auth(request)
+        except APIError as e:
+            return e.response()
+        base = self.ref.base_id
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "loraswap", "parent": None}]
+        for name, entry in sorted(self._entries().items()):
+            created = int(entry.path.stat().st_mtime)
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "loraswap", "parent": base})
+        return JSONResponse({"object": "list", "data": data})
+
+    async def list_adapters(self, request: Request) -> Response:
+        try:
+            self._auth(request)
+        except APIError as e:
+            return e.response()
+        return JSONResponse({"object": "list", "data": [entry.describe() for entry in self._entries().values()]})
+
+    async def upload(self, request: Request) -> Response:
+        from loraswap.adapters.archive import install_archive
+
+        try:
+            self._auth(request, admin=True)
+            form = await request.form(max_part_size=self.settings.max_upload_bytes)
+            name, upload, overwrite = form.get("name"), form.get("file"), form.get("overwrite", "false")
+            if not isinstance(name, str) or not name:
+                raise APIError(400, "form field 'name' is required", param="name")
+            if upload is None or isinstance(upload, str):
+                raise APIError(400, "form field 'file' must be a .tar.gz or .zip upload", param="file")
+            data = await upload.read(self.settings.max_upload_bytes + 1)
+            if len(data) > self.settings.max_upload_bytes:
+                raise APIError(
+                    413,
+                    f"archive is over the {self.settings.max_upload_bytes}-byte limit",
+                    param="file",
+                    code="payload_too_large",
+                )
+            store = self.settings.store()
+            try:
+                path = await asyncio.to_thread(
+                    install_archive,
+                    data,
+                    name,
+                    store.user_dir,
+                    self.ref,
+                    str(overwrite).lower() == "true",
+                    self.settings.max_rank,
+                    self.settings.max_upload_bytes,
+                )
+            except FileExistsError:
+                raise APIError(
+                    409,
+                    f"adapter {name!r} exists; send overwrite=true to replace it",
+                    param="name",
+                    code="adapter_exists",
+                ) from None
+            except AdapterError as e:
+                raise APIError(
+                    422 if "name" not in str(e) else 400, str(e), param="file", code="invalid_adapter"
+                ) from None
+            entry = StoreEntry(name, path, "user", store.get(name).manifest)
+        except APIError as e:
+            return e.response()
+        return JSONResponse(entry.describe(), status_code=201)
+
+    async def delete(self, request: Request, name: str) -> Response:
+        try:
+            self._auth(request, admin=True)
+            store = self.settings.store()
+            try:
+                store.remove(name)
+            except AdapterNotFound as e:
+                raise APIError(404, str(e), "not_found_error", param="name") from None
+            except AdapterError as e:
+                raise APIError(403, str(e), "permission_error", param="name") from None
+        except APIError as e:
+            return e.response()
+        return Response(status_code=204)
+
+
+def build_server(settings: Settings) -> ls.LitServer:
+    api = LoraswapAPI(settings)
+    return ls.LitServer(
+        api,
+        accelerator="auto",
+        workers_per_device=settings.workers,
+        timeout=False,
+        max_payload_size=max(settings.max_upload_bytes, settings.max_body_bytes) + (1 << 20),
+    )
+
+
+def serve(settings: Settings) -> None:
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    server = build_server(settings)
+    server.run(host=settings.host, port=settings.port, generate_client_file=False, log_level="warning")

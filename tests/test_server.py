@@ -1,0 +1,263 @@
+"""The real server over HTTP, on the lively tiny base with random (non-zero) LoRA adapters."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import random_lora_adapter
+
+from loraswap.adapters.base import load_base
+from loraswap.adapters.prompt import prompt_ids, stop_token_ids
+
+QUESTIONS = ["What are the symptoms of carditis ?", "What are the treatments for hepatitis ?", "What is osteitis ?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def store(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("server-store")
+    random_lora_adapter(lively_base, out, "symptoms", seed=1)
+    random_lora_adapter(lively_base, out, "treatment", seed=2)
+    return out
+
+
+def start_server(
+    base: Path, store: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "LORASWAP_ADAPTERS_DIR": str(store), **(extra_env or {})}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraswap.main",
+            "serve",
+            "--base",
+            str(base),
+            "--no-quant",
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "4",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError("server did not become healthy in 120 s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def url(lively_base: Path, store: Path) -> Iterator[str]:
+    proc, url = start_server(lively_base, store)
+    yield url
+    stop_server(proc)
+
+
+def reference(base_path: Path, store: Path, adapter: str | None, question: str, n: int) -> str:
+    from peft import PeftModel
+
+    base = load_base(str(base_path), quant="none")
+    model = base.model if adapter is None else PeftModel.from_pretrained(base.model, str(store / adapter))
+    model.eval()
+    ids = torch.tensor([prompt_ids(base.tokenizer, question)])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=stop_token_ids(base.tokenizer),
+        pad_token_id=base.tokenizer.pad_token_id,
+    )
+    return str(base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def test_health_and_models(url: str) -> None:
+    assert httpx.get(f"{url}/health").status_code == 200
+    models = httpx.get(f"{url}/v1/models").json()
+    ids = [m["id"] for m in models["data"]]
+    assert models["object"] == "list" and ids[1:] == ["symptoms", "treatment"]
+    assert all(m["parent"] == ids[0] for m in models["data"][1:])
+
+
+def test_concurrent_mixed_requests_match_each_adapter_alone(url: str, lively_base: Path, store: Path) -> None:
+    plan = [(a, q) for q in QUESTIONS for a in ("symptoms", "treatment", "base")]
+
+    def ask(item: tuple[str, str]) -> dict:  # type: ignore[type-arg]
+        adapter, question = item
+        r = httpx.post(
+            f"{url}/v1/answer", json={"adapter": adapter, "question": question, "max_tokens": 10}, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    with ThreadPoolExecutor(len(plan)) as pool:
+        answers = list(pool.map(ask, plan))
+    for (adapter, question), got in zip(plan, answers, strict=True):
+        want = reference(lively_base, store, None if adapter == "base" else adapter, question, 10)
+        assert got["answer"] == want, (adapter, question)
+        assert got["adapter"] == adapter and got["usage"]["completion_tokens"] <= 10
+        assert got["finish_reason"] in ("stop", "length")
+    assert len({a["answer"] for a in answers}) == len(plan)  # non-zero adapters: every output differs
+
+
+def test_openai_client_plain_and_streaming(url: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    done = client.chat.completions.create(
+        model="symptoms", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=6, extra_body={"x": 1}
+    )
+    assert done.choices[0].finish_reason == "length" and done.usage is not None
+    assert done.usage.completion_tokens == 6 and done.choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(
+            model="symptoms",
+            messages=[{"role": "user", "content": QUESTIONS[0]}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert len({c.id for c in chunks}) == 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == done.choices[0].message.content  # greedy: streaming and not give the same answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v1/answer", {"adapter": "symtoms", "question": "x"}, 404, "did you mean 'symptoms'"),
+        ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "not found"),
+        ("/v1/chat/completions", {"model": "base", "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "base", "messages": [{"role": "user", "content": "x"}], "n": 2},
+            400,
+            "only n=1",
+        ),
+        ("/v1/answer", {"adapter": "base", "question": "x", "temperature": -1}, 400, "temperature"),
+        ("/v1/answer", {"adapter": "base", "question": "x", "max_tokens": 10**6}, 400, "at most 1024"),
+        ("/v1/answer", {"adapter": "base", "question": 5}, 400, "question"),
+        ("/v1/answer", {"adapter": "base", "question": "word " * 600}, 400, "context length is 512"),
+        ("/v1/answer", {"adapter": "base", "question": "x" * (2 << 20)}, 413, "limit"),
+    ],
+)
+def test_bad_requests_get_a_specific_error(url: str, path: str, body: dict, status: int, message: str) -> None:  # type: ignore[type-arg]
+    r = httpx.post(f"{url}{path}", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and set(err) == {"message", "type", "param", "code"}
+
+
+def test_invalid_json(url: str) -> None:
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=10)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def _archive(base: Path, seed: int) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = random_lora_adapter(base, Path(tmp), "x", seed)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                tar.add(path / f, arcname=f)
+        return buf.getvalue()
+
+
+def test_upload_use_delete(url: str, lively_base: Path, store: Path) -> None:
+    data = _archive(lively_base, seed=3)
+    files = {"file": ("a.tar.gz", data, "application/gzip")}
+    r = httpx.post(f"{url}/v1/adapters", data={"name": "fresh"}, files=files, timeout=60)
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "fresh" and r.json()["rank"] == 8
+    ask = {"adapter": "fresh", "question": QUESTIONS[2], "max_tokens": 6}
+    answer = httpx.post(f"{url}/v1/answer", json=ask, timeout=60)
+    assert answer.status_code == 200 and answer.json()["answer"] == reference(
+        lively_base, store, "fresh", QUESTIONS[2], 6
+    )
+    assert httpx.post(f"{url}/v1/adapters", data={"name": "fresh"}, files=files, timeout=60).status_code == 409
+    r = httpx.post(
+        f"{url}/v1/adapters",
+        data={"name": "fresh", "overwrite": "true"},
+        files={"file": ("a.tar.gz", _archive(lively_base, seed=4), "application/gzip")},
+        timeout=60,
+    )
+    assert r.status_code == 201
+    changed = httpx.post(f"{url}/v1/answer", json=ask, timeout=60).json()["answer"]
+    assert changed == reference(lively_base, store, "fresh", QUESTIONS[2], 6) != answer.json()["answer"]
+    assert "fresh" in [a["name"] for a in httpx.get(f"{url}/v1/adapters").json()["data"]]
+    assert httpx.delete(f"{url}/v1/adapters/fresh").status_code == 204
+    assert httpx.post(f"{url}/v1/answer", json=ask, timeout=60).status_code == 404
+    assert httpx.delete(f"{url}/v1/adapters/fresh").status_code == 404
+
+
+def test_hostile_upload_is_refused_and_writes_nothing(url: str, store: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escape.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    before = sorted(p.name for p in store.iterdir())
+    r = httpx.post(f"{url}/v1/adapters", data={"name": "evil"}, files={"file": ("e.tar.gz", buf.getvalue())})
+    assert r.status_code == 422 and "outside the archive" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/adapters", data={"name": "../x"}, files={"file": ("e.tar.gz", buf.getvalue())})
+    assert r.status_code == 400 and "invalid adapter name" in r.json()["error"]["message"]
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert not (store.parent / "escape.json").exists()
+
+
+def test_api_keys(lively_base: Path, store: Path) -> None:
+    proc, url = start_server(lively_base, store, {"LORASWAP_API_KEY": "k-infer", "LORASWAP_ADMIN_KEY": "k-admin"})
+    try:
+        assert httpx.get(f"{url}/health").status_code == 200  # never needs a key
+        ask = {"adapter": "base", "question": "x", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/answer", json=ask).status_code == 401
+        wrong = httpx.post(f"{url}/v1/answer", json=ask, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        ok = httpx.post(f"{url}/v1/answer", json=ask, headers={"Authorization": "Bearer k-infer"}, timeout=60)
+        assert ok.status_code == 200
+        # The inference key does not open admin routes.
+        r = httpx.delete(f"{url}/v1/adapters/symptoms", headers={"Authorization": "Bearer k-infer"})
+        assert r.status_code == 401 and (store / "symptoms").is_dir()
+    finally:
+        stop_server(proc)
