@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import difflib
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from loraswap.adapters.base import BaseRef, Quant, load_base, load_tokenizer, re
 from loraswap.adapters.manifest import AdapterError, AdapterNotFound
 from loraswap.adapters.prompt import SYSTEM_PROMPT
 from loraswap.adapters.store import AdapterStore, StoreEntry
+from loraswap.server.metrics import Metrics
 from loraswap.server.protocol import (
     AnswerRequest,
     APIError,
@@ -179,12 +181,18 @@ class LoraswapSpec(LitSpec):
         self.api_path = "/v1/chat/completions"
         self._tokenizer: Any = None
         self._ref: BaseRef | None = None
-        self.add_endpoint("/v1/chat/completions", self.chat, ["POST"])
-        self.add_endpoint("/v1/answer", self.answer, ["POST"])
-        self.add_endpoint("/v1/models", self.models, ["GET"])
-        self.add_endpoint("/v1/adapters", self.list_adapters, ["GET"])
-        self.add_endpoint("/v1/adapters", self.upload, ["POST"])
-        self.add_endpoint("/v1/adapters/{name}", self.delete, ["DELETE"])
+        self._metrics: Metrics | None = None
+        routes = [
+            ("/v1/chat/completions", self.chat, "POST"),
+            ("/v1/answer", self.answer, "POST"),
+            ("/v1/models", self.models, "GET"),
+            ("/v1/adapters", self.list_adapters, "GET"),
+            ("/v1/adapters", self.upload, "POST"),
+            ("/v1/adapters/{name}", self.delete, "DELETE"),
+        ]
+        for path, handler, method in routes:
+            self.add_endpoint(path, self._tracked(path, handler), [method])
+        self.add_endpoint("/metrics", self.metrics_route, ["GET"])
 
     @property
     def stream(self) -> bool:
@@ -197,6 +205,37 @@ class LoraswapSpec(LitSpec):
         return output
 
     # -- shared pieces --
+
+    @property
+    def metrics(self) -> Metrics:
+        # Created on first use, in the API process: the spec is also pickled into workers, and metric
+        # objects (locks) do not pickle.
+        if self._metrics is None:
+            self._metrics = Metrics()
+        return self._metrics
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_metrics"] = None
+        state["_endpoints"] = []  # routes live in the API process; workers only need the settings
+        return state
+
+    def _tracked(self, route: str, handler: Any) -> Any:
+        """Count every response of `handler` by route, adapter (set on request.state) and status."""
+
+        async def run(request: Request, *args: Any, **kwargs: Any) -> Response:
+            response: Response = await handler(request, *args, **kwargs)
+            adapter = getattr(request.state, "adapter", "-")
+            self.metrics.requests.labels(route, adapter, str(response.status_code)).inc()
+            if response.status_code >= 400:
+                self.metrics.errors.labels(route, adapter).inc()
+            return response
+
+        run.__signature__ = inspect.signature(handler)  # type: ignore[attr-defined]  # FastAPI reads parameters
+        return run
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @property
     def ref(self) -> BaseRef:
@@ -323,9 +362,12 @@ class LoraswapSpec(LitSpec):
             "stop": stop,
         }
 
-    async def _events(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, job: dict[str, Any], route: str) -> AsyncIterator[dict[str, Any]]:
         """Queue `job` for a worker and yield its events until it finishes. If the consumer stops early
         (the client disconnected), the worker is told to drop the request."""
+        adapter = job["adapter"] or "base"
+        start = time.perf_counter()
+        first = True
         uid = uuid.uuid4()
         q: deque[Any] = deque()
         event = asyncio.Event()
@@ -338,8 +380,17 @@ class LoraswapSpec(LitSpec):
                     finished = True
                     raise APIError(500, "the inference worker failed on this request", "server_error")
                 item = json.loads(data) if isinstance(data, str) else data
+                m = self.metrics
+                m.event(item)
+                if first and (item.get("text") or item.get("finish_reason")):
+                    m.ttft.labels(route, adapter).observe(time.perf_counter() - start)
+                    first = False
                 if item.get("finish_reason"):
                     finished = True
+                    m.latency.labels(route, adapter).observe(time.perf_counter() - start)
+                    m.tokens.labels(adapter).inc(int(item.get("completion_tokens") or 0))
+                    if item.get("error"):
+                        m.errors.labels(route, adapter).inc()
                 yield item
         finally:
             self.response_buffer.pop(uid, None)  # LitServe's own spec leaks this entry (litserve#452)
@@ -353,6 +404,7 @@ class LoraswapSpec(LitSpec):
             self._auth(request)
             body: ChatRequest = await self._body(request, ChatRequest)
             adapter = self._adapter(body.model, "model")
+            request.state.adapter = adapter or "base"  # only known names become labels
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             if messages[0]["role"] not in ("system", "developer"):
                 messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
@@ -365,13 +417,15 @@ class LoraswapSpec(LitSpec):
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._chat_stream(job, cid, body.model, include), media_type="text/event-stream")
-        return await self._collect(job, lambda text, fin, use: chat_completion(cid, body.model, text, fin, use))
+        return await self._collect(
+            job, "/v1/chat/completions", lambda text, fin, use: chat_completion(cid, body.model, text, fin, use)
+        )
 
     async def _chat_stream(self, job: dict[str, Any], cid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         yield sse(chat_chunk(cid, model, created, {"role": "assistant", "content": ""}, None))
         try:
-            async for ev in self._events(job):
+            async for ev in self._events(job, "/v1/chat/completions"):
                 if ev.get("error"):
                     yield sse({"error": {"message": ev["error"], "type": "server_error", "param": None, "code": None}})
                     return
@@ -391,10 +445,10 @@ class LoraswapSpec(LitSpec):
             return
         yield sse("[DONE]")
 
-    async def _collect(self, job: dict[str, Any], build: Any) -> Response:
+    async def _collect(self, job: dict[str, Any], route: str, build: Any) -> Response:
         parts: list[str] = []
         try:
-            async for ev in self._events(job):
+            async for ev in self._events(job, route):
                 if ev.get("error"):
                     return APIError(500, ev["error"], "server_error").response()
                 parts.append(ev["text"])
@@ -419,6 +473,7 @@ class LoraswapSpec(LitSpec):
                     code="unsupported_adapter",
                 )
             adapter = self._adapter(body.adapter, "adapter")
+            request.state.adapter = adapter or "base"
             from loraswap.adapters.prompt import prompt_ids
 
             job = self._job(
@@ -437,12 +492,14 @@ class LoraswapSpec(LitSpec):
         if body.stream:
             return StreamingResponse(self._answer_stream(job, aid, name), media_type="text/event-stream")
         return await self._collect(
-            job, lambda text, fin, use: {"id": aid, "adapter": name, "answer": text, "finish_reason": fin, "usage": use}
+            job,
+            "/v1/answer",
+            lambda text, fin, use: {"id": aid, "adapter": name, "answer": text, "finish_reason": fin, "usage": use},
         )
 
     async def _answer_stream(self, job: dict[str, Any], aid: str, name: str) -> AsyncIterator[str]:
         try:
-            async for ev in self._events(job):
+            async for ev in self._events(job, "/v1/answer"):
                 if ev.get("error"):
                     yield sse({"error": {"message": ev["error"], "type": "server_error", "param": None, "code": None}})
                     return

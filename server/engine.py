@@ -59,6 +59,14 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    batch: int = 0
+    """Rows in the decoding step that produced this event."""
+    waiting: int = 0
+    """Requests queued behind the running batch at that step."""
+    loaded: int = 0
+    """Adapters loaded in this engine."""
+    load_ms: float | None = None
+    """Set on a request's first event when its adapter had to be loaded for it."""
 
 
 @dataclass
@@ -70,7 +78,7 @@ class _Row:
     emitted: int = 0  # characters of decoded text already sent
     real_len: int = 0  # tokens of this row held in the cache
     next_token: int = -1
-    started: float = field(default_factory=time.monotonic)
+    load_ms: float | None = None
 
 
 class Engine:
@@ -100,7 +108,6 @@ class Engine:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [rows, cache columns], 1 where the cache holds a real token
         self.cancelled: set[str] = set()
-        self.load_seconds: list[float] = []
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -126,12 +133,13 @@ class Engine:
 
     # ---- adapters -------------------------------------------------------------------------------
 
-    def _ensure_loaded(self, name: str) -> str:
+    def _ensure_loaded(self, name: str) -> tuple[str, float | None]:
+        """The loaded key of adapter `name`, and the load time in ms if it had to be loaded now."""
         entry = self.resolve(name)
         key = "w" + entry.manifest.weights_sha256[:20]
         if key in self.lru:
             self.lru.touch(key)
-            return key
+            return key, None
         if entry.manifest.method != "lora":
             raise ValueError(f"adapter {name!r} uses {entry.manifest.method}; this engine serves LoRA adapters")
         size = entry.size_bytes
@@ -144,12 +152,12 @@ class Engine:
             self.peft.eval()
         else:
             self.peft.load_adapter(str(entry.path), adapter_name=key)
-        self.load_seconds.append(time.perf_counter() - start)
+        load_ms = 1000 * (time.perf_counter() - start)
         self.lru.added(key, size)
         for old in evict:  # only after the new one loaded: a failed load evicts nothing
             self.peft.delete_adapter(old)
             self.lru.removed(old)
-        return key
+        return key, load_ms
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -186,7 +194,7 @@ class Engine:
                 events.append(Event(req.uid, "", "cancelled", len(req.prompt_ids), 0))
                 continue
             try:
-                key = BASE if req.adapter is None else self._ensure_loaded(req.adapter)
+                key, load_ms = (BASE, None) if req.adapter is None else self._ensure_loaded(req.adapter)
             except CacheFull:
                 self.waiting.insert(0, req)  # retry when a running request frees an adapter
                 break
@@ -199,7 +207,7 @@ class Engine:
             if req.temperature > 0:
                 gen = torch.Generator(device="cpu")
                 gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(req.uid.encode()[:8], "big"))
-            new.append(_Row(req, key, gen))
+            new.append(_Row(req, key, gen, load_ms=load_ms))
         if not new:
             return events
         try:
@@ -266,7 +274,20 @@ class Engine:
             if hit_stop:
                 reason = "stop"
             if text or reason:
-                events.append(Event(row.req.uid, text, reason, len(row.req.prompt_ids), len(row.generated)))
+                events.append(
+                    Event(
+                        row.req.uid,
+                        text,
+                        reason,
+                        len(row.req.prompt_ids),
+                        len(row.generated),
+                        batch=len(logits),
+                        waiting=len(self.waiting),
+                        loaded=len(self.lru),
+                        load_ms=row.load_ms,
+                    )
+                )
+                row.load_ms = None
             if reason:
                 finished.append(row)
         if finished:

@@ -261,3 +261,21 @@ def test_api_keys(lively_base: Path, store: Path) -> None:
         assert r.status_code == 401 and (store / "symptoms").is_dir()
     finally:
         stop_server(proc)
+
+
+def test_metrics(url: str) -> None:
+    httpx.post(f"{url}/v1/answer", json={"adapter": "treatment", "question": QUESTIONS[0], "max_tokens": 3}, timeout=60)
+    httpx.post(f"{url}/v1/answer", json={"adapter": "symtoms", "question": "x"}, timeout=60)
+    text = httpx.get(f"{url}/metrics").text
+    assert 'loraswap_requests_total{adapter="treatment",route="/v1/answer",status="200"}' in text
+    assert 'loraswap_errors_total{adapter="-",route="/v1/answer"}' in text  # unknown names never become labels
+    for name in (
+        "loraswap_request_seconds_bucket",
+        "loraswap_time_to_first_token_seconds_bucket",
+        "loraswap_generated_tokens_total",
+        "loraswap_batch_size_bucket",
+        "loraswap_queue_depth",
+        "loraswap_loaded_adapters",
+        "loraswap_adapter_load_seconds_bucket",
+    ):
+        assert name in text, name

@@ -1,0 +1,69 @@
+"""Prometheus metrics, kept in the API process.
+
+Every response passes through the API process, and each worker event carries the state of the step
+that produced it (batch size, queue depth, loaded adapters, adapter load time), so one registry here
+sees everything without prometheus_client's multi-process mode.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraswap_requests",
+            "Requests by route, adapter and status code.",
+            ["route", "adapter", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "loraswap_errors",
+            "Requests answered with an error, by route and adapter.",
+            ["route", "adapter"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "loraswap_request_seconds",
+            "Time from request to last token.",
+            ["route", "adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "loraswap_time_to_first_token_seconds",
+            "Time from request to first token.",
+            ["route", "adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("loraswap_generated_tokens", "Generated tokens.", ["adapter"], registry=r)
+        self.batch = Histogram(
+            "loraswap_batch_size",
+            "Rows in the decoding step of each event.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.queue = Gauge("loraswap_queue_depth", "Requests waiting behind the running batch (last seen).", registry=r)
+        self.loaded = Gauge("loraswap_loaded_adapters", "Adapters loaded in a worker (last seen).", registry=r)
+        self.load_time = Histogram(
+            "loraswap_adapter_load_seconds",
+            "Time to load an adapter into a worker.",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
+            registry=r,
+        )
+
+    def event(self, ev: dict[str, object]) -> None:
+        self.batch.observe(float(ev.get("batch") or 1))  # type: ignore[arg-type]
+        self.queue.set(float(ev.get("waiting") or 0))  # type: ignore[arg-type]
+        self.loaded.set(float(ev.get("loaded") or 0))  # type: ignore[arg-type]
+        if ev.get("load_ms") is not None:
+            self.load_time.observe(float(ev["load_ms"]) / 1000)  # type: ignore[arg-type]
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
