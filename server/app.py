@@ -20,7 +20,10 @@ import hmac
 import inspect
 import json
 import logging
+import multiprocessing
 import os
+import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -75,6 +78,8 @@ class Settings(BaseModel):
     max_rank: int = 64
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
+    drain_seconds: int = 30
+    """On SIGTERM, how long running requests may take to finish."""
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -396,6 +401,7 @@ class LoraswapSpec(LitSpec):
             self.response_buffer.pop(uid, None)  # LitServe's own spec leaks this entry (litserve#452)
             if not finished:
                 self.request_queue.put((self.response_queue_id, uuid.uuid4(), time.monotonic(), {"cancel": str(uid)}))
+                self.metrics.cancelled.inc()
 
     # -- routes --
 
@@ -606,6 +612,32 @@ def build_server(settings: Settings) -> ls.LitServer:
 
 
 def serve(settings: Settings) -> None:
+    """Run the server until SIGINT or SIGTERM.
+
+    On SIGTERM (LitServe ignores it), the API process is asked to stop first: uvicorn closes the
+    listening socket and lets running requests finish, for up to `drain_seconds`, while the workers
+    still answer them; then LitServe shuts the workers down, and every process is gone.
+    """
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     server = build_server(settings)
-    server.run(host=settings.host, port=settings.port, generate_client_file=False, log_level="warning")
+    server.uvicorn_graceful_timeout = settings.drain_seconds  # uvicorn's own graceful-shutdown bound
+
+    def drain() -> None:
+        api_servers = [p for p in multiprocessing.active_children() if p.name.startswith("LitServer-")]
+        for p in api_servers:
+            if p.pid is not None:
+                os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + settings.drain_seconds + 5
+        for p in api_servers:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        server._shutdown_event.set()
+
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain, daemon=True).start())
+    # One API process: every response passes through it, so one metrics registry sees all of them.
+    server.run(
+        host=settings.host,
+        port=settings.port,
+        num_api_servers=1,
+        generate_client_file=False,
+        log_level="warning",
+    )

@@ -42,6 +42,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cancelled = Counter("loraswap_cancelled", "Requests dropped because the client went away.", registry=r)
         self.tokens = Counter("loraswap_generated_tokens", "Generated tokens.", ["adapter"], registry=r)
         self.batch = Histogram(
             "loraswap_batch_size",

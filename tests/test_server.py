@@ -279,3 +279,87 @@ def test_metrics(url: str) -> None:
         "loraswap_adapter_load_seconds_bucket",
     ):
         assert name in text, name
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_disconnects_stops_costing_compute(url: str) -> None:
+    ask = {"adapter": "symptoms", "question": QUESTIONS[0], "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/answer", json=ask, timeout=60) as r:
+        lines = r.iter_lines()
+        got: list[str] = []
+        for line in lines:
+            if line.startswith("data:"):
+                got.append(line)
+            if len(got) == 2:
+                break
+    # The server notices on its next write and tells the worker to drop the row.
+    deadline = time.monotonic() + 60
+    while _metric(url, "loraswap_cancelled_total") < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(url, "loraswap_cancelled_total") >= 1
+    time.sleep(0.5)  # the cancel message is queued ahead of the next request
+    before = _metric(url, 'loraswap_batch_size_bucket{le="1.0"}')
+    short = httpx.post(
+        f"{url}/v1/answer", json={"adapter": "treatment", "question": QUESTIONS[1], "max_tokens": 5}, timeout=60
+    ).json()
+    after = _metric(url, 'loraswap_batch_size_bucket{le="1.0"}')
+    # Every step of the short request ran alone: the abandoned 400-token request no longer decodes.
+    assert short["usage"]["completion_tokens"] >= 1
+    assert after - before >= short["usage"]["completion_tokens"] - 1
+
+
+def test_two_workers_see_one_upload(lively_base: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    random_lora_adapter(lively_base, store, "symptoms", seed=1)
+    proc, url = start_server(lively_base, store, {"LORASWAP_WORKERS": "2"})
+    try:
+        files = {"file": ("a.tar.gz", _archive(lively_base, seed=5), "application/gzip")}
+        assert httpx.post(f"{url}/v1/adapters", data={"name": "shared"}, files=files, timeout=60).status_code == 201
+        want = reference(lively_base, store, "shared", QUESTIONS[0], 5)
+
+        def ask(_: int) -> str:
+            r = httpx.post(
+                f"{url}/v1/answer", json={"adapter": "shared", "question": QUESTIONS[0], "max_tokens": 5}, timeout=120
+            )
+            assert r.status_code == 200, r.text
+            return str(r.json()["answer"])
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(ask, range(8))) == [want] * 8
+    finally:
+        stop_server(proc)
+
+
+def test_sigterm_lets_running_requests_finish_then_exits(lively_base: Path, store: Path) -> None:
+    proc, url = start_server(lively_base, store)
+    try:
+        ask = {"adapter": "symptoms", "question": QUESTIONS[0], "max_tokens": 120, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{url}/v1/answer", json=ask, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    if len(events) == 2:
+                        proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "data: [DONE]"
+        assert '"finish_reason": "length"' in events[-2] and '"completion_tokens": 120' in events[-2]
+        proc.wait(timeout=60)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/health", timeout=2)
+        # No process of the server's group is left (multiprocessing's resource tracker exits just after the main).
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            if not left:
+                break
+            time.sleep(0.5)
+        assert left == []
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)
