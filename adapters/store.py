@@ -30,6 +30,7 @@ from loraswap.adapters.manifest import (
 Source = Literal["shipped", "user"]
 # resolve(): in an editable install __file__ is a link; the shipped folder is beside the real file.
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+ROUTER_FILE = "router.json"
 
 
 def default_user_dir() -> Path:
@@ -113,6 +114,13 @@ class AdapterStore:
 
     def entries(self) -> dict[str, StoreEntry]:
         return {**self._scan(self.shipped_dir, "shipped"), **self._scan(self.user_dir, "user")}
+
+    def router_path(self) -> Path | None:
+        """The qtype router for `"adapter": "auto"`: the user directory's, else the shipped one."""
+        for root in (self.user_dir, self.shipped_dir):
+            if root is not None and (root / ROUTER_FILE).is_file():
+                return root / ROUTER_FILE
+        return None
 
     def names(self) -> list[str]:
         return sorted(self.entries())

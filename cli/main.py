@@ -377,6 +377,26 @@ def serve(
     run_server(settings)
 
 
+@app.command("train-router")
+def train_router_cmd(
+    data: DataOpt = "keivalya/MedQuad-MedicalQnADataset",
+    out: Annotated[
+        Path, typer.Option("--out", help="Where to write the router JSON (the store's router.json serves 'auto').")
+    ] = Path("router.json"),
+    min_rows: Annotated[int, typer.Option("--min-rows", help="Leave out qtypes with fewer rows.")] = 50,
+) -> None:
+    """Train the qtype classifier behind adapter 'auto' on the training split; prints held-out accuracy."""
+    from loraswap.train.data import load_qa
+    from loraswap.train.router import train_router
+
+    router = train_router(load_qa(data), min_rows=min_rows)
+    router.save(out)
+    print(
+        f"router over {len(router.classes)} qtypes: held-out accuracy {router.accuracy:.2%} "
+        f"on {router.heldout_n} questions; wrote {out}"
+    )
+
+
 @app.command("train-bench")
 def train_bench(
     data: DataOpt = "keivalya/MedQuad-MedicalQnADataset",

@@ -187,6 +187,7 @@ class LoraswapSpec(LitSpec):
         self._tokenizer: Any = None
         self._ref: BaseRef | None = None
         self._metrics: Metrics | None = None
+        self._router: tuple[tuple[str, int], Any] | None = None
         routes = [
             ("/v1/chat/completions", self.chat, "POST"),
             ("/v1/answer", self.answer, "POST"),
@@ -471,14 +472,11 @@ class LoraswapSpec(LitSpec):
         try:
             self._auth(request)
             body: AnswerRequest = await self._body(request, AnswerRequest)
+            routed = None
             if body.adapter == "auto":
-                raise APIError(
-                    400,
-                    "adapter 'auto' is not available in this version; name an adapter or 'base'",
-                    param="adapter",
-                    code="unsupported_adapter",
-                )
-            adapter = self._adapter(body.adapter, "adapter")
+                adapter, routed = self._route(body.question)
+            else:
+                adapter = self._adapter(body.adapter, "adapter")
             request.state.adapter = adapter or "base"
             from loraswap.adapters.prompt import prompt_ids
 
@@ -494,22 +492,45 @@ class LoraswapSpec(LitSpec):
         except APIError as e:
             return e.response()
         aid = new_id("ans")
-        name = adapter or "base"
+        head: dict[str, Any] = {"id": aid, "adapter": adapter or "base"}
+        if routed:
+            head["routed"] = routed
         if body.stream:
-            return StreamingResponse(self._answer_stream(job, aid, name), media_type="text/event-stream")
+            return StreamingResponse(self._answer_stream(job, head), media_type="text/event-stream")
         return await self._collect(
             job,
             "/v1/answer",
-            lambda text, fin, use: {"id": aid, "adapter": name, "answer": text, "finish_reason": fin, "usage": use},
+            lambda text, fin, use: {**head, "answer": text, "finish_reason": fin, "usage": use},
         )
 
-    async def _answer_stream(self, job: dict[str, Any], aid: str, name: str) -> AsyncIterator[str]:
+    def _route(self, question: str) -> tuple[str | None, dict[str, Any]]:
+        """adapter 'auto': the router's qtype, served by an adapter of that qtype (the base if none)."""
+        from loraswap.train.router import Router
+
+        path = self.settings.store().router_path()
+        if path is None:
+            raise APIError(
+                400,
+                "adapter 'auto' needs a router (loraswap train-router); none is installed",
+                param="adapter",
+                code="no_router",
+            )
+        key = (str(path), path.stat().st_mtime_ns)
+        if self._router is None or self._router[0] != key:
+            self._router = (key, Router.load(path))
+        qtype, prob = self._router[1].predict(question)
+        names = sorted(
+            n for n, e in self._entries().items() if e.manifest.qtype == qtype and e.manifest.method == "lora"
+        )
+        return (names[0] if names else None), {"qtype": qtype, "probability": round(prob, 4)}
+
+    async def _answer_stream(self, job: dict[str, Any], head: dict[str, Any]) -> AsyncIterator[str]:
         try:
             async for ev in self._events(job, "/v1/answer"):
                 if ev.get("error"):
                     yield sse({"error": {"message": ev["error"], "type": "server_error", "param": None, "code": None}})
                     return
-                out: dict[str, Any] = {"id": aid, "adapter": name, "delta": ev["text"]}
+                out: dict[str, Any] = {**head, "delta": ev["text"]}
                 if ev["finish_reason"]:
                     out["finish_reason"] = "length" if ev["finish_reason"] == "length" else "stop"
                     out["usage"] = usage(ev["prompt_tokens"], ev["completion_tokens"])

@@ -124,7 +124,7 @@ def medquad() -> Path:
     return MEDQUAD
 
 
-def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int) -> Path:
+def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int, qtype: str | None = None) -> Path:
     """A LoRA adapter with random non-zero weights (PEFT's `init_lora_weights=False`), installed into
     `store_dir` through the upload path. Random adapters make every generated token depend on the
     adapter, which is what parity tests need (trained tiny adapters soon repeat one token)."""
@@ -150,7 +150,12 @@ def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int) 
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
             for f in ("adapter_config.json", "adapter_model.safetensors"):
                 tar.add(Path(tmp) / f, arcname=f)
-    return install_archive(buf.getvalue(), name, store_dir, resolve_base(str(tiny_base)))
+    path = install_archive(buf.getvalue(), name, store_dir, resolve_base(str(tiny_base)))
+    if qtype is not None:
+        from loraswap.adapters.manifest import read_manifest, write_manifest
+
+        write_manifest(path, read_manifest(path).model_copy(update={"qtype": qtype}))
+    return path
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -18,10 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import random_lora_adapter
+from conftest import qa_rows, random_lora_adapter
 
 from loraswap.adapters.base import load_base
 from loraswap.adapters.prompt import prompt_ids, stop_token_ids
+from loraswap.train.data import QA
+from loraswap.train.router import train_router
 
 QUESTIONS = ["What are the symptoms of carditis ?", "What are the treatments for hepatitis ?", "What is osteitis ?"]
 
@@ -35,8 +37,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def store(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("server-store")
-    random_lora_adapter(lively_base, out, "symptoms", seed=1)
-    random_lora_adapter(lively_base, out, "treatment", seed=2)
+    random_lora_adapter(lively_base, out, "symptoms", seed=1, qtype="symptoms")
+    random_lora_adapter(lively_base, out, "treatment", seed=2, qtype="treatment")
+    train_router([QA(*r) for r in qa_rows()], min_rows=1).save(out / "router.json")
     return out
 
 
@@ -363,3 +366,15 @@ def test_sigterm_lets_running_requests_finish_then_exits(lively_base: Path, stor
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+def test_auto_routes_to_the_adapter_of_the_question_type(url: str, lively_base: Path, store: Path) -> None:
+    for question, qtype in [
+        ("What are the symptoms of nephritis ?", "symptoms"),
+        ("What are the treatments for nephritis ?", "treatment"),
+    ]:
+        r = httpx.post(f"{url}/v1/answer", json={"adapter": "auto", "question": question, "max_tokens": 5}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["adapter"] == qtype and body["routed"]["qtype"] == qtype
+        assert body["answer"] == reference(lively_base, store, qtype, question, 5)
