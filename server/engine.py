@@ -108,6 +108,7 @@ class Engine:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [rows, cache columns], 1 where the cache holds a real token
         self.cancelled: set[str] = set()
+        self.virtual: dict[str, torch.Tensor] = {}  # loaded prompt-learning adapters: key -> virtual tokens
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -140,12 +141,18 @@ class Engine:
         if key in self.lru:
             self.lru.touch(key)
             return key, None
-        if entry.manifest.method != "lora":
-            raise ValueError(f"adapter {name!r} uses {entry.manifest.method}; this engine serves LoRA adapters")
+        method = entry.manifest.method
+        if method == "prefix":
+            raise ValueError(
+                f"adapter {name!r} is a prefix-tuning adapter; the server serves LoRA, prompt tuning "
+                "and P-tuning adapters"
+            )
         size = entry.size_bytes
         evict = self.lru.plan_load(key, size)
         start = time.perf_counter()
-        if self.peft is None:
+        if method in ("prompt", "ptuning"):
+            self.virtual[key] = self._load_virtual_tokens(entry)
+        elif self.peft is None:
             from peft import PeftModel
 
             self.peft = PeftModel.from_pretrained(self.base_model, str(entry.path), adapter_name=key)
@@ -155,9 +162,24 @@ class Engine:
         load_ms = 1000 * (time.perf_counter() - start)
         self.lru.added(key, size)
         for old in evict:  # only after the new one loaded: a failed load evicts nothing
-            self.peft.delete_adapter(old)
+            if self.virtual.pop(old, None) is None:
+                self.peft.delete_adapter(old)
             self.lru.removed(old)
         return key, load_ms
+
+    def _load_virtual_tokens(self, entry: StoreEntry) -> torch.Tensor:
+        """Prompt tuning and P-tuning adapters are stored as their final virtual-token embeddings
+        ([virtual tokens, hidden]); serving one means putting them in front of the prompt's embeddings."""
+        from safetensors.torch import load_file
+
+        table = load_file(str(entry.path / "adapter_model.safetensors"))["prompt_embeddings"]
+        embed = self.base_model.get_input_embeddings().weight
+        if table.ndim != 2 or table.shape[1] != embed.shape[1]:
+            raise ValueError(
+                f"adapter {entry.name!r}: prompt embeddings of shape {list(table.shape)} do not fit "
+                f"hidden size {embed.shape[1]}"
+            )
+        return table.to(device=embed.device, dtype=embed.dtype)
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -220,24 +242,41 @@ class Engine:
         return events
 
     def _prefill(self, new: list[_Row]) -> list[Event]:
-        width = max(len(r.req.prompt_ids) for r in new)
+        """All new prompts in one forward, left-padded. Rows of prompt-learning adapters get their virtual
+        tokens in front (through input embeddings) and no LoRA; the cache then holds them like prompt tokens."""
+        virtual = [self.virtual.get(r.key) for r in new]
+        lengths = [len(r.req.prompt_ids) + (0 if v is None else v.shape[0]) for r, v in zip(new, virtual, strict=True)]
+        width = max(lengths)
         ids = torch.full((len(new), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
         mask = torch.zeros((len(new), width), dtype=torch.long)
-        for i, r in enumerate(new):
-            n = len(r.req.prompt_ids)
-            ids[i, width - n :] = torch.tensor(r.req.prompt_ids)
+        for i, (r, n) in enumerate(zip(new, lengths, strict=True)):
+            ids[i, width - len(r.req.prompt_ids) :] = torch.tensor(r.req.prompt_ids)
             mask[i, width - n :] = 1
             r.real_len = n
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs: dict[str, torch.Tensor] = {}
+        if any(v is not None for v in virtual):
+            with torch.inference_mode():
+                embeds = self.base_model.get_input_embeddings()(ids.to(self.device))
+                for i, v in enumerate(virtual):
+                    if v is not None:
+                        start = width - lengths[i]
+                        embeds[i, start : start + v.shape[0]] = v
+            inputs["inputs_embeds"] = embeds
+        else:
+            inputs["input_ids"] = ids.to(self.device)
         out = self._forward(
-            input_ids=ids.to(self.device),
+            **inputs,
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
-            adapter_names=[r.key for r in new],
+            adapter_names=[self._lora_name(r) for r in new],
         )
         self._merge(out.past_key_values, mask)
         self.rows += new
         return self._sample_and_emit(new, out.logits[:, -1, :])
+
+    def _lora_name(self, row: _Row) -> str:
+        return BASE if row.key in self.virtual else row.key
 
     def _decode(self) -> list[Event]:
         assert self.mask is not None
@@ -251,7 +290,7 @@ class Engine:
             attention_mask=self.mask.to(self.device),
             position_ids=positions.to(self.device),
             past_key_values=self.cache,
-            adapter_names=[r.key for r in self.rows],
+            adapter_names=[self._lora_name(r) for r in self.rows],
         )
         self.cache = out.past_key_values
         return self._sample_and_emit(list(self.rows), out.logits[:, -1, :])
