@@ -264,16 +264,8 @@ class LoraswapSpec(LitSpec):
         if name in BASE_NAMES or name == self.ref.base_id:
             return None
         entries = self._entries()
-        if name in entries and entries[name].manifest.method != "prefix":
-            return name
         if name in entries:
-            raise APIError(
-                400,
-                f"adapter {name!r} is a prefix-tuning adapter; this server serves LoRA, prompt "
-                "tuning and P-tuning adapters",
-                param=param,
-                code="unsupported_adapter",
-            )
+            return name
         close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise APIError(

@@ -108,7 +108,8 @@ class Engine:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [rows, cache columns], 1 where the cache holds a real token
         self.cancelled: set[str] = set()
-        self.virtual: dict[str, torch.Tensor] = {}  # loaded prompt-learning adapters: key -> virtual tokens
+        self.virtual: dict[str, torch.Tensor] = {}  # loaded prompt/P-tuning adapters: key -> virtual tokens
+        self.prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefix tuning: per-layer K, V
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -142,16 +143,13 @@ class Engine:
             self.lru.touch(key)
             return key, None
         method = entry.manifest.method
-        if method == "prefix":
-            raise ValueError(
-                f"adapter {name!r} is a prefix-tuning adapter; the server serves LoRA, prompt tuning "
-                "and P-tuning adapters"
-            )
         size = entry.size_bytes
         evict = self.lru.plan_load(key, size)
         start = time.perf_counter()
         if method in ("prompt", "ptuning"):
             self.virtual[key] = self._load_virtual_tokens(entry)
+        elif method == "prefix":
+            self.prefixes[key] = self._load_prefix(entry)
         elif self.peft is None:
             from peft import PeftModel
 
@@ -162,7 +160,7 @@ class Engine:
         load_ms = 1000 * (time.perf_counter() - start)
         self.lru.added(key, size)
         for old in evict:  # only after the new one loaded: a failed load evicts nothing
-            if self.virtual.pop(old, None) is None:
+            if self.virtual.pop(old, None) is None and self.prefixes.pop(old, None) is None:
                 self.peft.delete_adapter(old)
             self.lru.removed(old)
         return key, load_ms
@@ -241,6 +239,49 @@ class Engine:
                 events.append(Event(row.req.uid, "", "error", len(row.req.prompt_ids), 0, error=type(e).__name__))
         return events
 
+    def _load_prefix(self, entry: StoreEntry) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A prefix-tuning adapter as per-layer (key, value) tensors of [kv heads, virtual tokens, head dim],
+        laid out as PEFT's `get_prompt` lays them out (for grouped-query attention, PEFT trains one prefix
+        per key-value head)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        config = json.loads((entry.path / "adapter_config.json").read_text())
+        table = load_file(str(entry.path / "adapter_model.safetensors"))["prompt_embeddings"]
+        n, layers, heads, dim = table.shape[0], config["num_layers"], config["num_attention_heads"], config["token_dim"]
+        if table.shape[1] != layers * 2 * dim or config.get("num_transformer_submodules", 1) != 1:
+            raise ValueError(f"adapter {entry.name!r}: prefix of shape {list(table.shape)} does not fit this base")
+        kv = table.view(n, layers * 2, heads, dim // heads).permute(1, 2, 0, 3)  # [layers*2, heads, n, head dim]
+        ref = self.base_model.get_input_embeddings().weight
+        kv = kv.to(device=ref.device, dtype=ref.dtype)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
+
+    def _prefix_cache(self, new: list[_Row]) -> tuple[Any, torch.Tensor, list[int]] | None:
+        """A cache holding each row's prefix (right-aligned, zeros and mask 0 elsewhere), or None if no row has one."""
+        prefixes = [self.prefixes.get(r.key) for r in new]
+        if all(p is None for p in prefixes):
+            return None
+        from transformers import DynamicCache
+
+        sizes = [0 if p is None else p[0][0].shape[1] for p in prefixes]
+        width = max(sizes)
+        some = next(p for p in prefixes if p is not None)
+        cache = DynamicCache(config=self.base_model.config)
+        for layer in range(len(some)):
+            heads, _, dim = some[layer][0].shape
+            keys = some[layer][0].new_zeros(len(new), heads, width, dim)
+            values = keys.clone()
+            for i, p in enumerate(prefixes):
+                if p is not None:
+                    keys[i, :, width - sizes[i] :] = p[layer][0]
+                    values[i, :, width - sizes[i] :] = p[layer][1]
+            cache.update(keys, values, layer)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, n in enumerate(sizes):
+            mask[i, width - n :] = 1
+        return cache, mask, sizes
+
     def _prefill(self, new: list[_Row]) -> list[Event]:
         """All new prompts in one forward, left-padded. Rows of prompt-learning adapters get their virtual
         tokens in front (through input embeddings) and no LoRA; the cache then holds them like prompt tokens."""
@@ -254,7 +295,15 @@ class Engine:
             mask[i, width - n :] = 1
             r.real_len = n
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs: dict[str, torch.Tensor] = {}
+        inputs: dict[str, Any] = {}
+        prefix = self._prefix_cache(new)
+        if prefix is not None:  # prefix tuning: the prompt attends to the prefix, positions continue after it
+            cache, prefix_mask, sizes = prefix
+            inputs["past_key_values"] = cache
+            positions = positions + torch.tensor(sizes).unsqueeze(1)
+            mask = torch.cat([prefix_mask, mask], dim=1)
+            for r, n in zip(new, sizes, strict=True):
+                r.real_len += n
         if any(v is not None for v in virtual):
             with torch.inference_mode():
                 embeds = self.base_model.get_input_embeddings()(ids.to(self.device))
@@ -276,7 +325,7 @@ class Engine:
         return self._sample_and_emit(new, out.logits[:, -1, :])
 
     def _lora_name(self, row: _Row) -> str:
-        return BASE if row.key in self.virtual else row.key
+        return BASE if row.key in self.virtual or row.key in self.prefixes else row.key
 
     def _decode(self) -> list[Event]:
         assert self.mask is not None

@@ -244,10 +244,11 @@ def test_lru_bookkeeping() -> None:
 
 @pytest.fixture(scope="module")
 def prompt_store(lively_base: Path, qa_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterStore:
+    from loraswap.train.data import load_qa
     from loraswap.train.trainer import TrainConfig, train_qtype
 
     out = tmp_path_factory.mktemp("prompt-store")
-    rows = __import__("loraswap.train.data", fromlist=["load_qa"]).load_qa(str(qa_csv))
+    rows = load_qa(str(qa_csv))
     for method in ("prompt", "ptuning", "prefix"):
         cfg = TrainConfig(method=method, max_steps=2, num_virtual_tokens=4, eval_examples=0, quant="none")  # type: ignore[arg-type]
         train_qtype(str(lively_base), rows, "symptoms", out, cfg, data_source="qa.csv", name=method, progress=False)
@@ -258,18 +259,20 @@ def prompt_store(lively_base: Path, qa_csv: Path, tmp_path_factory: pytest.TempP
 def test_prompt_learning_adapters_mix_with_lora_and_match_peft(lively_base: Path, prompt_store: AdapterStore) -> None:
     engine = make_engine(lively_base, prompt_store)
     tok = engine.tokenizer
-    plan = [("prompt", QUESTIONS[0]), ("lora", QUESTIONS[1]), ("ptuning", QUESTIONS[2]), (None, QUESTIONS[3])]
+    plan = [
+        ("prompt", QUESTIONS[0]),
+        ("lora", QUESTIONS[1]),
+        ("ptuning", QUESTIONS[2]),
+        (None, QUESTIONS[3]),
+        ("prefix", QUESTIONS[0]),
+    ]
     for i, (adapter, q) in enumerate(plan):
         engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=8))
     events = run_all(engine)
-    outputs = set()
     for i, (adapter, q) in enumerate(plan):
         ref = solo_reference(lively_base, prompt_store, adapter, q, 8)
         assert text_of(events[f"r{i}"]) == tok.decode(ref, skip_special_tokens=True), adapter
-        outputs.add(text_of(events[f"r{i}"]))
-    assert len(outputs) == len(plan)
-    # The virtual tokens change the answer: the prompt-tuned row differs from the base on its question.
+    # The learned prompts change the answer: each prompt-learning row differs from the base on its question.
     base_answer = tok.decode(solo_reference(lively_base, prompt_store, None, QUESTIONS[0], 8), skip_special_tokens=True)
-    assert text_of(events["r0"]) != base_answer
-    engine.submit(GenRequest("p", prompt_ids(tok, QUESTIONS[0]), "prefix", max_tokens=4))
-    assert run_all(engine)["p"][-1].error is not None  # prefix tuning: refused with a reason, no crash
+    assert base_answer not in (text_of(events["r0"]), text_of(events["r4"]))
+    assert text_of(events["r0"]) != text_of(events["r4"])
