@@ -73,6 +73,8 @@ class Settings(BaseModel):
     max_tokens: int = 1024
     """Largest max_tokens a request may ask for."""
     max_loaded_adapters: int = 32
+    max_loaded_bytes: int = 1 << 30
+    """Bytes of adapter files a worker keeps loaded (with max_loaded_adapters, the LRU's bounds)."""
     max_upload_bytes: int = 64 << 20
     max_body_bytes: int = 1 << 20
     max_rank: int = 64
@@ -124,6 +126,7 @@ class LoraswapAPI(ls.LitAPI):
             store.get,
             max_batch_size=self.settings.max_batch_size,
             max_loaded=self.settings.max_loaded_adapters,
+            max_loaded_bytes=self.settings.max_loaded_bytes,
         )
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []

@@ -378,3 +378,19 @@ def test_auto_routes_to_the_adapter_of_the_question_type(url: str, lively_base: 
         body = r.json()
         assert body["adapter"] == qtype and body["routed"]["qtype"] == qtype
         assert body["answer"] == reference(lively_base, store, qtype, question, 5)
+
+
+def test_delete_lets_running_requests_finish(url: str, lively_base: Path) -> None:
+    files = {"file": ("a.tar.gz", _archive(lively_base, seed=6), "application/gzip")}
+    assert httpx.post(f"{url}/v1/adapters", data={"name": "doomed"}, files=files, timeout=60).status_code == 201
+    ask = {"adapter": "doomed", "question": QUESTIONS[0], "max_tokens": 60, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{url}/v1/answer", json=ask, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(line)
+                if len(events) == 2:
+                    assert httpx.delete(f"{url}/v1/adapters/doomed").status_code == 204
+    assert events[-1] == "data: [DONE]" and '"completion_tokens": 60' in events[-2]
+    later = httpx.post(f"{url}/v1/answer", json={**ask, "stream": False}, timeout=60)
+    assert later.status_code == 404
