@@ -1,0 +1,47 @@
+"""Server settings: defaults, overridden by LORASWAP_* environment variables (read once) and CLI options."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+from loraswap.adapters.base import Quant
+from loraswap.adapters.store import AdapterStore
+
+
+class Settings(BaseModel):
+    """Server settings; `from_env` reads LORASWAP_* once, at start-up."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    base: str = "embedded"
+    quant: Quant = "nf4"
+    adapters_dir: Path | None = None
+    workers: int = 1
+    max_batch_size: int = 8
+    max_tokens: int = 1024
+    """Largest max_tokens a request may ask for."""
+    max_loaded_adapters: int = 32
+    max_loaded_bytes: int = 1 << 30
+    """Bytes of adapter files a worker keeps loaded (with max_loaded_adapters, the LRU's bounds)."""
+    max_upload_bytes: int = 64 << 20
+    max_body_bytes: int = 1 << 20
+    max_rank: int = 64
+    api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    drain_seconds: int = 30
+    """On SIGTERM, how long running requests may take to finish."""
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        env = {k.removeprefix("LORASWAP_").lower(): v for k, v in os.environ.items() if k.startswith("LORASWAP_")}
+        fields = set(cls.model_fields)
+        values: dict[str, Any] = {k: v for k, v in env.items() if k in fields}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+    def store(self) -> AdapterStore:
+        return AdapterStore.default(self.adapters_dir)

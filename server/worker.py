@@ -1,0 +1,93 @@
+"""The worker side: one base and one `Engine` per process, driven by LitServe's continuous-batching loop.
+
+Each loop step is one engine step over every running request. Requests arrive already validated by
+the API process (`spec.py`); a cancel message frees the row of a client that went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import litserve as ls
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
+from litserve.utils import LitAPIStatus
+
+from loraswap.adapters.base import load_base
+from loraswap.server.settings import Settings
+from loraswap.server.spec import LoraswapSpec
+
+
+class EngineLoop(ContinuousBatchingLoop):
+    """LitServe's continuous-batching loop, without its busy wait when no request is running."""
+
+    async def run(self, lit_api: Any, *args: Any, **kwargs: Any) -> None:
+        if not lit_api.has_active_requests():
+            await asyncio.sleep(0.002)
+            return
+        await super().run(lit_api, *args, **kwargs)
+
+
+class LoraswapAPI(ls.LitAPI):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            max_batch_size=settings.max_batch_size, stream=True, spec=LoraswapSpec(settings), loop=EngineLoop()
+        )
+        self.settings = settings
+
+    def setup(self, device: str) -> None:
+        from loraswap.server.engine import Engine
+
+        base = load_base(self.settings.base, quant=self.settings.quant, device=device)
+        store = self.settings.store()
+        self.engine = Engine(
+            base.model,
+            base.tokenizer,
+            store.get,
+            max_batch_size=self.settings.max_batch_size,
+            max_loaded=self.settings.max_loaded_adapters,
+            max_loaded_bytes=self.settings.max_loaded_bytes,
+        )
+        self.uids: dict[str, Any] = {}
+        self.immediate: list[Output] = []
+
+    def add_request(self, uid: Any, request: dict[str, Any]) -> None:
+        from loraswap.server.engine import GenRequest
+
+        if "cancel" in request:  # a client went away: free its row, answer the cancel message at once
+            self.engine.cancel(request["cancel"])
+            self.immediate.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+            return
+        key = str(uid)
+        self.uids[key] = uid
+        try:
+            self.engine.submit(GenRequest(uid=key, **request))
+        except Exception as e:  # validated in the API process; a store change in between lands here
+            self._finish(uid, {"error": str(e), "finish_reason": "error"})
+
+    def _finish(self, uid: Any, data: dict[str, Any]) -> None:
+        self.immediate.append(Output(uid, data, LitAPIStatus.OK))
+        self.immediate.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+
+    def has_active_requests(self) -> bool:
+        return bool(self.immediate) or self.engine.has_work()
+
+    def has_capacity(self) -> bool:
+        return True  # the engine queues what does not fit in its batch
+
+    def step(self, prev_outputs: Any) -> list[Output]:
+        outputs, self.immediate = self.immediate, []
+        for event in self.engine.step():
+            uid = self.uids[event.uid]
+            outputs.append(Output(uid, dataclasses.asdict(event), LitAPIStatus.OK))
+            if event.finish_reason:
+                outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+                del self.uids[event.uid]
+        return outputs
+
+    def encode_response(self, output: Any, **kwargs: Any) -> Any:
+        return output
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:  # the loop calls step(); LitServe checks it exists
+        raise NotImplementedError
