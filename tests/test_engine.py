@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import random_lora_adapter
+from conftest import peft_reference, random_lora_adapter
 
 from loraswap.adapters.base import load_base
 from loraswap.adapters.manifest import AdapterNotFound
-from loraswap.adapters.prompt import prompt_ids, stop_token_ids
+from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
 from loraswap.server.engine import Engine, Event, GenRequest
 from loraswap.server.lru import AdapterLRU, CacheFull
@@ -48,24 +47,7 @@ def run_all(engine: Engine, max_steps: int = 500) -> dict[str, list[Event]]:
 
 
 def solo_reference(lively_base: Path, store: AdapterStore, adapter: str | None, question: str, n: int) -> list[int]:
-    """PEFT's plain path: a fresh model with only this adapter, `generate`, greedy."""
-    from peft import PeftModel
-
-    base = load_base(str(lively_base), quant="none")
-    model = base.model
-    if adapter is not None:
-        model = PeftModel.from_pretrained(base.model, str(store.get(adapter).path))
-    model.eval()
-    ids = torch.tensor([prompt_ids(base.tokenizer, question)])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=stop_token_ids(base.tokenizer),
-        pad_token_id=base.tokenizer.pad_token_id,
-    )
-    return [t for t in out[0, ids.shape[1] :].tolist() if t not in stop_token_ids(base.tokenizer)]
+    return peft_reference(lively_base, None if adapter is None else store.get(adapter).path, question, n)
 
 
 def text_of(events: list[Event]) -> str:

@@ -14,14 +14,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-import torch
-from conftest import qa_rows, random_lora_adapter
+from conftest import peft_reference, qa_rows, random_lora_adapter
 
-from loraswap.adapters.base import load_base
-from loraswap.adapters.prompt import prompt_ids, stop_token_ids
+from loraswap.adapters.base import load_tokenizer, resolve_base
 from loraswap.train.data import QA
 from loraswap.train.router import train_router
 
@@ -95,21 +94,21 @@ def url(lively_base: Path, store: Path) -> Iterator[str]:
 
 
 def reference(base_path: Path, store: Path, adapter: str | None, question: str, n: int) -> str:
-    from peft import PeftModel
+    tokenizer = load_tokenizer(resolve_base(str(base_path)))
+    ids = peft_reference(base_path, None if adapter is None else store / adapter, question, n)
+    return str(tokenizer.decode(ids, skip_special_tokens=True))
 
-    base = load_base(str(base_path), quant="none")
-    model = base.model if adapter is None else PeftModel.from_pretrained(base.model, str(store / adapter))
-    model.eval()
-    ids = torch.tensor([prompt_ids(base.tokenizer, question)])
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=stop_token_ids(base.tokenizer),
-        pad_token_id=base.tokenizer.pad_token_id,
-    )
-    return str(base.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+def stream_and_act(url: str, ask: dict, act: Any, after: int = 2) -> list[str]:  # type: ignore[type-arg]
+    """Stream an answer, call `act()` once `after` events have arrived, and return every event line."""
+    events: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/answer", json=ask, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                events.append(line)
+                if len(events) == after:
+                    act()
+    return events
 
 
 def test_health_and_models(url: str) -> None:
@@ -343,13 +342,7 @@ def test_sigterm_lets_running_requests_finish_then_exits(lively_base: Path, stor
     proc, url = start_server(lively_base, store)
     try:
         ask = {"adapter": "symptoms", "question": QUESTIONS[0], "max_tokens": 120, "stream": True}
-        events = []
-        with httpx.stream("POST", f"{url}/v1/answer", json=ask, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data:"):
-                    events.append(line)
-                    if len(events) == 2:
-                        proc.send_signal(signal.SIGTERM)
+        events = stream_and_act(url, ask, lambda: proc.send_signal(signal.SIGTERM))
         assert events[-1] == "data: [DONE]"
         assert '"finish_reason": "length"' in events[-2] and '"completion_tokens": 120' in events[-2]
         proc.wait(timeout=60)
@@ -384,13 +377,9 @@ def test_delete_lets_running_requests_finish(url: str, lively_base: Path) -> Non
     files = {"file": ("a.tar.gz", _archive(lively_base, seed=6), "application/gzip")}
     assert httpx.post(f"{url}/v1/adapters", data={"name": "doomed"}, files=files, timeout=60).status_code == 201
     ask = {"adapter": "doomed", "question": QUESTIONS[0], "max_tokens": 60, "stream": True}
-    events = []
-    with httpx.stream("POST", f"{url}/v1/answer", json=ask, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                events.append(line)
-                if len(events) == 2:
-                    assert httpx.delete(f"{url}/v1/adapters/doomed").status_code == 204
+    deleted: list[int] = []
+    events = stream_and_act(url, ask, lambda: deleted.append(httpx.delete(f"{url}/v1/adapters/doomed").status_code))
+    assert deleted == [204]
     assert events[-1] == "data: [DONE]" and '"completion_tokens": 60' in events[-2]
     later = httpx.post(f"{url}/v1/answer", json={**ask, "stream": False}, timeout=60)
     assert later.status_code == 404
