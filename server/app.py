@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -24,6 +25,25 @@ from loraswap.server.settings import Settings
 from loraswap.server.worker import LoraswapAPI
 
 __all__ = ["Settings", "build_server", "serve"]
+
+
+def report_store(settings: Settings) -> None:
+    """Say at start-up what will be served, and which folders of the store cannot be (they are skipped)."""
+    from loraswap.adapters.base import resolve_base
+
+    ref = resolve_base(settings.base)
+    store = settings.store()
+    entries = store.entries()
+    ours = sorted(n for n, e in entries.items() if e.manifest.base_fingerprint == ref.fingerprint)
+    print(
+        f"loraswap: base {ref.base_id} ({ref.fingerprint}), {len(ours)} adapters: {', '.join(ours) or 'none'}",
+        file=sys.stderr,
+    )
+    others = sorted(set(entries) - set(ours))
+    if others:
+        print(f"loraswap: skipping adapters of other bases: {', '.join(others)}", file=sys.stderr)
+    for name, why in store.problems().items():
+        print(f"loraswap: skipping unusable adapter folder {name!r}: {why}", file=sys.stderr)
 
 
 def build_server(settings: Settings) -> ls.LitServer:
@@ -45,6 +65,7 @@ def serve(settings: Settings) -> None:
     still answer them; then LitServe shuts the workers down, and every process is gone.
     """
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    report_store(settings)
     server = build_server(settings)
     server.uvicorn_graceful_timeout = settings.drain_seconds  # uvicorn's own graceful-shutdown bound
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ class Event:
     """Adapters loaded in this engine."""
     load_ms: float | None = None
     """Set on a request's first event when its adapter had to be loaded for it."""
+    loaded_names: tuple[str, ...] | None = None
+    """On a request's last event: the adapters this engine has loaded."""
+    worker: int = 0
+    """Process id of the engine's worker."""
 
 
 @dataclass
@@ -101,6 +106,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
         self.lru = AdapterLRU(max_loaded, max_loaded_bytes)
+        self.names: dict[str, set[str]] = {}  # loaded key -> adapter names (same weights, several names)
+        self.pid = os.getpid()
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.device = next(model.parameters()).device
         self.waiting: list[GenRequest] = []
@@ -159,10 +166,12 @@ class Engine:
             self.peft.load_adapter(str(entry.path), adapter_name=key)
         load_ms = 1000 * (time.perf_counter() - start)
         self.lru.added(key, size)
+        self.names.setdefault(key, set()).add(name)
         for old in evict:  # only after the new one loaded: a failed load evicts nothing
             if self.virtual.pop(old, None) is None and self.prefixes.pop(old, None) is None:
                 self.peft.delete_adapter(old)
             self.lru.removed(old)
+            self.names.pop(old, None)
         return key, load_ms
 
     def _load_virtual_tokens(self, entry: StoreEntry) -> torch.Tensor:
@@ -373,6 +382,8 @@ class Engine:
                         waiting=len(self.waiting),
                         loaded=len(self.lru),
                         load_ms=row.load_ms,
+                        loaded_names=tuple(sorted(set().union(*self.names.values()))) if reason else None,
+                        worker=self.pid,
                     )
                 )
                 row.load_ms = None

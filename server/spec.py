@@ -61,6 +61,7 @@ class LoraswapSpec(LitSpec):
         self._tokenizer: Any = None
         self._ref: BaseRef | None = None
         self._metrics: Metrics | None = None
+        self._loaded: dict[int, set[str]] = {}  # worker pid -> adapter names it reported loaded
         self._router: tuple[tuple[str, int], Any] | None = None
         routes = [
             ("/v1/chat/completions", self.chat, "POST"),
@@ -255,6 +256,8 @@ class LoraswapSpec(LitSpec):
                 item = json.loads(data) if isinstance(data, str) else data
                 m = self.metrics
                 m.event(item)
+                if item.get("loaded_names") is not None:
+                    self._loaded[int(item["worker"])] = set(item["loaded_names"])
                 if first and (item.get("text") or item.get("finish_reason")):
                     m.ttft.labels(route, adapter).observe(time.perf_counter() - start)
                     first = False
@@ -424,7 +427,9 @@ class LoraswapSpec(LitSpec):
             self._auth(request)
         except APIError as e:
             return e.response()
-        return JSONResponse({"object": "list", "data": [entry.describe() for entry in self._entries().values()]})
+        loaded = set().union(*self._loaded.values())
+        data = [{**entry.describe(), "loaded": name in loaded} for name, entry in self._entries().items()]
+        return JSONResponse({"object": "list", "data": data})
 
     async def upload(self, request: Request) -> Response:
         from loraswap.adapters.archive import install_archive

@@ -227,7 +227,8 @@ def test_upload_use_delete(url: str, lively_base: Path, store: Path) -> None:
     assert r.status_code == 201
     changed = httpx.post(f"{url}/v1/answer", json=ask, timeout=60).json()["answer"]
     assert changed == reference(lively_base, store, "fresh", QUESTIONS[2], 6) != answer.json()["answer"]
-    assert "fresh" in [a["name"] for a in httpx.get(f"{url}/v1/adapters").json()["data"]]
+    listed = {a["name"]: a for a in httpx.get(f"{url}/v1/adapters").json()["data"]}
+    assert listed["fresh"]["loaded"] is True and listed["fresh"]["rank"] == 8
     assert httpx.delete(f"{url}/v1/adapters/fresh").status_code == 204
     assert httpx.post(f"{url}/v1/answer", json=ask, timeout=60).status_code == 404
     assert httpx.delete(f"{url}/v1/adapters/fresh").status_code == 404
@@ -383,3 +384,18 @@ def test_delete_lets_running_requests_finish(url: str, lively_base: Path) -> Non
     assert events[-1] == "data: [DONE]" and '"completion_tokens": 60' in events[-2]
     later = httpx.post(f"{url}/v1/answer", json={**ask, "stream": False}, timeout=60)
     assert later.status_code == 404
+
+
+def test_start_up_reports_and_skips_broken_adapter_folders(
+    lively_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loraswap.server.app import Settings, report_store
+
+    store = tmp_path / "store"
+    random_lora_adapter(lively_base, store, "good", seed=1)
+    (store / "broken").mkdir()
+    (store / "broken" / "adapter_config.json").write_text("{not json")
+    report_store(Settings(base=str(lively_base), adapters_dir=store))
+    err = capsys.readouterr().err
+    assert "1 adapters: good" in err
+    assert "skipping unusable adapter folder 'broken'" in err
