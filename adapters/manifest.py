@@ -143,21 +143,30 @@ def staging_dir(parent: Path, name: str) -> Path:
 
 
 def publish(staged: Path, final: Path, overwrite: bool) -> None:
-    """Move a complete staged folder to its final name.
+    """Move a complete staged folder to its final name; the staged folder is gone afterwards either way.
 
-    Without `overwrite` an existing adapter is an error. With it, the old folder is first renamed
-    aside, so the final name always holds either the old or the new complete adapter.
+    Without `overwrite` an existing adapter is an error, also when another process publishes the same
+    name at the same moment (renaming onto a non-empty folder fails): exactly one of them wins. With
+    `overwrite` the old folder is renamed aside first, so readers see the old or the new complete
+    adapter, or (between the two renames) none; never a mix.
     """
-    if final.exists() and not overwrite:
+    try:
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"adapter {final.name!r} already exists")
+        old = None
+        if final.exists():
+            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        try:
+            os.rename(staged, final)
+        except OSError as e:
+            if final.exists():  # another publisher won the race
+                raise FileExistsError(f"adapter {final.name!r} already exists") from e
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
         shutil.rmtree(staged, ignore_errors=True)
-        raise FileExistsError(f"adapter {final.name!r} already exists")
-    old = None
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-    os.rename(staged, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def dump_json(path: Path, data: Any) -> None:

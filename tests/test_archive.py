@@ -161,3 +161,22 @@ def test_base_mismatch_and_bad_names_are_refused(adapter: Path, tmp_path: Path) 
         with pytest.raises(AdapterError, match="invalid adapter name"):
             install_archive(tar_gz(adapter_files(adapter)), name, tmp_path, other)
     assert leftovers(tmp_path) == []
+
+
+def test_concurrent_uploads_of_one_name_have_exactly_one_winner(adapter: Path, ref: BaseRef, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = tar_gz(adapter_files(adapter))
+
+    def attempt(_: int) -> str:
+        try:
+            install_archive(data, "same", tmp_path, ref)
+            return "won"
+        except FileExistsError:
+            return "lost"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(attempt, range(8)))
+    assert results.count("won") == 1 and results.count("lost") == 7
+    assert leftovers(tmp_path) == ["same"]
+    assert AdapterStore(tmp_path, shipped_dir=None).names() == ["same"]
