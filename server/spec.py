@@ -116,6 +116,10 @@ class LoraswapSpec(LitSpec):
         return run
 
     async def metrics_route(self, request: Request) -> Response:
+        try:
+            self._auth(request)  # metrics name adapters: they need the inference key when one is set
+        except APIError as e:
+            return e.response()
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @property
@@ -143,9 +147,10 @@ class LoraswapSpec(LitSpec):
             return name
         close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        listed = sorted(entries)[:20] + (["..."] if len(entries) > 20 else [])
         raise APIError(
             404,
-            f"adapter {name!r} not found{hint} (available: base, {', '.join(sorted(entries))})",
+            f"adapter {name!r} not found{hint} (available: base, {', '.join(listed)}; GET /v1/models lists all)",
             "not_found_error",
             param=param,
             code="model_not_found",

@@ -262,6 +262,8 @@ def test_api_keys(lively_base: Path, store: Path) -> None:
         # The inference key does not open admin routes.
         r = httpx.delete(f"{url}/v1/adapters/symptoms", headers={"Authorization": "Bearer k-infer"})
         assert r.status_code == 401 and (store / "symptoms").is_dir()
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k-infer"}).status_code == 200
     finally:
         stop_server(proc)
 
