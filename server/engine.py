@@ -2,8 +2,11 @@
 
 Every `step()` admits waiting requests (their prompts are prefilled together), runs one decoding
 forward over all running requests, and retires the ones that finished, so a short answer never
-waits for a long one. Each row names its adapter through PEFT's `adapter_names`: which adapter a
-request uses is request data, never model-global state.
+waits for a long one. Which adapter a request uses is request data, never model-global state:
+- LoRA rows name their adapter through PEFT's per-row `adapter_names`;
+- prompt tuning and P-tuning rows get their virtual-token embeddings in front of the prompt's;
+- prefix-tuning rows get their per-layer keys and values in their part of the cache;
+so one batch mixes every method and the base.
 
 The KV cache is one batched `DynamicCache`, left-padded: rows joining are padded to the common
 length and concatenated, rows leaving are dropped, and columns that are padding in every row are
@@ -461,10 +464,10 @@ class Engine:
         if not self.cancelled:
             return []
         gone = [r for r in self.rows if r.req.uid in self.cancelled]
-        for r in gone:
-            self.cancelled.discard(r.req.uid)
         if gone:
             self._retire(gone)
+        # Cancels of waiting requests are applied when they are admitted; any other uid has finished already.
+        self.cancelled &= {r.uid for r in self.waiting}
         return [Event(r.req.uid, "", "cancelled", len(r.req.prompt_ids), len(r.generated)) for r in gone]
 
     def _fail_all(self, message: str) -> list[Event]:

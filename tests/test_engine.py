@@ -258,3 +258,13 @@ def test_prompt_learning_adapters_mix_with_lora_and_match_peft(lively_base: Path
     base_answer = tok.decode(solo_reference(lively_base, prompt_store, None, QUESTIONS[0], 8), skip_special_tokens=True)
     assert base_answer not in (text_of(events["r0"]), text_of(events["r4"]))
     assert text_of(events["r0"]) != text_of(events["r4"])
+
+
+def test_cancels_of_finished_requests_are_forgotten(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    engine.submit(GenRequest("a", prompt_ids(engine.tokenizer, QUESTIONS[0]), None, max_tokens=2))
+    run_all(engine)
+    engine.cancel("a")  # the client left after the answer was complete
+    engine.submit(GenRequest("b", prompt_ids(engine.tokenizer, QUESTIONS[1]), None, max_tokens=2))
+    assert run_all(engine)["b"][-1].finish_reason in ("stop", "length")
+    assert engine.cancelled == set()
