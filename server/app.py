@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import litserve as ls
 
@@ -46,8 +47,8 @@ def report_store(settings: Settings) -> None:
         print(f"loraswap: skipping unusable adapter folder {name!r}: {why}", file=sys.stderr)
 
 
-def build_server(settings: Settings) -> ls.LitServer:
-    api = LoraswapAPI(settings)
+def build_server(settings: Settings, cancels: Any = None) -> ls.LitServer:
+    api = LoraswapAPI(settings, cancels)
     return ls.LitServer(
         api,
         accelerator="auto",
@@ -66,7 +67,9 @@ def serve(settings: Settings) -> None:
     """
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     report_store(settings)
-    server = build_server(settings)
+    # Cancels cross from the API process to whichever worker runs the request through a shared dict.
+    manager = multiprocessing.Manager()
+    server = build_server(settings, manager.dict())
     server.uvicorn_graceful_timeout = settings.drain_seconds  # uvicorn's own graceful-shutdown bound
 
     def drain() -> None:
@@ -88,3 +91,4 @@ def serve(settings: Settings) -> None:
         generate_client_file=False,
         log_level="warning",
     )
+    manager.shutdown()

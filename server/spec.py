@@ -54,9 +54,10 @@ def _check_key(request: Request, key: SecretStr | None) -> bool:
 
 
 class LoraswapSpec(LitSpec):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cancels: Any = None) -> None:
         super().__init__()
         self.settings = settings
+        self.cancels = cancels  # shared dict (multiprocessing manager) of uids whose client went away
         self.api_path = "/v1/chat/completions"
         self._tokenizer: Any = None
         self._ref: BaseRef | None = None
@@ -276,7 +277,9 @@ class LoraswapSpec(LitSpec):
         finally:
             self.response_buffer.pop(uid, None)  # LitServe's own spec leaks this entry (litserve#452)
             if not finished:
-                self.request_queue.put((self.response_queue_id, uuid.uuid4(), time.monotonic(), {"cancel": str(uid)}))
+                # Whichever worker runs it sees this at its next step (the queue cannot address a worker).
+                if self.cancels is not None:
+                    self.cancels[str(uid)] = time.monotonic()
                 self.metrics.cancelled.inc()
 
     # -- routes --

@@ -1,13 +1,14 @@
 """The worker side: one base and one `Engine` per process, driven by LitServe's continuous-batching loop.
 
 Each loop step is one engine step over every running request. Requests arrive already validated by
-the API process (`spec.py`); a cancel message frees the row of a client that went away.
+the API process (`spec.py`); the shared `cancels` dict names requests whose client went away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 import litserve as ls
@@ -30,11 +31,15 @@ class EngineLoop(ContinuousBatchingLoop):
 
 
 class LoraswapAPI(ls.LitAPI):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cancels: Any = None) -> None:
         super().__init__(
-            max_batch_size=settings.max_batch_size, stream=True, spec=LoraswapSpec(settings), loop=EngineLoop()
+            max_batch_size=settings.max_batch_size,
+            stream=True,
+            spec=LoraswapSpec(settings, cancels),
+            loop=EngineLoop(),
         )
         self.settings = settings
+        self.cancels = cancels
 
     def setup(self, device: str) -> None:
         from loraswap.server.engine import Engine
@@ -55,10 +60,6 @@ class LoraswapAPI(ls.LitAPI):
     def add_request(self, uid: Any, request: dict[str, Any]) -> None:
         from loraswap.server.engine import GenRequest
 
-        if "cancel" in request:  # a client went away: free its row, answer the cancel message at once
-            self.engine.cancel(request["cancel"])
-            self.immediate.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
-            return
         key = str(uid)
         self.uids[key] = uid
         try:
@@ -76,7 +77,21 @@ class LoraswapAPI(ls.LitAPI):
     def has_capacity(self) -> bool:
         return True  # the engine queues what does not fit in its batch
 
+    def _apply_cancels(self) -> None:
+        """Cancel this worker's requests whose client went away; forget cancels older than a minute
+        (their request ran on another worker, or had finished)."""
+        if self.cancels is None or not self.cancels:
+            return
+        now = time.monotonic()
+        for uid, when in list(self.cancels.items()):
+            if uid in self.uids:
+                self.engine.cancel(uid)
+                self.cancels.pop(uid, None)
+            elif now - when > 60:
+                self.cancels.pop(uid, None)
+
     def step(self, prev_outputs: Any) -> list[Output]:
+        self._apply_cancels()
         outputs, self.immediate = self.immediate, []
         for event in self.engine.step():
             uid = self.uids[event.uid]

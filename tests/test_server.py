@@ -21,6 +21,7 @@ import pytest
 from conftest import peft_reference, qa_rows, random_lora_adapter
 
 from loraswap.adapters.base import load_tokenizer, resolve_base
+from loraswap.adapters.prompt import prompt_ids
 from loraswap.train.data import QA
 from loraswap.train.router import train_router
 
@@ -339,6 +340,26 @@ def test_two_workers_see_one_upload(lively_base: Path, tmp_path: Path) -> None:
             assert list(pool.map(ask, range(8))) == [want] * 8
     finally:
         stop_server(proc)
+
+
+def test_each_worker_takes_the_cancels_of_its_own_requests(lively_base: Path, store: Path) -> None:
+    """Cancels go through one dict shared by all workers: a worker applies those of its requests and
+    leaves the others to the worker that runs them (stale ones expire)."""
+    from loraswap.server.app import Settings
+    from loraswap.server.worker import LoraswapAPI
+
+    cancels: dict[str, float] = {}
+    api = LoraswapAPI(Settings(base=str(lively_base), quant="none", adapters_dir=store), cancels)
+    api.setup("cpu")
+    tok = api.engine.tokenizer
+    for uid in ("mine", "mine-too"):
+        api.add_request(uid, {"prompt_ids": prompt_ids(tok, QUESTIONS[0]), "adapter": None, "max_tokens": 50})
+    api.step(None)
+    cancels.update({"mine": time.monotonic(), "elsewhere": time.monotonic(), "stale": time.monotonic() - 120})
+    outputs = api.step(None)
+    finished = {o.uid: o.output for o in outputs if isinstance(o.output, dict) and o.output.get("finish_reason")}
+    assert finished["mine"]["finish_reason"] == "cancelled" and "mine-too" not in finished
+    assert set(cancels) == {"elsewhere"}  # another worker's request; the stale one is forgotten
 
 
 def test_sigterm_lets_running_requests_finish_then_exits(lively_base: Path, store: Path) -> None:
