@@ -124,6 +124,9 @@ def train(
         bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory (for large bases).")
     ] = False,
     min_rows: Annotated[int, typer.Option("--min-rows", help="With --all-qtypes, skip qtypes with fewer rows.")] = 50,
+    save_steps: Annotated[
+        int, typer.Option("--save-steps", help="Checkpoint every N steps (an interrupted run resumes from it).")
+    ] = 20,
 ) -> None:
     """Train one adapter per qtype over the (4-bit) base; resumes from OUT/.work after an interrupt."""
     from loraswap.train.data import qtype_counts
@@ -154,6 +157,7 @@ def train(
         bucketing=not no_bucketing,
         gradient_checkpointing=gradient_checkpointing,
         eval_examples=eval_examples,
+        save_steps=save_steps,
     )
     qtypes = list(qtype or [])
     if all_qtypes:
