@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -415,7 +416,8 @@ def train_bench(
     from loraswap.train.speed import compare
 
     _quiet_libraries()
-    result = compare(base, data, qtype, steps, rounds, quant="none" if no_quant else "nf4")
+    with contextlib.redirect_stdout(sys.stderr):  # progress goes to stderr; stdout holds the result only
+        result = compare(base, data, qtype, steps, rounds, quant="none" if no_quant else "nf4")
     if as_json:
         print(json.dumps(result))
     else:

@@ -220,7 +220,7 @@ def run_trainer(
     """Train with the HF Trainer; returns (loss history, seconds, the collator with its token counts)."""
     import datasets
     from transformers import Trainer, TrainingArguments
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     ds = datasets.Dataset.from_list(
@@ -254,6 +254,8 @@ def run_trainer(
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_progress_callback())
+    else:  # no per-step log dicts on stdout either (commands with --json print one object there)
+        trainer.remove_callback(PrinterCallback)
     checkpoint = get_last_checkpoint(str(work_dir)) if resume and work_dir.is_dir() else None
     if checkpoint:
         print(f"resuming from {Path(checkpoint).name}", file=sys.stderr)
