@@ -67,6 +67,14 @@ class StoreEntry:
         }
 
 
+def _load_entry(folder: Path, source: Source) -> StoreEntry:
+    check_name(folder.name)
+    for f in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (folder / f).is_file():
+            raise AdapterError(f"adapter {folder.name!r} has no {f}")
+    return StoreEntry(folder.name, folder, source, read_manifest(folder))
+
+
 @dataclass
 class AdapterStore:
     user_dir: Path
@@ -76,44 +84,30 @@ class AdapterStore:
     def default(cls, user_dir: Path | None = None, include_shipped: bool = True) -> AdapterStore:
         return cls(user_dir or default_user_dir(), SHIPPED_DIR if include_shipped else None)
 
-    def _scan(self, root: Path | None, source: Source) -> dict[str, StoreEntry]:
-        """Complete adapters under `root`; hidden folders (staging, trash) and broken entries are skipped."""
+    def _scan(self) -> tuple[dict[str, StoreEntry], dict[str, str]]:
+        """(usable adapters, unusable folders with the reason). Hidden folders (staging, trash) are
+        not adapters; a user adapter shadows a shipped one of the same name."""
         found: dict[str, StoreEntry] = {}
-        if root is None or not root.is_dir():
-            return found
-        for folder in sorted(root.iterdir()):
-            if folder.name.startswith(".") or not folder.is_dir():
-                continue
-            if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-                continue
-            try:
-                check_name(folder.name)
-                found[folder.name] = StoreEntry(folder.name, folder, source, read_manifest(folder))
-            except AdapterError:
-                continue
-        return found
-
-    def problems(self) -> dict[str, str]:
-        """Folders that look like adapters but cannot be used, with the reason (for start-up reports)."""
-        out: dict[str, str] = {}
-        for root in (self.shipped_dir, self.user_dir):
+        problems: dict[str, str] = {}
+        roots: tuple[tuple[Path | None, Source], ...] = ((self.shipped_dir, "shipped"), (self.user_dir, "user"))
+        for root, source in roots:
             if root is None or not root.is_dir():
                 continue
             for folder in sorted(root.iterdir()):
                 if folder.name.startswith(".") or not folder.is_dir():
                     continue
                 try:
-                    check_name(folder.name)
-                    read_manifest(folder)
-                    for f in (CONFIG_FILE, WEIGHTS_FILE):
-                        if not (folder / f).is_file():
-                            raise AdapterError(f"adapter {folder.name!r} has no {f}")
+                    found[folder.name] = _load_entry(folder, source)
                 except AdapterError as e:
-                    out[folder.name] = str(e)
-        return out
+                    problems[folder.name] = str(e)
+        return found, problems
+
+    def problems(self) -> dict[str, str]:
+        """Folders that look like adapters but cannot be used, with the reason (for start-up reports)."""
+        return self._scan()[1]
 
     def entries(self) -> dict[str, StoreEntry]:
-        return {**self._scan(self.shipped_dir, "shipped"), **self._scan(self.user_dir, "user")}
+        return self._scan()[0]
 
     def router_path(self) -> Path | None:
         """The qtype router for `"adapter": "auto"`: the user directory's, else the shipped one."""
