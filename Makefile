@@ -3,9 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-SOURCES := $(shell find cli adapters train server -name '*.py' -o -name '*.json' -o -name '*.safetensors' 2>/dev/null | grep -v '/\.')
+SOURCES := $(shell find cli adapters train server bench -name '*.py' -o -name '*.json' -o -name '*.safetensors' 2>/dev/null | grep -v '/\.')
 
-.PHONY: install test lint typecheck unit serve clean
+.PHONY: install test lint typecheck unit serve bench clean
 
 # Where torch comes from: empty = pip's default (here: the CPU wheel on disk; on PyPI for Linux: a CUDA
 # build). The Dockerfile sets https://download.pytorch.org/whl/cpu for CPU images.
@@ -32,8 +32,8 @@ $(VENV)/.linked: $(STAMP) $(SOURCES)
 	touch $@
 
 lint: install
-	$(BIN)/ruff check cli adapters train server tests
-	$(BIN)/ruff format --check cli adapters train server tests
+	$(BIN)/ruff check cli adapters train server bench tests
+	$(BIN)/ruff format --check cli adapters train server bench tests
 
 typecheck: install
 	$(BIN)/mypy -p loraswap
@@ -46,6 +46,12 @@ test: lint typecheck unit
 # The server on the embedded base with the shipped adapters; LORASWAP_* variables change the defaults.
 serve: install
 	$(BIN)/loraswap serve
+
+# Load test and benchmarks against a server it starts on the embedded base (about 15 minutes on 2 CPU cores);
+# `make bench BENCH_ARGS=--quick` runs every scenario small, in under 3 minutes. Results go to bench-results/.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/loraswap bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

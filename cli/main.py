@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -423,6 +423,62 @@ def train_bench(
     else:
         for k, v in result.items():
             print(f"{k}: {v}")
+
+
+@app.command("bench")
+def bench(
+    url: Annotated[
+        str | None, typer.Option("--url", help="Measure this running server instead of starting one.")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Every scenario, small (under 3 minutes on 2 CPU cores).")
+    ] = False,
+    base: BaseOpt = "embedded",
+    no_quant: NoQuantOpt = False,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Batch of the server started here.")] = 8,
+    clients: Annotated[int | None, typer.Option("--clients", help="Closed-loop concurrent clients.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens generated per request.")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Interleaved rounds of every scenario.")] = None,
+    adapters: Annotated[int, typer.Option("--adapters", help="Synthetic adapters for the mixed scenarios.")] = 64,
+    no_reference: Annotated[
+        bool, typer.Option("--no-reference", help="Skip the llama.cpp reference even where it is installed.")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.md, results.json and the PNG charts.")] = Path(
+        "bench-results"
+    ),
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LORASWAP_API_KEY", help="Inference key.")] = None,
+    admin_key: Annotated[
+        str | None, typer.Option("--admin-key", envvar="LORASWAP_ADMIN_KEY", help="Admin key (uploads).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+) -> None:
+    """Load-test the server: throughput and latency with 1 to 64 adapters, baselines, cold loads, memory."""
+    from loraswap.bench.report import write
+    from loraswap.bench.runner import BenchConfig, run_bench, summary
+
+    _quiet_libraries()
+    given = {"clients": clients, "max_tokens": max_tokens, "rounds": rounds}
+    kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None} | {
+        "url": url,
+        "base": base,
+        "quant": "none" if no_quant else "nf4",
+        "max_batch_size": max_batch_size,
+        "adapters": adapters,
+        "reference": not no_reference,
+        "api_key": api_key,
+        "admin_key": admin_key,
+    }
+    if "clients" not in kw:
+        kw["clients"] = max_batch_size
+    if adapters < 1:
+        raise UsageError("--adapters must be at least 1")
+    cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
+    with contextlib.redirect_stdout(sys.stderr):
+        collected = run_bench(cfg)
+        result = summary(collected)
+        command = "loraswap bench" + (" --quick" if quick else "")
+        report = write(collected, result, out, command)
+    print(json.dumps(result) if as_json else report.read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

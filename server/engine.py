@@ -51,6 +51,7 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -363,7 +364,7 @@ class Engine:
         for row, row_logits in zip(rows, logits, strict=True):
             token = _sample(row_logits, row.req.temperature, row.req.top_p, row.generator)
             reason: FinishReason | None = None
-            if token in self.stop_ids:
+            if token in self.stop_ids and not row.req.ignore_eos:
                 reason = "stop"
             else:
                 row.generated.append(token)

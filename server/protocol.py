@@ -68,6 +68,8 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
+    ignore_eos: bool = False
+    """Keep generating past the end of the answer until max_tokens (vLLM's extension; for benchmarks)."""
 
 
 class ChatRequest(_Sampling):

@@ -143,9 +143,12 @@ class LoraswapSpec(LitSpec):
         """None for the base; the adapter's name if it exists for this base; else 404 with close names."""
         if name in BASE_NAMES or name == self.ref.base_id:
             return None
+        try:
+            if self.settings.store().get(name).manifest.base_fingerprint == self.ref.fingerprint:
+                return name  # the common case reads one folder, not the whole store
+        except AdapterNotFound:
+            pass
         entries = self._entries()
-        if name in entries:
-            return name
         close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         listed = sorted(entries)[:20] + (["..."] if len(entries) > 20 else [])
@@ -214,6 +217,7 @@ class LoraswapSpec(LitSpec):
         top_p: float,
         seed: int | None,
         stop: tuple[str, ...],
+        ignore_eos: bool = False,
     ) -> dict[str, Any]:
         limit = self.settings.max_tokens
         wanted = max_tokens or limit
@@ -240,6 +244,7 @@ class LoraswapSpec(LitSpec):
             "top_p": top_p,
             "seed": seed,
             "stop": stop,
+            "ignore_eos": ignore_eos,
         }
 
     async def _events(self, job: dict[str, Any], route: str) -> AsyncIterator[dict[str, Any]]:
@@ -295,7 +300,16 @@ class LoraswapSpec(LitSpec):
                 messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            job = self._job(prompt, adapter, body.limit(), body.temperature, body.top_p, body.seed, body.stop_list())
+            job = self._job(
+                prompt,
+                adapter,
+                body.limit(),
+                body.temperature,
+                body.top_p,
+                body.seed,
+                body.stop_list(),
+                body.ignore_eos,
+            )
         except APIError as e:
             return e.response()
         cid = new_id("chatcmpl")
@@ -366,6 +380,7 @@ class LoraswapSpec(LitSpec):
                 body.top_p,
                 None,
                 (),
+                body.ignore_eos,
             )
         except APIError as e:
             return e.response()

@@ -268,3 +268,14 @@ def test_cancels_of_finished_requests_are_forgotten(lively_base: Path, store: Ad
     engine.submit(GenRequest("b", prompt_ids(engine.tokenizer, QUESTIONS[1]), None, max_tokens=2))
     assert run_all(engine)["b"][-1].finish_reason in ("stop", "length")
     assert engine.cancelled == set()
+
+
+def test_ignore_eos_generates_max_tokens_past_the_end_of_the_answer(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    ids = prompt_ids(engine.tokenizer, QUESTIONS[0])
+    engine.stop_ids = set(range(len(engine.tokenizer)))  # every token ends an answer
+    engine.submit(GenRequest("plain", ids, "symptoms", max_tokens=6))
+    engine.submit(GenRequest("bench", ids, "symptoms", max_tokens=6, ignore_eos=True))
+    events = run_all(engine)
+    assert (events["plain"][-1].finish_reason, events["plain"][-1].completion_tokens) == ("stop", 0)
+    assert (events["bench"][-1].finish_reason, events["bench"][-1].completion_tokens) == ("length", 6)

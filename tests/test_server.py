@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
+import json
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -22,16 +21,11 @@ from conftest import peft_reference, qa_rows, random_lora_adapter
 
 from loraswap.adapters.base import load_tokenizer, resolve_base
 from loraswap.adapters.prompt import prompt_ids
+from loraswap.bench.launch import launch, stop
 from loraswap.train.data import QA
 from loraswap.train.router import train_router
 
 QUESTIONS = ["What are the symptoms of carditis ?", "What are the treatments for hepatitis ?", "What is osteitis ?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -46,52 +40,14 @@ def store(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def start_server(
     base: Path, store: Path, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "LORASWAP_ADAPTERS_DIR": str(store), **(extra_env or {})}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loraswap.main",
-            "serve",
-            "--base",
-            str(base),
-            "--no-quant",
-            "--port",
-            str(port),
-            "--max-batch-size",
-            "4",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError("server did not become healthy in 120 s")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    return launch(str(base), store, quant="none", max_batch_size=4, env=extra_env, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def url(lively_base: Path, store: Path) -> Iterator[str]:
     proc, url = start_server(lively_base, store)
     yield url
-    stop_server(proc)
+    stop(proc)
 
 
 def reference(base_path: Path, store: Path, adapter: str | None, question: str, n: int) -> str:
@@ -266,7 +222,7 @@ def test_api_keys(lively_base: Path, store: Path) -> None:
         assert httpx.get(f"{url}/metrics").status_code == 401
         assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer k-infer"}).status_code == 200
     finally:
-        stop_server(proc)
+        stop(proc)
 
 
 def test_metrics(url: str) -> None:
@@ -339,7 +295,7 @@ def test_two_workers_see_one_upload(lively_base: Path, tmp_path: Path) -> None:
         with ThreadPoolExecutor(8) as pool:
             assert list(pool.map(ask, range(8))) == [want] * 8
     finally:
-        stop_server(proc)
+        stop(proc)
 
 
 def test_each_worker_takes_the_cancels_of_its_own_requests(lively_base: Path, store: Path) -> None:
@@ -382,7 +338,7 @@ def test_sigterm_lets_running_requests_finish_then_exits(lively_base: Path, stor
         assert left == []
     finally:
         if proc.poll() is None:
-            stop_server(proc)
+            stop(proc)
 
 
 def test_auto_routes_to_the_adapter_of_the_question_type(url: str, lively_base: Path, store: Path) -> None:
@@ -422,3 +378,15 @@ def test_start_up_reports_and_skips_broken_adapter_folders(
     err = capsys.readouterr().err
     assert "1 adapters: good" in err
     assert "skipping unusable adapter folder 'broken'" in err
+
+
+def test_locustfile_runs_headless_against_the_server(url: str) -> None:
+    locustfile = Path(__file__).resolve().parents[1] / "bench" / "locustfile.py"
+    cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", url]
+    cmd += ["-u", "3", "-r", "3", "-t", "8s", "--max-tokens", "4", "--adapters", "symptoms,treatment,base"]
+    r = subprocess.run([*cmd, "--json", "--only-summary"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = {s["name"]: s for s in json.loads(r.stdout)}
+    for route in ("/v1/answer", "/v1/chat/completions"):
+        assert stats[route]["num_requests"] > 0 and stats[route]["num_failures"] == 0, stats[route]
+    assert sum(s["num_failures"] for s in stats.values()) == 0

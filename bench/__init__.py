@@ -1,0 +1,1 @@
+"""Load tests and benchmarks: `loraswap bench` drives a running (or self-started) server over HTTP."""

@@ -1,0 +1,67 @@
+"""Start `loraswap serve` as a child process on a free port, wait until it is healthy, stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(
+    base: str,
+    adapters_dir: Path,
+    quant: str = "nf4",
+    max_batch_size: int = 8,
+    env: dict[str, str] | None = None,
+    log: IO[bytes] | int | None = subprocess.DEVNULL,
+    timeout: float = 300,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The server on 127.0.0.1, in its own process group; returns (process, base URL) once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "loraswap.main", "serve", "--base", base, "--port", str(port)]
+    cmd += ["--max-batch-size", str(max_batch_size)] + (["--no-quant"] if quant == "none" else [])
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "LORASWAP_ADAPTERS_DIR": str(adapters_dir), **(env or {})},
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+        time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen[bytes], graceful: bool = False) -> None:
+    """Stop the server and every process it started (SIGTERM drains running requests first)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM if graceful and proc.poll() is None else signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):  # whatever of the group is left
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)

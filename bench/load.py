@@ -1,0 +1,239 @@
+"""HTTP load: real clients streaming answers from a running server, closed-loop and open-loop.
+
+Every request streams (`"stream": true`), so time to first token is what a client sees. Requests
+set `ignore_eos` so each one generates exactly `max_tokens` tokens: throughput then compares
+scenarios on the same amount of work, whatever the adapters' answers would have been.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+# Questions of the kinds MedQuAD holds; a fixed pool so every scenario sends the same prompts.
+_TOPICS = (
+    "asthma",
+    "glaucoma",
+    "psoriasis",
+    "anemia",
+    "migraine",
+    "gout",
+    "hepatitis B",
+    "Parkinson's disease",
+    "cystic fibrosis",
+    "Lyme disease",
+    "osteoporosis",
+    "celiac disease",
+)
+_FORMS = (
+    "What are the symptoms of {} ?",
+    "What are the treatments for {} ?",
+    "What causes {} ?",
+    "How to prevent {} ?",
+)
+QUESTIONS = tuple(form.format(topic) for topic in _TOPICS for form in _FORMS)
+
+
+@dataclass(frozen=True)
+class Job:
+    adapter: str
+    question: str
+    max_tokens: int
+    tag: str = ""
+    """Which part of a scenario this request belongs to (e.g. 'short' or 'long')."""
+
+
+@dataclass
+class Result:
+    job: Job
+    start: float
+    ttft: float | None = None
+    """Seconds from sending to the first streamed event."""
+    latency: float | None = None
+    """Seconds from sending to the last event."""
+    tokens: int = 0
+    error: str | None = None
+
+
+def jobs(
+    adapters: Sequence[str],
+    n: int,
+    max_tokens: int,
+    seed: int,
+    weights: Sequence[float] | None = None,
+    tag: str = "",
+) -> list[Job]:
+    """`n` requests over `adapters` (uniform, or by `weights`), questions drawn from the fixed pool."""
+    rng = random.Random(seed)
+    picks = rng.choices(list(adapters), weights=weights, k=n)
+    return [Job(a, rng.choice(QUESTIONS), max_tokens, tag) for a in picks]
+
+
+def zipf_weights(n: int, s: float = 1.1) -> list[float]:
+    """Popularity of the k-th most used of `n` adapters under Zipf's law with exponent `s`."""
+    return [1.0 / (k**s) for k in range(1, n + 1)]
+
+
+async def send(client: httpx.AsyncClient, job: Job) -> Result:
+    """One streamed /v1/answer request, timed."""
+    res = Result(job, time.perf_counter())
+    body = {
+        "adapter": job.adapter,
+        "question": job.question,
+        "max_tokens": job.max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    try:
+        async with client.stream("POST", "/v1/answer", json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                res.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                if res.ttft is None:
+                    res.ttft = time.perf_counter() - res.start
+                event = json.loads(data)
+                if "error" in event:
+                    res.error = str(event["error"].get("message", event["error"]))
+                    return res
+                if "usage" in event:
+                    res.tokens = int(event["usage"]["completion_tokens"])
+        res.latency = time.perf_counter() - res.start
+        if res.tokens == 0:
+            res.error = "stream ended without a result"
+    except httpx.HTTPError as e:
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+@dataclass
+class Run:
+    """The results of one load run and the wall time it took."""
+
+    results: list[Result]
+    wall: float
+
+
+def client_for(url: str, api_key: str | None = None, connections: int = 256) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600.0), limits=limits)
+
+
+async def closed_loop(url: str, work: Sequence[Job], clients: int, api_key: str | None = None) -> Run:
+    """`clients` concurrent clients, each sending its next request as soon as its last one finished,
+    until `work` is done."""
+    queue: Iterator[Job] = iter(work)
+    results: list[Result] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for job in queue:  # a shared iterator: each job is taken by exactly one client
+            results.append(await send(client, job))
+
+    async with client_for(url, api_key) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        return Run(results, time.perf_counter() - start)
+
+
+async def open_loop(url: str, work: Sequence[Job], rate: float, seed: int, api_key: str | None = None) -> Run:
+    """Requests arriving as a Poisson process of `rate` per second, whatever the server's pace (no
+    client waits for another): the load real traffic puts on a server."""
+    rng = random.Random(seed)
+    async with client_for(url, api_key) as client:
+        start = time.perf_counter()
+        tasks = []
+        due = start
+        for job in work:
+            due += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(send(client, job)))
+        results = list(await asyncio.gather(*tasks))
+        return Run(results, time.perf_counter() - start)
+
+
+async def with_background(
+    url: str,
+    work: Sequence[Job],
+    clients: int,
+    background: Callable[[int], Job],
+    background_clients: int,
+    api_key: str | None = None,
+) -> Run:
+    """`work` through `clients` closed-loop clients while `background_clients` more keep sending
+    `background(i)` jobs until `work` is done (then their requests in flight are dropped). The Run holds
+    both kinds of result (tell them apart by `Job.tag`); its wall time is the foreground's."""
+    results: list[Result] = []
+    done = asyncio.Event()
+    counter = iter(range(1 << 30))
+
+    async with client_for(url, api_key) as client:
+
+        async def fg(queue: Iterator[Job]) -> None:
+            for job in queue:
+                results.append(await send(client, job))
+
+        async def bg() -> None:
+            while not done.is_set():
+                results.append(await send(client, background(next(counter))))
+
+        bgs = [asyncio.create_task(bg()) for _ in range(background_clients)]
+        await asyncio.sleep(0.5)  # the long requests are running before the short ones start
+        start = time.perf_counter()
+        queue = iter(work)
+        await asyncio.gather(*(fg(queue) for _ in range(clients)))
+        wall = time.perf_counter() - start
+        done.set()
+        for task in bgs:
+            task.cancel()
+        await asyncio.gather(*bgs, return_exceptions=True)
+    return Run(results, wall)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summarize(runs: Sequence[Run], tag: str | None = None) -> dict[str, float | int | None]:
+    """Throughput over the runs' summed wall time, latency percentiles over all their requests (only
+    those tagged `tag`, if given)."""
+    results = [r for run in runs for r in run.results if tag is None or r.job.tag == tag]
+    ok = [r for r in results if r.error is None]
+    wall = sum(run.wall for run in runs)
+    lat = [1000 * r.latency for r in ok if r.latency is not None]
+    ttft = [1000 * r.ttft for r in ok if r.ttft is not None]
+
+    def ms(values: list[float], q: float) -> float | None:
+        p = percentile(values, q)
+        return None if p is None else round(p, 1)
+
+    return {
+        "req_s": round(len(ok) / wall, 3) if wall else None,
+        "tok_s": round(sum(r.tokens for r in ok) / wall, 2) if wall else None,
+        "p50_ms": ms(lat, 50),
+        "p95_ms": ms(lat, 95),
+        "p99_ms": ms(lat, 99),
+        "ttft_p50_ms": ms(ttft, 50),
+        "ttft_p95_ms": ms(ttft, 95),
+        "errors": len(results) - len(ok),
+        "requests": len(results),
+    }

@@ -1,0 +1,199 @@
+"""The bench's results as a Markdown report and PNG charts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loraswap.bench.runner import Collected, latencies
+
+COLUMNS = ("req_s", "tok_s", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "ttft_p95_ms", "errors", "requests")
+WHAT = {
+    "single": "one adapter for all traffic",
+    "mixed4": "4 adapters, uniform",
+    "mixed16": "16 adapters, uniform",
+    "mixed64": "64 adapters, uniform",
+    "skewed64": "64 adapters, Zipf (s=1.1)",
+    "base": "base model only",
+    "naive": "PEFT `set_adapter` + `generate`, one request at a time (16 adapters)",
+    "short_alone": "short requests alone",
+    "short_with_long": "the same short requests beside long ones",
+    "long_with_short": "the long requests of that mix",
+    "llamacpp": "llama.cpp on the base GGUF, single stream",
+}
+GOALS = {
+    "mixed16_vs_single": (">=", 0.90),
+    "mixed64_vs_single": (">=", 0.85),
+    "single_vs_naive": (">=", 8.0),
+    "short_p50_with_long_vs_alone": ("<=", 1.5),
+}
+
+
+def write(c: Collected, s: dict[str, Any], out: Path, command: str) -> Path:
+    """report.md, results.json and the charts into `out`; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(s, indent=2) + "\n")
+    charts = _charts(c, s, out)
+    (out / "report.md").write_text(markdown(s, command, charts))
+    return out / "report.md"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+
+
+def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
+    m = s["machine"]
+    cfg = s["config"]
+    lines = [
+        "# loraswap bench",
+        "",
+        f"`{command}` — {s['seconds']:.0f} s on {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB"
+        + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
+        + f"; torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}.",
+        "",
+        f"Base `{cfg['base']}` ({cfg['quant']}), server batch {cfg['max_batch_size']}, {cfg['clients']} closed-loop "
+        f"clients, {cfg['max_tokens']} generated tokens per request (`ignore_eos`), {cfg['rounds']} interleaved "
+        f"round(s) of {cfg['per_slice']} requests per scenario. Adapters: rank 8 on q_proj and v_proj, "
+        "random weights.",
+        "",
+        "## Ratios (same run, side by side)",
+        "",
+        "| ratio | measured | goal |",
+        "|---|---:|---|",
+    ]
+    for k, v in s["ratios"].items():
+        goal = GOALS.get(k)
+        mark = ""
+        if goal and v is not None:
+            ok = v >= goal[1] if goal[0] == ">=" else v <= goal[1]
+            mark = f"{goal[0]} {goal[1]} ({'met' if ok else 'not met'})"
+        lines.append(f"| {k} | {_fmt(v)} | {mark} |")
+    lines += ["", "## Scenarios", "", "| scenario | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, row in s["scenarios"].items():
+        label = f"{name} ({WHAT[name]})" if name in WHAT else name
+        if "offered_req_s" in row:
+            label = f"{name} (Poisson arrivals at {row['offered_req_s']} req/s, 16 adapters)"
+        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(k)) for k in COLUMNS) + " |")
+    cold, up = s["cold_load_ms"], s["upload_to_first_token_ms"]
+    lines += [
+        "",
+        "## Adapter cold load",
+        "",
+        f"- first request to a never-used adapter, extra time to first token over its second request: "
+        f"p50 {_fmt(cold['p50'])} ms, p95 {_fmt(cold['p95'])} ms ({cold['n']} adapters); time to first token cold "
+        f"{_fmt(s['cold_ttft_ms']['p50'])} ms vs warm {_fmt(s['cold_ttft_ms']['warm_p50'])} ms (p50)",
+        f"- upload (POST /v1/adapters) to first token: p50 {_fmt(up['p50'])} ms, p95 {_fmt(up['p95'])} ms "
+        f"({up['n']} uploads)",
+    ]
+    mem = s.get("memory") or {}
+    if mem:
+        rss = mem["worker_rss_mb"]
+        lines += [
+            "",
+            "## Memory (resident, the worker process)",
+            "",
+            "| adapters loaded | " + " | ".join(rss) + " |",
+            "|---" * (len(rss) + 1) + "|",
+            "| MiB | " + " | ".join(_fmt(v) for v in rss.values()) + " |",
+            "",
+            f"Per loaded adapter: {_fmt(mem.get('mb_per_loaded_adapter'))} MiB for a "
+            f"{_fmt(mem['adapter_file_mb'])} MiB adapter file ({_fmt(mem.get('per_adapter_vs_file'))}x). "
+            "0 = the base alone, after one request.",
+        ]
+    if charts:
+        lines += ["", "## Charts", ""] + [f"![{c}]({c})" for c in charts]
+    return "\n".join(lines) + "\n"
+
+
+def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    scen = s["scenarios"]
+
+    # Throughput against the number of adapters, with the baselines as lines.
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    points = [(n, scen[k]["tok_s"]) for n, k in ((1, "single"), (4, "mixed4"), (16, "mixed16"), (64, "mixed64"))]
+    points = [(n, v) for n, v in points if v]
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="loraswap, uniform traffic")
+    if scen.get("skewed64", {}).get("tok_s"):
+        ax.plot([64], [scen["skewed64"]["tok_s"]], "s", label="loraswap, Zipf traffic")
+    for key, style, label in (
+        ("base", ":", "base model only"),
+        ("naive", "--", "PEFT set_adapter, one at a time"),
+        ("llamacpp", "-.", "llama.cpp, single stream (base)"),
+    ):
+        if scen.get(key, {}).get("tok_s"):
+            ax.axhline(scen[key]["tok_s"], linestyle=style, color="grey", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distinct adapters in the traffic")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput as adapters grow")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close(fig)
+    made.append("throughput.png")
+
+    # Latency CDFs.
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, values in latencies(c):
+        if values:
+            xs = sorted(values)
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("request latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("Latency CDF (closed loop)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png", dpi=120)
+    plt.close(fig)
+    made.append("latency_cdf.png")
+
+    # Cold loads and uploads.
+    if c.cold or c.upload_to_first:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        series = [
+            ("cold load\n(extra TTFT)", [1000 * (a - b) for a, b in c.cold]),
+            ("TTFT warm", [1000 * b for _, b in c.cold]),
+            ("upload to\nfirst token", [1000 * u for u in c.upload_to_first]),
+        ]
+        series = [(label, v) for label, v in series if v]
+        ax.boxplot([v for _, v in series], vert=False, tick_labels=[label for label, _ in series])
+        for i, (_, v) in enumerate(series, 1):
+            ax.plot(v, [i] * len(v), "o", alpha=0.5, color="tab:blue")
+        ax.set_xlabel("ms")
+        ax.set_title("Adapter cold load")
+        fig.tight_layout()
+        fig.savefig(out / "cold_load.png", dpi=120)
+        plt.close(fig)
+        made.append("cold_load.png")
+
+    # Open loop: latency against offered load.
+    opens = [(row["offered_req_s"], row) for name, row in scen.items() if name.startswith("open")]
+    if opens:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        opens.sort(key=lambda x: x[0])
+        for key, label in (("p50_ms", "latency p50"), ("p95_ms", "latency p95"), ("ttft_p50_ms", "TTFT p50")):
+            ax.plot([o[0] for o in opens], [o[1][key] or 0 for o in opens], "o-", label=label)
+        ax.set_xlabel("offered load (requests/s, Poisson)")
+        ax.set_ylabel("ms")
+        ax.set_title("Open loop, 16 adapters")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "open_loop.png", dpi=120)
+        plt.close(fig)
+        made.append("open_loop.png")
+    return made

@@ -1,0 +1,441 @@
+"""`loraswap bench`: every scenario against one server, interleaved in rounds so they compare on a noisy machine.
+
+A run: synthesise adapters (random weights, real shapes) and upload them through the API; warm up
+(touching every adapter once, measuring the server's memory at 1, 16 and 64 loaded); then R rounds,
+each running a slice of every scenario in a rotated order; then open-loop load at fractions of the
+measured capacity; then the in-process baselines (PEFT's plain recipe, llama.cpp when installed).
+Throughput figures of a scenario are its summed slices; ratios are taken between scenarios of the
+same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loraswap.bench import load
+from loraswap.bench.load import Job, Result, Run
+
+THROUGHPUT = ("single", "mixed4", "mixed16", "mixed64", "skewed64", "base")
+
+
+@dataclass
+class BenchConfig:
+    url: str | None = None
+    """A running server to measure; None starts one (and stops it at the end)."""
+    base: str = "embedded"
+    quant: str = "nf4"
+    max_batch_size: int = 8
+    clients: int = 8
+    """Concurrent clients of the closed-loop scenarios."""
+    max_tokens: int = 64
+    rounds: int = 3
+    per_slice: int = 16
+    """Requests per scenario per round (closed loop)."""
+    adapters: int = 64
+    naive_per_round: int = 2
+    cold_per_round: int = 4
+    uploads_per_round: int = 2
+    short_tokens: int = 16
+    long_tokens: int = 256
+    shorts_per_round: int = 6
+    short_clients: int = 2
+    rates: tuple[float, ...] = (0.25, 0.5, 0.75)
+    """Open-loop arrival rates, as fractions of the measured single-adapter capacity."""
+    open_loop_requests: int = 16
+    reference: bool = True
+    """Run llama.cpp when llama-cpp-python is installed."""
+    api_key: str | None = None
+    admin_key: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **kw: Any) -> BenchConfig:
+        """Every scenario, small: under 3 minutes on 2 CPU cores."""
+        small = {
+            "max_tokens": 16,
+            "rounds": 1,
+            "per_slice": 8,
+            "naive_per_round": 2,
+            "cold_per_round": 3,
+            "uploads_per_round": 2,
+            "short_tokens": 8,
+            "long_tokens": 64,
+            "shorts_per_round": 4,
+            "rates": (0.5,),
+            "open_loop_requests": 6,
+        }
+        return cls(**{**small, **kw})
+
+
+@dataclass
+class Collected:
+    """Everything a run measured, raw; `summary()` turns it into the report's numbers."""
+
+    config: BenchConfig
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+    cold: list[tuple[float, float]] = field(default_factory=list)
+    """(cold TTFT, warm TTFT) in seconds, per adapter."""
+    upload_to_first: list[float] = field(default_factory=list)
+    memory: dict[str, float] = field(default_factory=dict)
+    adapter_mb: float = 0.0
+    open_loop: dict[float, Run] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def add(self, name: str, run: Run) -> None:
+        self.runs.setdefault(name, []).append(run)
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_bench(cfg: BenchConfig) -> Collected:
+    from loraswap.adapters.base import resolve_base
+    from loraswap.bench.launch import launch, stop
+    from loraswap.bench.synth import synth_lora
+
+    t0 = time.perf_counter()
+    out = Collected(cfg, machine=machine_info())
+    ref = resolve_base(cfg.base)
+    with tempfile.TemporaryDirectory(prefix="loraswap-bench-") as tmp:
+        work = Path(tmp)
+        names = [f"bench-{i:02d}" for i in range(cfg.adapters)]
+        cold = [f"bench-cold-{i:02d}" for i in range(cfg.cold_per_round * cfg.rounds)]
+        uploads = [f"bench-up-{i:02d}" for i in range(cfg.uploads_per_round * cfg.rounds)]
+        say(f"synthesising {len(names) + len(cold) + len(uploads)} rank-8 adapters for {ref.base_id}")
+        folders = {n: synth_lora(ref, work / "synth" / n, seed=i + 1) for i, n in enumerate(names + cold + uploads)}
+        out.adapter_mb = sum(f.stat().st_size for f in folders[names[0]].iterdir()) / 2**20
+        proc = None
+        url = cfg.url
+        log = open(work / "server.log", "wb")  # noqa: SIM115  # the server's output, for its lifetime
+        try:
+            if url is None:
+                say(f"starting the server on {cfg.base} ({cfg.quant}), batch {cfg.max_batch_size}")
+                env = {
+                    "LORASWAP_MAX_LOADED_ADAPTERS": str(len(folders) + 8),
+                    "LORASWAP_MAX_LOADED_BYTES": str(4 << 30),
+                    "LORASWAP_MAX_TOKENS": str(max(cfg.max_tokens, cfg.long_tokens)),
+                }
+                proc, url = launch(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log=log, timeout=600)
+            admin = httpx.Client(base_url=url, timeout=120, headers=_auth(cfg.admin_key))
+            say(f"uploading {len(names) + len(cold)} adapters through POST /v1/adapters")
+            for n in names + cold:
+                upload(admin, n, folders[n])
+            _warm_up(cfg, url, names, out, proc)
+            naive = _naive(cfg, {n: folders[n] for n in names[:16]})
+            for r in range(cfg.rounds):
+                say(f"round {r + 1}/{cfg.rounds}")
+                steps = _round(cfg, url, names, r, naive)
+                steps.append(("cold", partial(_cold, cfg, url, cold[r * cfg.cold_per_round :], out)))
+                fresh = uploads[r * cfg.uploads_per_round :]
+                steps.append(("upload", partial(_uploads, cfg, url, admin, fresh, folders, out)))
+                k = r % len(steps)
+                for name, step in steps[k:] + steps[:k]:  # rotated, so no scenario always runs first
+                    result = step()
+                    if isinstance(result, Run):
+                        out.add(name, result)
+                    elif isinstance(result, list):
+                        for sub, run in result:
+                            out.add(sub, run)
+            _open_loop(cfg, url, names, out)
+            if cfg.reference:
+                _llama_cpp(cfg, ref, out)
+            if cfg.url is not None:  # leave a server we did not start as we found it
+                for n in names + cold + uploads:
+                    admin.delete(f"/v1/adapters/{n}")
+        finally:
+            if proc is not None:
+                stop(proc, graceful=True)
+            log.close()
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def upload(client: httpx.Client, name: str, folder: Path) -> None:
+    from loraswap.bench.synth import archive
+
+    r = client.post(
+        "/v1/adapters",
+        data={"name": name, "overwrite": "true"},
+        files={"file": (f"{name}.tar.gz", archive(folder), "application/gzip")},
+    )
+    if r.status_code != 201:
+        raise RuntimeError(f"upload of {name} failed: HTTP {r.status_code} {r.text[:300]}")
+
+
+def _one(cfg: BenchConfig, url: str, adapter: str, max_tokens: int) -> Result:
+    async def go() -> Result:
+        async with load.client_for(url, cfg.api_key) as client:
+            return await load.send(client, Job(adapter, load.QUESTIONS[0], max_tokens))
+
+    res = asyncio.run(go())
+    if res.error:
+        raise RuntimeError(f"request to {adapter} failed: {res.error}")
+    return res
+
+
+def _warm_up(cfg: BenchConfig, url: str, names: list[str], out: Collected, proc: Any) -> None:
+    """One request to the base, then one to each adapter (`clients` at a time); the server's memory
+    with 0, 1, 16 and 64 adapters loaded (a server started here: its worker, the largest of its processes)."""
+    say(f"warm-up: loading {len(names)} adapters")
+    _one(cfg, url, "base", 2)
+    marks = sorted({1, min(16, len(names)), min(64, len(names)), len(names)})
+    done = 0
+    if proc is not None:
+        out.memory["0"] = worker_rss_mb(proc.pid)
+    for mark in marks:
+        work = [Job(n, load.QUESTIONS[0], 1) for n in names[done:mark]]
+        failed = [r.error for r in _closed(cfg, url, work).results if r.error]
+        if failed:
+            raise RuntimeError(f"warm-up requests failed: {failed[0]}")
+        done = mark
+        if proc is not None:
+            out.memory[str(mark)] = worker_rss_mb(proc.pid)
+
+
+def worker_rss_mb(pid: int) -> float:
+    """Resident memory of the largest process under `pid` (the inference worker), in MiB."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    sizes = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            sizes.append(p.memory_info().rss)
+    return round(max(sizes) / 2**20, 1)
+
+
+def _round(cfg: BenchConfig, url: str, names: list[str], r: int, naive: Any) -> list[tuple[str, Callable[[], Any]]]:
+    """This round's slice of every throughput scenario, as (name, run) steps."""
+    seed = cfg.seed * 1000 + r * 10
+    n, t = cfg.per_slice, cfg.max_tokens
+    traffic: dict[str, list[Job]] = {
+        "single": load.jobs(names[:1], n, t, seed),
+        "mixed4": load.jobs(names[:4], n, t, seed + 1),
+        "mixed16": load.jobs(names[:16], n, t, seed + 2),
+        "mixed64": load.jobs(names[:64], n, t, seed + 3),
+        "skewed64": load.jobs(names[:64], n, t, seed + 4, weights=load.zipf_weights(min(64, len(names)))),
+        "base": load.jobs(["base"], n, t, seed + 5),
+    }
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        (name, partial(_closed, cfg, url, work)) for name, work in traffic.items()
+    ]
+    if naive is not None:
+        steps.append(("naive", partial(_in_process, naive, load.jobs(names[:16], cfg.naive_per_round, t, seed + 6))))
+    steps.append(("short_long", partial(_short_long, cfg, url, names, seed + 7)))
+    return steps
+
+
+def _closed(cfg: BenchConfig, url: str, work: list[Job]) -> Run:
+    return asyncio.run(load.closed_loop(url, work, cfg.clients, cfg.api_key))
+
+
+def _in_process(engine: Any, work: list[Job]) -> Run:
+    return Run(*engine.run(work))
+
+
+def _naive(cfg: BenchConfig, adapters: dict[str, Path]) -> Any:
+    if cfg.naive_per_round <= 0:
+        return None
+    from loraswap.bench.naive import Naive
+
+    say(f"loading PEFT's plain recipe in this process ({len(adapters)} adapters, set_adapter per request)")
+    return Naive(cfg.base, cfg.quant, adapters)
+
+
+def _short_long(cfg: BenchConfig, url: str, names: list[str], seed: int) -> list[tuple[str, Run]]:
+    """Short requests alone, then the same short requests while long ones fill the rest of the batch."""
+    shorts = load.jobs(names[:16], cfg.shorts_per_round, cfg.short_tokens, seed, tag="short")
+    alone = asyncio.run(load.closed_loop(url, shorts, cfg.short_clients, cfg.api_key))
+    long_clients = max(1, cfg.max_batch_size - cfg.short_clients)
+    mixed = asyncio.run(
+        load.with_background(
+            url,
+            shorts,
+            cfg.short_clients,
+            partial(_long_job, names[16:32] or names, cfg.long_tokens, seed),
+            long_clients,
+            cfg.api_key,
+        )
+    )
+    return [("short_alone", alone), ("short_with_long", mixed)]
+
+
+def _long_job(names: list[str], max_tokens: int, seed: int, i: int) -> Job:
+    return load.jobs(names, 1, max_tokens, seed * 7919 + i, tag="long")[0]
+
+
+def _cold(cfg: BenchConfig, url: str, fresh: list[str], out: Collected) -> None:
+    """Each never-used adapter: time to first token of its first request, then of a second one."""
+    for n in fresh[: cfg.cold_per_round]:
+        first = _one(cfg, url, n, 1)
+        again = _one(cfg, url, n, 1)
+        assert first.ttft is not None and again.ttft is not None
+        out.cold.append((first.ttft, again.ttft))
+
+
+def _uploads(
+    cfg: BenchConfig, url: str, admin: httpx.Client, fresh: list[str], folders: dict[str, Path], out: Collected
+) -> None:
+    """Upload an adapter and ask it a question at once: upload start to first token."""
+    for n in fresh[: cfg.uploads_per_round]:
+        start = time.perf_counter()
+        upload(admin, n, folders[n])
+        res = _one(cfg, url, n, 1)
+        assert res.ttft is not None
+        out.upload_to_first.append(res.start + res.ttft - start)
+
+
+def _open_loop(cfg: BenchConfig, url: str, names: list[str], out: Collected) -> None:
+    single = load.summarize(out.runs.get("single", []))
+    capacity = single["req_s"]
+    if not capacity or not cfg.rates:
+        return
+    for i, frac in enumerate(cfg.rates):
+        rate = float(capacity) * frac
+        say(f"open loop: Poisson arrivals at {rate:.2f} req/s ({frac:.0%} of capacity), 16 adapters")
+        work = load.jobs(names[:16], cfg.open_loop_requests, cfg.max_tokens, cfg.seed * 1000 + 500 + i)
+        out.open_loop[frac] = asyncio.run(load.open_loop(url, work, rate, seed=cfg.seed + i, api_key=cfg.api_key))
+
+
+def _llama_cpp(cfg: BenchConfig, ref: Any, out: Collected) -> None:
+    from loraswap.bench.naive import LlamaCpp, llama_cpp_available
+
+    gguf = gguf_of(cfg.base)
+    if not llama_cpp_available() or gguf is None:
+        why = "llama-cpp-python is not installed" if gguf else "the base has no GGUF file"
+        say(f"skipping the llama.cpp reference: {why}")
+        return
+    from loraswap.adapters.base import load_tokenizer
+    from loraswap.adapters.prompt import render_prompt
+
+    tokenizer = load_tokenizer(ref)
+    say(f"llama.cpp reference on {gguf.name}, single stream")
+    engine = LlamaCpp(gguf, os.cpu_count() or 1, partial(render_prompt, tokenizer))
+    for r in range(cfg.rounds):
+        work = load.jobs(["base"], max(2, cfg.naive_per_round), cfg.max_tokens, cfg.seed * 1000 + 900 + r)
+        out.add("llamacpp", _in_process(engine, work))
+
+
+def gguf_of(base: str) -> Path | None:
+    from loraswap.adapters.base import embedded_gguf_path
+
+    if base == "embedded":
+        return embedded_gguf_path()
+    return Path(base) if base.endswith(".gguf") and Path(base).is_file() else None
+
+
+def machine_info() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "os": f"{platform.system()} {platform.release()}",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    with contextlib.suppress(Exception):
+        from importlib.metadata import version
+
+        info["loraswap"] = version("loraswap")
+    return info
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(1000 * v, 1)
+
+
+def summary(c: Collected) -> dict[str, Any]:
+    """The report's numbers: the JSON object `loraswap bench --json` prints."""
+    scen: dict[str, Any] = {name: load.summarize(runs) for name, runs in c.runs.items() if name != "short_with_long"}
+    if "short_with_long" in c.runs:
+        scen["short_with_long"] = load.summarize(c.runs["short_with_long"], tag="short")
+        longs = load.summarize(c.runs["short_with_long"], tag="long")
+        if longs["requests"]:  # long requests still running when the short ones were done are not counted
+            scen["long_with_short"] = longs
+    for frac, run in sorted(c.open_loop.items()):
+        scen[f"open{round(frac * 100)}"] = load.summarize([run]) | {
+            "offered_req_s": round(len(run.results) / run.wall, 3)
+        }
+
+    def ratio(a: str, b: str, key: str = "tok_s") -> float | None:
+        x, y = scen.get(a, {}).get(key), scen.get(b, {}).get(key)
+        return round(x / y, 3) if x and y else None
+
+    ratios = {
+        "mixed16_vs_single": ratio("mixed16", "single"),
+        "mixed64_vs_single": ratio("mixed64", "single"),
+        "single_vs_naive": ratio("single", "naive"),
+        "skewed64_vs_single": ratio("skewed64", "single"),
+        "mixed4_vs_single": ratio("mixed4", "single"),
+        "mixed16_vs_naive": ratio("mixed16", "naive"),
+        "single_vs_base": ratio("single", "base"),
+        "short_p50_with_long_vs_alone": ratio("short_with_long", "short_alone", "p50_ms"),
+        "single_vs_llamacpp": ratio("single", "llamacpp"),
+    }
+    cold = sorted(1000 * (a - b) for a, b in c.cold)
+    up = [1000 * u for u in c.upload_to_first]
+    memory: dict[str, Any] = {}
+    if c.memory:
+        memory = {"worker_rss_mb": c.memory, "adapter_file_mb": round(c.adapter_mb, 2)}
+        counts = sorted(int(k) for k in c.memory if k != "0")
+        if len(counts) >= 2 and counts[-1] > counts[0]:
+            lo, hi = counts[0], counts[-1]
+            per = (c.memory[str(hi)] - c.memory[str(lo)]) / (hi - lo)
+            memory["mb_per_loaded_adapter"] = round(per, 2)
+            memory["per_adapter_vs_file"] = round(per / c.adapter_mb, 2) if c.adapter_mb else None
+
+    def pct(v: list[float], q: float) -> float | None:
+        p = load.percentile(v, q)
+        return None if p is None else round(p, 1)
+
+    return {
+        "scenarios": scen,
+        "ratios": ratios,
+        "cold_load_ms": {"p50": pct(cold, 50), "p95": pct(cold, 95), "n": len(cold)},
+        "cold_ttft_ms": {
+            "p50": pct([1000 * a for a, _ in c.cold], 50),
+            "warm_p50": pct([1000 * b for _, b in c.cold], 50),
+        },
+        "upload_to_first_token_ms": {"p50": pct(up, 50), "p95": pct(up, 95), "n": len(up)},
+        "memory": memory,
+        "machine": c.machine,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c.config).items() if "key" not in k},
+        "seconds": round(c.seconds, 1),
+    }
+
+
+def latencies(c: Collected) -> Iterator[tuple[str, list[float]]]:
+    """(scenario, request latencies in ms) for the CDF chart."""
+    for name in (*THROUGHPUT, "naive"):
+        runs = c.runs.get(name, [])
+        yield name, [1000 * r.latency for run in runs for r in run.results if r.latency is not None and not r.error]

@@ -1,0 +1,107 @@
+"""`loraswap bench`: its pieces (synthetic adapters, statistics, traffic) and one whole quick run on the tiny base."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from loraswap.adapters.base import resolve_base
+from loraswap.adapters.validate import validate_adapter
+from loraswap.bench import load
+from loraswap.bench.load import Job, Result, Run
+
+
+def test_synthetic_adapters_validate_and_change_the_output(lively_base: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraswap.adapters.archive import install_archive
+    from loraswap.bench.synth import archive, synth_lora
+
+    ref = resolve_base(str(lively_base))
+    folder = synth_lora(ref, tmp_path / "synth" / "a", seed=1)
+    installed = install_archive(archive(folder), "a", tmp_path / "store", ref)  # the upload path validates it
+    assert validate_adapter(installed, ref) == []
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    base = AutoModelForCausalLM.from_pretrained(lively_base)
+    plain = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, str(installed))(ids).logits
+    assert not torch.allclose(plain, adapted, atol=1e-4)
+    other = synth_lora(ref, tmp_path / "synth" / "b", seed=2)
+    assert (other / "adapter_model.safetensors").read_bytes() != (folder / "adapter_model.safetensors").read_bytes()
+
+
+def test_percentiles_and_summary_count_only_what_succeeded() -> None:
+    assert load.percentile([], 50) is None
+    assert load.percentile([10.0], 99) == 10.0
+    assert load.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    job = Job("a", "q?", 4)
+    ok = [Result(job, 0.0, ttft=0.1 * i, latency=1.0 * i, tokens=4) for i in range(1, 5)]
+    bad = Result(job, 0.0, error="HTTP 500")
+    s = load.summarize([Run([*ok[:2], bad], 2.0), Run(ok[2:], 2.0)])
+    assert s["requests"] == 5 and s["errors"] == 1
+    assert s["req_s"] == 1.0 and s["tok_s"] == 4.0  # 4 answers of 4 tokens in 4 s
+    assert s["p50_ms"] == 2500.0 and s["ttft_p50_ms"] == 250.0
+
+
+def test_traffic_is_reproducible_and_zipf_is_skewed() -> None:
+    names = [f"a{i}" for i in range(64)]
+    uniform = load.jobs(names, 2000, 8, seed=3)
+    assert uniform == load.jobs(names, 2000, 8, seed=3)
+    assert len({j.adapter for j in uniform}) == 64
+    skewed = Counter(j.adapter for j in load.jobs(names, 2000, 8, seed=3, weights=load.zipf_weights(64)))
+    top, count = skewed.most_common(1)[0]
+    assert top == "a0" and count > 5 * (2000 / 64)
+
+
+@pytest.fixture(scope="module")
+def quick_run(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:  # type: ignore[type-arg]
+    """One `loraswap bench --quick` on the tiny base, through the CLI, with 4 synthetic adapters."""
+    from loraswap.main import main
+
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--quick", "--base", str(lively_base), "--no-quant", "--adapters", "4", "--no-reference"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main([*args, "--max-batch-size", "4", "--json", "--out", str(out)])
+    return json.loads(stdout.getvalue()), out
+
+
+def test_quick_bench_measures_every_scenario_without_errors(quick_run: tuple[dict, Path]) -> None:  # type: ignore[type-arg]
+    result, _ = quick_run
+    scen = result["scenarios"]
+    for name in ("single", "mixed4", "mixed16", "mixed64", "skewed64", "base", "naive", "short_alone", "open50"):
+        row = scen[name]
+        assert row["requests"] > 0 and row["errors"] == 0, (name, row)
+        assert row["tok_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert set(row) >= {"req_s", "tok_s", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "ttft_p95_ms"}
+    # ignore_eos: every request generated exactly its max_tokens, so throughput compares equal work.
+    assert scen["single"]["tok_s"] == pytest.approx(16 * scen["single"]["req_s"], rel=0.01)
+    assert scen["short_with_long"]["requests"] == scen["short_alone"]["requests"] == 4
+    assert scen["short_with_long"]["errors"] == 0
+    for key in ("mixed16_vs_single", "mixed64_vs_single", "single_vs_naive", "skewed64_vs_single"):
+        assert result["ratios"][key] > 0
+    assert result["cold_load_ms"]["n"] == 3 and result["upload_to_first_token_ms"]["n"] == 2
+    assert result["upload_to_first_token_ms"]["p50"] > 0
+    rss = result["memory"]["worker_rss_mb"]
+    assert set(rss) == {"0", "1", "4"} and all(v > 0 for v in rss.values())
+    assert result["machine"]["cores"] >= 1
+
+
+def test_quick_bench_writes_the_report_and_charts(quick_run: tuple[dict, Path]) -> None:  # type: ignore[type-arg]
+    from PIL import Image
+
+    result, out = quick_run
+    report = (out / "report.md").read_text()
+    assert "| mixed16_vs_single |" in report and "## Adapter cold load" in report
+    assert json.loads((out / "results.json").read_text()) == result
+    for chart in ("throughput.png", "latency_cdf.png", "cold_load.png", "open_loop.png"):
+        assert f"]({chart})" in report
+        with Image.open(out / chart) as img:
+            assert img.size[0] > 300
