@@ -25,7 +25,7 @@ def launch(
     base: str,
     adapters_dir: Path,
     quant: str = "nf4",
-    max_batch_size: int = 8,
+    max_batch_size: int = 16,
     env: dict[str, str] | None = None,
     log: IO[bytes] | int | None = subprocess.DEVNULL,
     timeout: float = 300,

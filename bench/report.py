@@ -27,6 +27,7 @@ GOALS = {
     "mixed64_vs_single": (">=", 0.85),
     "single_vs_naive": (">=", 8.0),
     "short_p50_with_long_vs_alone": ("<=", 1.5),
+    "single_vs_llamacpp": (">=", 2.0),
 }
 
 
@@ -57,10 +58,11 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
         + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
         + f"; torch {m['torch']} ({m['torch_threads']} threads), Python {m['python']}.",
         "",
-        f"Base `{cfg['base']}` ({cfg['quant']}), server batch {cfg['max_batch_size']}, {cfg['clients']} closed-loop "
+        f"Base `{cfg['base']}` ({cfg['quant']}), LoRA path `{cfg['lora_impl'] or 'batched'}`, server batch "
+        f"{cfg['max_batch_size']}, {cfg['clients']} closed-loop "
         f"clients, {cfg['max_tokens']} generated tokens per request (`ignore_eos`), {cfg['rounds']} interleaved "
-        f"round(s) of {cfg['per_slice']} requests per scenario. Adapters: rank 8 on q_proj and v_proj, "
-        "random weights.",
+        f"round(s) of {cfg['per_slice'] or 2 * cfg['clients']} requests per scenario. Adapters: rank 8 on q_proj "
+        "and v_proj, random weights.",
         "",
         "## Ratios (same run, side by side)",
         "",
@@ -80,11 +82,14 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
         if "offered_req_s" in row:
             label = f"{name} (Poisson arrivals at {row['offered_req_s']} req/s, 16 adapters)"
         lines.append(f"| {label} | " + " | ".join(_fmt(row.get(k)) for k in COLUMNS) + " |")
-    cold, up = s["cold_load_ms"], s["upload_to_first_token_ms"]
+    load, cold, up = s["cold_load_ms"], s["cold_extra_ttft_ms"], s["upload_to_first_token_ms"]
     lines += [
         "",
         "## Adapter cold load",
         "",
+        f"- unloaded adapter to ready, as the server times it (`loraswap_adapter_load_seconds`, every load of the "
+        f"run): p50 {_fmt(load['p50'])} ms, p95 {_fmt(load['p95'])} ms, mean {_fmt(load['mean'])} ms "
+        f"({load['n']} loads; quantiles interpolated within histogram buckets)",
         f"- first request to a never-used adapter, extra time to first token over its second request: "
         f"p50 {_fmt(cold['p50'])} ms, p95 {_fmt(cold['p95'])} ms ({cold['n']} adapters); time to first token cold "
         f"{_fmt(s['cold_ttft_ms']['p50'])} ms vs warm {_fmt(s['cold_ttft_ms']['warm_p50'])} ms (p50)",

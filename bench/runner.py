@@ -37,13 +37,15 @@ class BenchConfig:
     """A running server to measure; None starts one (and stops it at the end)."""
     base: str = "embedded"
     quant: str = "nf4"
-    max_batch_size: int = 8
-    clients: int = 8
+    max_batch_size: int = 16
+    lora_impl: str | None = None
+    """LoRA path of the server started here (None: the server's default)."""
+    clients: int = 16
     """Concurrent clients of the closed-loop scenarios."""
     max_tokens: int = 64
     rounds: int = 3
-    per_slice: int = 16
-    """Requests per scenario per round (closed loop)."""
+    per_slice: int | None = None
+    """Requests per scenario per round (closed loop); None: two per client."""
     adapters: int = 64
     naive_per_round: int = 2
     cold_per_round: int = 4
@@ -67,7 +69,7 @@ class BenchConfig:
         small = {
             "max_tokens": 16,
             "rounds": 1,
-            "per_slice": 8,
+            "per_slice": kw.get("clients", 8),
             "naive_per_round": 2,
             "cold_per_round": 3,
             "uploads_per_round": 2,
@@ -91,7 +93,11 @@ class Collected:
     upload_to_first: list[float] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)
     adapter_mb: float = 0.0
-    open_loop: dict[float, Run] = field(default_factory=dict)
+    open_loop: dict[float, tuple[float, Run]] = field(default_factory=dict)
+    """fraction of capacity -> (arrival rate, run)"""
+    load_histogram: list[tuple[float, float]] = field(default_factory=list)
+    """The server's adapter load-time histogram at the end: (upper bound in s, cumulative count)."""
+    load_sum: float = 0.0
     machine: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -130,6 +136,8 @@ def run_bench(cfg: BenchConfig) -> Collected:
                     "LORASWAP_MAX_LOADED_BYTES": str(4 << 30),
                     "LORASWAP_MAX_TOKENS": str(max(cfg.max_tokens, cfg.long_tokens)),
                 }
+                if cfg.lora_impl:
+                    env["LORASWAP_LORA_IMPL"] = cfg.lora_impl
                 proc, url = launch(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log=log, timeout=600)
             admin = httpx.Client(base_url=url, timeout=120, headers=_auth(cfg.admin_key))
             say(f"uploading {len(names) + len(cold)} adapters through POST /v1/adapters")
@@ -152,6 +160,7 @@ def run_bench(cfg: BenchConfig) -> Collected:
                         for sub, run in result:
                             out.add(sub, run)
             _open_loop(cfg, url, names, out)
+            _load_times(cfg, url, out)
             if cfg.reference:
                 _llama_cpp(cfg, ref, out)
             if cfg.url is not None:  # leave a server we did not start as we found it
@@ -196,7 +205,8 @@ def _warm_up(cfg: BenchConfig, url: str, names: list[str], out: Collected, proc:
     """One request to the base, then one to each adapter (`clients` at a time); the server's memory
     with 0, 1, 16 and 64 adapters loaded (a server started here: its worker, the largest of its processes)."""
     say(f"warm-up: loading {len(names)} adapters")
-    _one(cfg, url, "base", 2)
+    # A full batch on the base first, so memory for activations is at its high-water mark before measuring.
+    _closed(cfg, url, [Job("base", q, 2) for q in load.QUESTIONS[: cfg.clients]])
     marks = sorted({1, min(16, len(names)), min(64, len(names)), len(names)})
     done = 0
     if proc is not None:
@@ -226,7 +236,7 @@ def worker_rss_mb(pid: int) -> float:
 def _round(cfg: BenchConfig, url: str, names: list[str], r: int, naive: Any) -> list[tuple[str, Callable[[], Any]]]:
     """This round's slice of every throughput scenario, as (name, run) steps."""
     seed = cfg.seed * 1000 + r * 10
-    n, t = cfg.per_slice, cfg.max_tokens
+    n, t = cfg.per_slice or 2 * cfg.clients, cfg.max_tokens
     traffic: dict[str, list[Job]] = {
         "single": load.jobs(names[:1], n, t, seed),
         "mixed4": load.jobs(names[:4], n, t, seed + 1),
@@ -304,6 +314,36 @@ def _uploads(
         out.upload_to_first.append(res.start + res.ttft - start)
 
 
+def _load_times(cfg: BenchConfig, url: str, out: Collected) -> None:
+    """The server's own adapter load times (every load of the run: warm-up, cold, uploads), from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", headers=_auth(cfg.api_key), timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "loraswap_adapter_load_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    out.load_histogram.append((float(sample.labels["le"]), sample.value))
+                elif sample.name.endswith("_sum"):
+                    out.load_sum = sample.value
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Prometheus' histogram_quantile: the q-quantile (0-1), interpolated within its bucket."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = upper, count
+    return lower
+
+
 def _open_loop(cfg: BenchConfig, url: str, names: list[str], out: Collected) -> None:
     single = load.summarize(out.runs.get("single", []))
     capacity = single["req_s"]
@@ -313,7 +353,8 @@ def _open_loop(cfg: BenchConfig, url: str, names: list[str], out: Collected) -> 
         rate = float(capacity) * frac
         say(f"open loop: Poisson arrivals at {rate:.2f} req/s ({frac:.0%} of capacity), 16 adapters")
         work = load.jobs(names[:16], cfg.open_loop_requests, cfg.max_tokens, cfg.seed * 1000 + 500 + i)
-        out.open_loop[frac] = asyncio.run(load.open_loop(url, work, rate, seed=cfg.seed + i, api_key=cfg.api_key))
+        run = asyncio.run(load.open_loop(url, work, rate, seed=cfg.seed + i, api_key=cfg.api_key))
+        out.open_loop[frac] = (rate, run)
 
 
 def _llama_cpp(cfg: BenchConfig, ref: Any, out: Collected) -> None:
@@ -382,10 +423,8 @@ def summary(c: Collected) -> dict[str, Any]:
         longs = load.summarize(c.runs["short_with_long"], tag="long")
         if longs["requests"]:  # long requests still running when the short ones were done are not counted
             scen["long_with_short"] = longs
-    for frac, run in sorted(c.open_loop.items()):
-        scen[f"open{round(frac * 100)}"] = load.summarize([run]) | {
-            "offered_req_s": round(len(run.results) / run.wall, 3)
-        }
+    for frac, (rate, run) in sorted(c.open_loop.items()):
+        scen[f"open{round(frac * 100)}"] = load.summarize([run]) | {"offered_req_s": round(rate, 3)}
 
     def ratio(a: str, b: str, key: str = "tok_s") -> float | None:
         x, y = scen.get(a, {}).get(key), scen.get(b, {}).get(key)
@@ -421,7 +460,8 @@ def summary(c: Collected) -> dict[str, Any]:
     return {
         "scenarios": scen,
         "ratios": ratios,
-        "cold_load_ms": {"p50": pct(cold, 50), "p95": pct(cold, 95), "n": len(cold)},
+        "cold_load_ms": _server_loads(c),
+        "cold_extra_ttft_ms": {"p50": pct(cold, 50), "p95": pct(cold, 95), "n": len(cold)},
         "cold_ttft_ms": {
             "p50": pct([1000 * a for a, _ in c.cold], 50),
             "warm_p50": pct([1000 * b for _, b in c.cold], 50),
@@ -431,6 +471,20 @@ def summary(c: Collected) -> dict[str, Any]:
         "machine": c.machine,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c.config).items() if "key" not in k},
         "seconds": round(c.seconds, 1),
+    }
+
+
+def _server_loads(c: Collected) -> dict[str, Any]:
+    """Adapter load times as the server measured them (unloaded adapter to ready, in ms)."""
+    n = int(max((count for _, count in c.load_histogram), default=0))
+    if not n:
+        return {"p50": None, "p95": None, "mean": None, "n": 0}
+    p50, p95 = histogram_quantile(c.load_histogram, 0.5), histogram_quantile(c.load_histogram, 0.95)
+    return {
+        "p50": None if p50 is None else round(1000 * p50, 1),
+        "p95": None if p95 is None else round(1000 * p95, 1),
+        "mean": round(1000 * c.load_sum / n, 1),
+        "n": n,
     }
 
 

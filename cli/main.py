@@ -49,6 +49,16 @@ AdaptersDirOpt = Annotated[
 ]
 
 
+LoraImplOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-impl",
+        help="How the server computes LoRA rows: 'batched' (adapter slots, gathered matmuls) [default] or 'peft' "
+        "(PEFT's adapter_names path, the reference).",
+    ),
+]
+
+
 class UsageError(Exception):
     """An error the user can fix; printed as one line, exit status 2."""
 
@@ -361,9 +371,10 @@ def serve(
     base: Annotated[str | None, typer.Option("--base", help="Base model, as for train [default embedded].")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Worker processes, each with the base.")] = None,
     max_batch_size: Annotated[
-        int | None, typer.Option("--max-batch-size", help="Requests decoded together per worker [default 8].")
+        int | None, typer.Option("--max-batch-size", help="Requests decoded together per worker [default 16].")
     ] = None,
     no_quant: NoQuantOpt = False,
+    lora_impl: LoraImplOpt = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
     from loraswap.server.app import Settings
@@ -378,6 +389,7 @@ def serve(
         workers=workers,
         max_batch_size=max_batch_size,
         quant="none" if no_quant else None,
+        lora_impl=lora_impl,
     )
     run_server(settings)
 
@@ -435,7 +447,8 @@ def bench(
     ] = False,
     base: BaseOpt = "embedded",
     no_quant: NoQuantOpt = False,
-    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Batch of the server started here.")] = 8,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Batch of the server started here.")] = 16,
+    lora_impl: LoraImplOpt = None,
     clients: Annotated[int | None, typer.Option("--clients", help="Closed-loop concurrent clients.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens generated per request.")] = None,
     rounds: Annotated[int | None, typer.Option("--rounds", help="Interleaved rounds of every scenario.")] = None,
@@ -463,6 +476,7 @@ def bench(
         "base": base,
         "quant": "none" if no_quant else "nf4",
         "max_batch_size": max_batch_size,
+        "lora_impl": lora_impl,
         "adapters": adapters,
         "reference": not no_reference,
         "api_key": api_key,
@@ -476,7 +490,11 @@ def bench(
     with contextlib.redirect_stdout(sys.stderr):
         collected = run_bench(cfg)
         result = summary(collected)
-        command = "loraswap bench" + (" --quick" if quick else "")
+        flags: dict[str, Any] = {"--quick": quick, "--no-quant": no_quant, "--url": url, "--lora-impl": lora_impl}
+        flags |= {"--clients": clients, "--max-tokens": max_tokens, "--rounds": rounds}
+        flags |= {"--base": base if base != "embedded" else None, "--adapters": adapters if adapters != 64 else None}
+        flags["--max-batch-size"] = max_batch_size if max_batch_size != 16 else None
+        command = " ".join(["loraswap bench"] + [k if v is True else f"{k} {v}" for k, v in flags.items() if v])
         report = write(collected, result, out, command)
     print(json.dumps(result) if as_json else report.read_text())
 

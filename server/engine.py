@@ -3,7 +3,8 @@
 Every `step()` admits waiting requests (their prompts are prefilled together), runs one decoding
 forward over all running requests, and retires the ones that finished, so a short answer never
 waits for a long one. Which adapter a request uses is request data, never model-global state:
-- LoRA rows name their adapter through PEFT's per-row `adapter_names`;
+- LoRA rows name their adapter slot (`slots.py`: gathered batched matmuls), or, on the reference
+  path, PEFT's per-row `adapter_names`;
 - prompt tuning and P-tuning rows get their virtual-token embeddings in front of the prompt's;
 - prefix-tuning rows get their per-layer keys and values in their part of the cache;
 so one batch mixes every method and the base.
@@ -21,6 +22,7 @@ requests already running on the old weights finish on them.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import time
@@ -33,6 +35,8 @@ import torch
 from loraswap.adapters.prompt import stop_token_ids
 from loraswap.adapters.store import StoreEntry
 from loraswap.server.lru import AdapterLRU, CacheFull
+from loraswap.server.settings import LoraImpl
+from loraswap.server.slots import LoraSlots
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +104,29 @@ class Engine:
         max_loaded: int = 16,
         max_loaded_bytes: int = 1 << 30,
         max_context: int | None = None,
+        lora_impl: LoraImpl = "batched",
+        max_prefill_tokens: int = 1024,
     ) -> None:
         """`model` is the base (a transformers causal LM); `resolve` maps an adapter name to its store entry
-        (raising AdapterNotFound for unknown names)."""
+        (raising AdapterNotFound for unknown names). `lora_impl` picks how LoRA rows are computed:
+        "batched" (slots and gathered matmuls, `slots.py`) or "peft" (PEFT's `adapter_names`, the reference).
+        `max_prefill_tokens` bounds the prompt tokens admitted in one step (one request is always admitted)."""
         self.base_model = model
-        self.peft: Any = None  # the PeftModel, created with the first adapter
+        self.peft: Any = None  # the PeftModel, created with the first adapter (lora_impl "peft")
+        # Loads happen before evictions, so one slot more than the LRU holds.
+        self.slots = LoraSlots(model, max_loaded + 1) if lora_impl == "batched" else None
         self.tokenizer = tokenizer
         self.resolve = resolve
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 2048))
         self.lru = AdapterLRU(max_loaded, max_loaded_bytes)
         self.names: dict[str, set[str]] = {}  # loaded key -> adapter names (same weights, several names)
         self.pid = os.getpid()
+        # Only the last position's logits are sampled: computing the vocabulary projection for every prompt
+        # token would make the LM head most of a prefill's cost.
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.last_logits_only: dict[str, int] = {"logits_to_keep": 1} if takes else {}
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.device = next(model.parameters()).device
         self.waiting: list[GenRequest] = []
@@ -161,6 +176,8 @@ class Engine:
             self.virtual[key] = self._load_virtual_tokens(entry)
         elif method == "prefix":
             self.prefixes[key] = self._load_prefix(entry)
+        elif self.slots is not None:
+            self.slots.load(key, entry.path)
         elif self.peft is None:
             from peft import PeftModel
 
@@ -173,7 +190,10 @@ class Engine:
         self.names.setdefault(key, set()).add(name)
         for old in evict:  # only after the new one loaded: a failed load evicts nothing
             if self.virtual.pop(old, None) is None and self.prefixes.pop(old, None) is None:
-                self.peft.delete_adapter(old)
+                if self.slots is not None:
+                    self.slots.unload(old)
+                else:
+                    self.peft.delete_adapter(old)
             self.lru.removed(old)
             self.names.pop(old, None)
         return key, load_ms
@@ -208,6 +228,13 @@ class Engine:
 
     def _forward(self, **kwargs: Any) -> Any:
         names = kwargs.pop("adapter_names")
+        if self.slots is not None:
+            self.slots.use([None if n == BASE else n for n in names])
+            try:
+                with torch.inference_mode():
+                    return self.base_model(**kwargs, use_cache=True)
+            finally:
+                self.slots.clear()
         try:
             with torch.inference_mode():
                 if self.peft is None:
@@ -220,7 +247,10 @@ class Engine:
     def _admit(self) -> list[Event]:
         events: list[Event] = []
         new: list[_Row] = []
+        budget = self.max_prefill_tokens  # prompt tokens prefilled in one step: bounds the running rows' wait
         while self.waiting and len(self.rows) + len(new) < self.max_batch_size:
+            if new and len(self.waiting[0].prompt_ids) > budget:
+                break
             req = self.waiting.pop(0)
             if req.uid in self.cancelled:
                 self.cancelled.discard(req.uid)
@@ -241,6 +271,7 @@ class Engine:
                 gen = torch.Generator(device="cpu")
                 gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(req.uid.encode()[:8], "big"))
             new.append(_Row(req, key, gen, load_ms=load_ms))
+            budget -= len(req.prompt_ids)
         if not new:
             return events
         try:
@@ -329,6 +360,7 @@ class Engine:
             inputs["input_ids"] = ids.to(self.device)
         out = self._forward(
             **inputs,
+            **self.last_logits_only,
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             adapter_names=[self._lora_name(r) for r in new],

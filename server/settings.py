@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, SecretStr
 
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
+
+LoraImpl = Literal["batched", "peft"]
 
 
 class Settings(BaseModel):
@@ -21,7 +23,10 @@ class Settings(BaseModel):
     quant: Quant = "nf4"
     adapters_dir: Path | None = None
     workers: int = 1
-    max_batch_size: int = 8
+    max_batch_size: int = 16
+    max_prefill_tokens: int = 1024
+    """Prompt tokens prefilled together in one step (at least one request): bounds how long running
+    requests wait while new ones join."""
     max_tokens: int = 1024
     """Largest max_tokens a request may ask for."""
     max_loaded_adapters: int = 32
@@ -32,6 +37,8 @@ class Settings(BaseModel):
     max_rank: int = 64
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
+    lora_impl: LoraImpl = "batched"
+    """How LoRA rows are computed: "batched" (adapter slots, gathered matmuls) or "peft" (PEFT's reference path)."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
 

@@ -53,6 +53,8 @@ class LoraswapAPI(ls.LitAPI):
             max_batch_size=self.settings.max_batch_size,
             max_loaded=self.settings.max_loaded_adapters,
             max_loaded_bytes=self.settings.max_loaded_bytes,
+            lora_impl=self.settings.lora_impl,
+            max_prefill_tokens=self.settings.max_prefill_tokens,
         )
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []

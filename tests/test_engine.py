@@ -13,6 +13,7 @@ from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
 from loraswap.server.engine import Engine, Event, GenRequest
 from loraswap.server.lru import AdapterLRU, CacheFull
+from loraswap.server.settings import LoraImpl
 
 QUESTIONS = [
     "What are the symptoms of carditis ?",
@@ -30,9 +31,12 @@ def store(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Adapte
     return AdapterStore(out, shipped_dir=None)
 
 
-def make_engine(lively_base: Path, store: AdapterStore, **kw: int) -> Engine:
+IMPLS = pytest.mark.parametrize("impl", ["batched", "peft"])
+
+
+def make_engine(lively_base: Path, store: AdapterStore, impl: LoraImpl = "batched", **kw: int) -> Engine:
     base = load_base(str(lively_base), quant="none")
-    return Engine(base.model, base.tokenizer, store.get, **kw)
+    return Engine(base.model, base.tokenizer, store.get, lora_impl=impl, **kw)
 
 
 def run_all(engine: Engine, max_steps: int = 500) -> dict[str, list[Event]]:
@@ -54,8 +58,9 @@ def text_of(events: list[Event]) -> str:
     return "".join(e.text for e in events)
 
 
-def test_mixed_batch_matches_each_adapter_alone(lively_base: Path, store: AdapterStore) -> None:
-    engine = make_engine(lively_base, store)
+@IMPLS
+def test_mixed_batch_matches_each_adapter_alone(lively_base: Path, store: AdapterStore, impl: LoraImpl) -> None:
+    engine = make_engine(lively_base, store, impl)
     tok = engine.tokenizer
     plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2]), ("symptoms", QUESTIONS[3])]
     for i, (adapter, q) in enumerate(plan):
@@ -74,8 +79,9 @@ def test_mixed_batch_matches_each_adapter_alone(lively_base: Path, store: Adapte
     assert all(len(set(t)) > 5 for t in outputs.values())
 
 
-def test_requests_join_a_running_batch_and_still_match(lively_base: Path, store: AdapterStore) -> None:
-    engine = make_engine(lively_base, store)
+@IMPLS
+def test_requests_join_a_running_batch_and_still_match(lively_base: Path, store: AdapterStore, impl: LoraImpl) -> None:
+    engine = make_engine(lively_base, store, impl)
     tok = engine.tokenizer
     engine.submit(GenRequest("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=16))
     events: dict[str, list[Event]] = {}
@@ -135,8 +141,9 @@ def test_cancel_frees_the_row(lively_base: Path, store: AdapterStore) -> None:
     assert engine.lru.in_use(next(iter(engine.lru.names()))) == 0
 
 
-def test_lru_eviction_with_one_slot(lively_base: Path, store: AdapterStore) -> None:
-    engine = make_engine(lively_base, store, max_loaded=1)
+@IMPLS
+def test_lru_eviction_with_one_slot(lively_base: Path, store: AdapterStore, impl: LoraImpl) -> None:
+    engine = make_engine(lively_base, store, impl, max_loaded=1)
     tok = engine.tokenizer
     engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=4))
     engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=4))
@@ -145,7 +152,8 @@ def test_lru_eviction_with_one_slot(lively_base: Path, store: AdapterStore) -> N
     for uid, adapter, q in [("a", "symptoms", QUESTIONS[0]), ("b", "treatment", QUESTIONS[1])]:
         ref = solo_reference(lively_base, store, adapter, q, 4)
         assert text_of(events[uid]) == tok.decode(ref, skip_special_tokens=True)
-    assert len(engine.lru) == 1 and len(engine.peft.peft_config) == 1
+    assert len(engine.lru) == 1
+    assert len(engine.slots if engine.slots is not None else engine.peft.peft_config) == 1
 
 
 def test_stop_strings_cut_the_text(lively_base: Path, store: AdapterStore) -> None:
@@ -164,7 +172,7 @@ def test_stop_strings_cut_the_text(lively_base: Path, store: AdapterStore) -> No
 def test_a_failed_forward_fails_its_rows_and_the_engine_recovers(
     lively_base: Path, store: AdapterStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = make_engine(lively_base, store)
+    engine = make_engine(lively_base, store, "peft")
     tok = engine.tokenizer
     engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=6))
     engine.step()
@@ -192,6 +200,27 @@ def test_a_failed_forward_fails_its_rows_and_the_engine_recovers(
     after = run_all(engine)
     ref = solo_reference(lively_base, store, "treatment", QUESTIONS[1], 5)
     assert text_of(after["b"]) == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_a_failed_batched_forward_leaves_no_rows_set(
+    lively_base: Path, store: AdapterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=6))
+    engine.step()
+    head = engine.base_model.lm_head
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("simulated device error")
+
+    monkeypatch.setattr(head, "forward", boom)
+    assert run_all(engine)["a"][-1].finish_reason == "error"
+    assert engine.slots is not None and engine.slots.rows is None
+    monkeypatch.undo()
+    engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
+    ref = solo_reference(lively_base, store, "treatment", QUESTIONS[1], 5)
+    assert text_of(run_all(engine)["b"]) == tok.decode(ref, skip_special_tokens=True)
 
 
 def test_sampling_is_reproducible_with_a_seed(lively_base: Path, store: AdapterStore) -> None:
@@ -238,8 +267,11 @@ def prompt_store(lively_base: Path, qa_csv: Path, tmp_path_factory: pytest.TempP
     return AdapterStore(out, shipped_dir=None)
 
 
-def test_prompt_learning_adapters_mix_with_lora_and_match_peft(lively_base: Path, prompt_store: AdapterStore) -> None:
-    engine = make_engine(lively_base, prompt_store)
+@IMPLS
+def test_prompt_learning_adapters_mix_with_lora_and_match_peft(
+    lively_base: Path, prompt_store: AdapterStore, impl: LoraImpl
+) -> None:
+    engine = make_engine(lively_base, prompt_store, impl)
     tok = engine.tokenizer
     plan = [
         ("prompt", QUESTIONS[0]),
@@ -279,3 +311,17 @@ def test_ignore_eos_generates_max_tokens_past_the_end_of_the_answer(lively_base:
     events = run_all(engine)
     assert (events["plain"][-1].finish_reason, events["plain"][-1].completion_tokens) == ("stop", 0)
     assert (events["bench"][-1].finish_reason, events["bench"][-1].completion_tokens) == ("length", 6)
+
+
+def test_prefill_budget_admits_requests_over_several_steps(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store, max_prefill_tokens=1)
+    tok = engine.tokenizer
+    for i in range(3):
+        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, QUESTIONS[i]), "symptoms", max_tokens=8, ignore_eos=True))
+    running = []
+    for _ in range(3):
+        engine.step()
+        running.append(engine.running)
+    assert running == [1, 2, 3]  # each prompt is over the budget alone: one joins per step
+    events = run_all(engine)
+    assert all(events[f"r{i}"][-1].completion_tokens == 8 for i in range(3))

@@ -1,0 +1,263 @@
+"""Batched multi-LoRA: every loaded adapter in a slot of preallocated per-layer tensors, a mixed batch
+applied with gathered batched matmuls (the BGMV idea of Punica and S-LoRA, in plain torch ops).
+
+PEFT's mixed-batch path (`adapter_names`) loops over the distinct adapters of the batch in every
+adapted layer, and its `load_adapter` walks the whole model (its cost grows with the adapters
+already loaded). Here each adapted layer holds, for S slots,
+
+    A: [S, R, in]   B: [S, out, R]   scale: [S]
+
+where R is the largest rank loaded (smaller ranks are zero-padded, which changes no sum). A forward
+over rows that use slots `idx` adds `bmm(bmm(x, A[idx]^T), B[idx]^T) * scale[idx]`: the same number of
+operations whatever the mix of adapters. A batch of one adapter takes PEFT's own two matmuls. Slot 0
+is all zeros: rows on the base, or on a prompt-learning adapter, use it.
+
+Loading an adapter reads its safetensors file straight into a free slot (no module surgery); freeing
+one returns the slot, so memory stays flat however many adapters come and go. Slot tensors are
+allocated empty (pages are touched as slots are written), so resident memory grows by an adapter's
+weights as it loads. PEFT remains the format: the adapter folder is PEFT's, and the results equal
+PEFT's within float tolerance (tests compare them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraswap.adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# PEFT LoRA features this path does not compute; such adapters are refused with the reason.
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA bias",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
+    "modules_to_save": "modules_to_save",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "use_qalora": "QA-LoRA",
+}
+
+
+class SlotLinear(nn.Module):
+    """A linear layer of the base (dense or 4-bit) plus the LoRA deltas of every slot."""
+
+    def __init__(self, base_layer: nn.Module, slots: LoraSlots, capacity: int, rank: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.slots = slots
+        self.in_features = int(base_layer.in_features)  # type: ignore[arg-type]
+        self.out_features = int(base_layer.out_features)  # type: ignore[arg-type]
+        dev, dt = slots.device, slots.dtype
+        self.A = torch.empty(capacity, rank, self.in_features, device=dev, dtype=dt)
+        self.B = torch.empty(capacity, self.out_features, rank, device=dev, dtype=dt)
+        self.scale = torch.zeros(capacity, device=dev, dtype=dt)
+        self.A[0].zero_()
+        self.B[0].zero_()
+
+    def grow_rank(self, rank: int, used: list[int]) -> None:
+        """Pad every slot to `rank`; only the slots in use (and slot 0) are copied, so the others stay
+        untouched memory."""
+        old = self.A.shape[1]
+        if rank <= old:
+            return
+        a = torch.empty(self.A.shape[0], rank, self.in_features, device=self.A.device, dtype=self.A.dtype)
+        b = torch.empty(self.B.shape[0], self.out_features, rank, device=self.B.device, dtype=self.B.dtype)
+        for s in [0, *used]:
+            a[s, :old].copy_(self.A[s])
+            a[s, old:].zero_()
+            b[s, :, :old].copy_(self.B[s])
+            b[s, :, old:].zero_()
+        self.A, self.B = a, b
+
+    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
+        """Put one adapter's A [r, in] and B [out, r] in `slot` (None: this adapter leaves the layer alone)."""
+        if a is None or b is None:
+            self.A[slot].zero_()
+            self.B[slot].zero_()
+            self.scale[slot] = 0.0
+            return
+        r = a.shape[0]
+        self.A[slot, :r].copy_(a)
+        self.A[slot, r:].zero_()
+        self.B[slot, :, :r].copy_(b)
+        self.B[slot, :, r:].zero_()
+        self.scale[slot] = scale
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        slots = self.slots
+        if slots.rows is None:
+            return out
+        xd = x.to(self.A.dtype)
+        if slots.uniform is not None:  # one adapter for the whole batch: PEFT's two matmuls
+            s = slots.uniform
+            delta = nn.functional.linear(nn.functional.linear(xd, self.A[s]), self.B[s]) * self.scale[s]
+        else:
+            idx = slots.rows
+            shape = xd.shape
+            x3 = xd.reshape(shape[0], -1, shape[-1])  # [rows, tokens, in]
+            a = self.A.index_select(0, idx)  # [rows, R, in]
+            b = self.B.index_select(0, idx)  # [rows, out, R]
+            delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
+            delta = (delta * self.scale.index_select(0, idx).view(-1, 1, 1)).reshape(*shape[:-1], -1)
+        return out + delta.to(out.dtype)
+
+
+class LoraSlots:
+    """The slots of one model: which adapter is where, and the rows of the next forward."""
+
+    def __init__(self, model: nn.Module, capacity: int, device: Any = None, dtype: Any = None) -> None:
+        """`capacity` adapters can be loaded at once (slot 0, the zero adapter, comes on top)."""
+        self.model = model
+        self.device = device or next(model.parameters()).device
+        # float32, as PEFT computes LoRA (it upcasts half-precision adapter weights): the same results.
+        self.dtype = dtype or torch.float32
+        self.capacity = capacity + 1
+        self.rank = 0
+        self.layers: dict[str, SlotLinear] = {}
+        self.free = list(range(self.capacity - 1, 0, -1))
+        self.slot_of: dict[str, int] = {}
+        self.rows: torch.Tensor | None = None
+        """Slot of each row for the next forward; None when no row uses an adapter."""
+        self.uniform: int | None = None
+        """The slot, when every row uses the same one."""
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.slot_of
+
+    # ---- loading --------------------------------------------------------------------------------
+
+    def load(self, key: str, folder: Path) -> int:
+        """Read the PEFT LoRA adapter in `folder` into a free slot; returns the slot."""
+        if key in self.slot_of:
+            return self.slot_of[key]
+        if not self.free:
+            raise AdapterError(f"all {self.capacity - 1} adapter slots are in use")
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        _check_supported(config)
+        weights = _read_pairs(folder / WEIGHTS_FILE)
+        for module, (a, b) in weights.items():
+            base = self._base_linear(module)
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
+                raise AdapterError(
+                    f"LoRA weights of {module} have shapes {list(a.shape)} and {list(b.shape)}; the layer is "
+                    f"{base.in_features} -> {base.out_features}"
+                )
+        top = max(a.shape[0] for a, _ in weights.values())
+        if top > self.rank:  # before new layers are made, so that they are made at the new rank
+            self.rank = top
+            for layer in self.layers.values():
+                layer.grow_rank(top, list(self.slot_of.values()))
+        for module in weights:
+            self._layer(module)
+        slot = self.free.pop()
+        try:
+            with torch.no_grad():
+                for module, layer in self.layers.items():
+                    pair = weights.get(module)
+                    if pair is None:
+                        layer.write(slot, None, None, 0.0)
+                    else:
+                        a, b = pair
+                        layer.write(slot, a, b, _scaling(config, module, a.shape[0]))
+        except BaseException:
+            self.free.append(slot)
+            raise
+        self.slot_of[key] = slot
+        return slot
+
+    def unload(self, key: str) -> None:
+        slot = self.slot_of.pop(key, None)
+        if slot is not None:
+            self.free.append(slot)
+
+    def _layer(self, module: str) -> SlotLinear:
+        """The slot layer wrapping base module `module`, created (in place of the module) on first use."""
+        layer = self.layers.get(module)
+        if layer is not None:
+            return layer
+        layer = SlotLinear(self._base_linear(module), self, self.capacity, self.rank)
+        for slot in self.slot_of.values():  # adapters loaded before this layer existed leave it alone
+            layer.write(slot, None, None, 0.0)
+        parent, _, child = module.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
+        self.layers[module] = layer
+        return layer
+
+    def _base_linear(self, module: str) -> Any:
+        """The base's linear layer `module` (already wrapped or not)."""
+        layer = self.layers.get(module)
+        if layer is not None:
+            return layer
+        try:
+            base = self.model.get_submodule(module)
+        except AttributeError:
+            raise AdapterError(f"the base has no module {module!r}") from None
+        if not (hasattr(base, "in_features") and hasattr(base, "out_features")):
+            raise AdapterError(f"LoRA on {module} ({type(base).__name__}) is not served; only linear layers are")
+        return base
+
+    # ---- the rows of a forward ------------------------------------------------------------------
+
+    def use(self, keys: list[str | None]) -> None:
+        """Set the adapter of each row (None: no LoRA) for the next forward."""
+        slots = [0 if k is None else self.slot_of[k] for k in keys]
+        if not any(slots):
+            self.rows, self.uniform = None, None
+            return
+        self.uniform = slots[0] if all(s == slots[0] for s in slots) else None
+        self.rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    def clear(self) -> None:
+        self.rows, self.uniform = None, None
+
+
+def _check_supported(config: dict[str, Any]) -> None:
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    for field, what in _UNSUPPORTED.items():
+        if config.get(field):
+            raise AdapterError(f"this adapter uses {what}, which the batched LoRA path does not compute")
+
+
+def _read_pairs(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A [r, in], B [out, r])} from a PEFT LoRA safetensors file."""
+    from safetensors import safe_open
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        names = list(f.keys())
+        if any("lora_embedding_" in name for name in names):
+            raise AdapterError("LoRA on embedding layers is not served; only linear layers are")
+        for name in names:
+            m = _KEY.match(name)
+            if m is None:
+                raise AdapterError(f"unexpected tensor {name!r} in a LoRA adapter")
+            found.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(name)
+    pairs = {}
+    for module, ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"LoRA weights of {module} lack lora_{'A' if 'A' not in ab else 'B'}")
+        pairs[module] = (ab["A"], ab["B"])
+    if not pairs:
+        raise AdapterError("the adapter has no LoRA weights")
+    return pairs
+
+
+def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
+    """PEFT's scaling of `module`: lora_alpha (or its alpha_pattern entry) over r, or over sqrt(r) with rsLoRA."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get("alpha_pattern") or {}
+    alpha = float(pattern.get(get_pattern_key(list(pattern), module), config.get("lora_alpha", 8)))
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
