@@ -111,6 +111,15 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
             f"{_fmt(mem['adapter_file_mb'])} MiB adapter file ({_fmt(mem.get('per_adapter_vs_file'))}x). "
             "0 = the base alone, after one request.",
         ]
+    churn = s.get("churn") or {}
+    if churn:
+        lines += [
+            "",
+            f"**Churn** ({churn['cycles']:,} load/evict cycles through the LoRA slots, 8 slots, in the bench process): "
+            f"resident memory {_fmt(churn['rss_after_warmup_mb'])} MiB after the first 1% of cycles, "
+            f"{_fmt(churn['rss_end_mb'])} MiB at the end ({churn['rss_growth_mb']:+.1f} MiB); load p50 "
+            f"{_fmt(churn['load_ms_p50'])} ms, p95 {_fmt(churn['load_ms_p95'])} ms.",
+        ]
     if charts:
         lines += ["", "## Charts", ""] + [f"![{c}]({c})" for c in charts]
     return "\n".join(lines) + "\n"

@@ -57,6 +57,8 @@ class BenchConfig:
     rates: tuple[float, ...] = (0.25, 0.5, 0.75)
     """Open-loop arrival rates, as fractions of the measured single-adapter capacity."""
     open_loop_requests: int = 16
+    churn_cycles: int = 10_000
+    """Adapter load/evict cycles of the in-process churn test (0: skip)."""
     reference: bool = True
     """Run llama.cpp when llama-cpp-python is installed."""
     api_key: str | None = None
@@ -78,6 +80,7 @@ class BenchConfig:
             "shorts_per_round": 4,
             "rates": (0.5,),
             "open_loop_requests": 6,
+            "churn_cycles": 500,
         }
         return cls(**{**small, **kw})
 
@@ -98,6 +101,7 @@ class Collected:
     load_histogram: list[tuple[float, float]] = field(default_factory=list)
     """The server's adapter load-time histogram at the end: (upper bound in s, cumulative count)."""
     load_sum: float = 0.0
+    churn: dict[str, Any] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -163,6 +167,8 @@ def run_bench(cfg: BenchConfig) -> Collected:
             _load_times(cfg, url, out)
             if cfg.reference:
                 _llama_cpp(cfg, ref, out)
+            if cfg.churn_cycles:
+                _churn(cfg, [folders[n] for n in names[:16]], out)
             if cfg.url is not None:  # leave a server we did not start as we found it
                 for n in names + cold + uploads:
                     admin.delete(f"/v1/adapters/{n}")
@@ -312,6 +318,49 @@ def _uploads(
         res = _one(cfg, url, n, 1)
         assert res.ttft is not None
         out.upload_to_first.append(res.start + res.ttft - start)
+
+
+def _churn(cfg: BenchConfig, folders: list[Path], out: Collected) -> None:
+    """Load and evict adapters `churn_cycles` times through the batched LoRA slots (in this process, on a
+    fresh base): resident memory after the first 1% of cycles and at the end, and the load times."""
+    import gc
+
+    import psutil
+
+    from loraswap.adapters.base import load_base
+    from loraswap.server.slots import LoraSlots
+
+    say(f"churn: {cfg.churn_cycles} adapter load/evict cycles through the LoRA slots, in this process")
+    base = load_base(cfg.base, quant=cfg.quant)  # type: ignore[arg-type]
+    slots = LoraSlots(base.model, capacity=8)
+    me = psutil.Process()
+    times: list[float] = []
+    warm = max(1, cfg.churn_cycles // 100)
+    rss_warm = 0.0
+    for i in range(cfg.churn_cycles):
+        start = time.perf_counter()
+        slots.load(f"c{i}", folders[i % len(folders)])
+        times.append(1000 * (time.perf_counter() - start))
+        if len(slots) >= 8:
+            slots.unload(f"c{i - 7}")
+        if i + 1 == warm:
+            gc.collect()
+            rss_warm = me.memory_info().rss / 2**20
+    gc.collect()
+    rss_end = me.memory_info().rss / 2**20
+
+    def pct(q: float) -> float | None:
+        v = load.percentile(times, q)
+        return None if v is None else round(v, 2)
+
+    out.churn = {
+        "cycles": cfg.churn_cycles,
+        "rss_after_warmup_mb": round(rss_warm, 1),
+        "rss_end_mb": round(rss_end, 1),
+        "rss_growth_mb": round(rss_end - rss_warm, 1),
+        "load_ms_p50": pct(50),
+        "load_ms_p95": pct(95),
+    }
 
 
 def _load_times(cfg: BenchConfig, url: str, out: Collected) -> None:
@@ -468,6 +517,7 @@ def summary(c: Collected) -> dict[str, Any]:
         },
         "upload_to_first_token_ms": {"p50": pct(up, 50), "p95": pct(up, 95), "n": len(up)},
         "memory": memory,
+        "churn": c.churn,
         "machine": c.machine,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c.config).items() if "key" not in k},
         "seconds": round(c.seconds, 1),

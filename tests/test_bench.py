@@ -94,6 +94,7 @@ def test_quick_bench_measures_every_scenario_without_errors(quick_run: tuple[dic
     rss = result["memory"]["worker_rss_mb"]
     assert set(rss) == {"0", "1", "4"} and all(v > 0 for v in rss.values())
     assert result["machine"]["cores"] >= 1
+    assert result["churn"]["cycles"] == 500 and result["churn"]["load_ms_p50"] > 0
 
 
 def test_quick_bench_writes_the_report_and_charts(quick_run: tuple[dict, Path]) -> None:  # type: ignore[type-arg]
