@@ -142,7 +142,13 @@ def run_bench(cfg: BenchConfig) -> Collected:
                 }
                 if cfg.lora_impl:
                     env["LORASWAP_LORA_IMPL"] = cfg.lora_impl
-                proc, url = launch(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log=log, timeout=600)
+                try:
+                    proc, url = launch(
+                        cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log=log, timeout=600
+                    )
+                except RuntimeError as e:
+                    tail = (work / "server.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{e}; the server's last output:\n{tail}") from None
             admin = httpx.Client(base_url=url, timeout=120, headers=_auth(cfg.admin_key))
             say(f"uploading {len(names) + len(cold)} adapters through POST /v1/adapters")
             for n in names + cold:
@@ -169,12 +175,14 @@ def run_bench(cfg: BenchConfig) -> Collected:
                 _llama_cpp(cfg, ref, out)
             if cfg.churn_cycles:
                 _churn(cfg, [folders[n] for n in names[:16]], out)
-            if cfg.url is not None:  # leave a server we did not start as we found it
-                for n in names + cold + uploads:
-                    admin.delete(f"/v1/adapters/{n}")
         finally:
             if proc is not None:
                 stop(proc, graceful=True)
+            elif url is not None:  # leave a server we did not start as we found it
+                with httpx.Client(base_url=url, timeout=30, headers=_auth(cfg.admin_key)) as client:
+                    for n in names + cold + uploads:
+                        with contextlib.suppress(httpx.HTTPError):
+                            client.delete(f"/v1/adapters/{n}")
             log.close()
     out.seconds = time.perf_counter() - t0
     return out

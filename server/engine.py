@@ -36,7 +36,7 @@ from loraswap.adapters.prompt import stop_token_ids
 from loraswap.adapters.store import StoreEntry
 from loraswap.server.lru import AdapterLRU, CacheFull
 from loraswap.server.settings import LoraImpl
-from loraswap.server.slots import LoraSlots
+from loraswap.server.slots import LoraSlots, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +201,7 @@ class Engine:
     def _load_virtual_tokens(self, entry: StoreEntry) -> torch.Tensor:
         """Prompt tuning and P-tuning adapters are stored as their final virtual-token embeddings
         ([virtual tokens, hidden]); serving one means putting them in front of the prompt's embeddings."""
-        from safetensors.torch import load_file
-
-        table = load_file(str(entry.path / "adapter_model.safetensors"))["prompt_embeddings"]
+        table = load_tensors(entry.path / "adapter_model.safetensors")["prompt_embeddings"]
         embed = self.base_model.get_input_embeddings().weight
         if table.ndim != 2 or table.shape[1] != embed.shape[1]:
             raise ValueError(
@@ -289,10 +287,8 @@ class Engine:
         per key-value head)."""
         import json
 
-        from safetensors.torch import load_file
-
         config = json.loads((entry.path / "adapter_config.json").read_text())
-        table = load_file(str(entry.path / "adapter_model.safetensors"))["prompt_embeddings"]
+        table = load_tensors(entry.path / "adapter_model.safetensors")["prompt_embeddings"]
         n, layers, heads, dim = table.shape[0], config["num_layers"], config["num_attention_heads"], config["token_dim"]
         if table.shape[1] != layers * 2 * dim or config.get("num_transformer_submodules", 1) != 1:
             raise ValueError(f"adapter {entry.name!r}: prefix of shape {list(table.shape)} does not fit this base")

@@ -117,3 +117,23 @@ def test_histogram_quantile_interpolates_within_the_bucket() -> None:
     assert histogram_quantile(buckets, 0.5) == pytest.approx(0.01 + 0.01 * (5 - 2) / 4)
     assert histogram_quantile(buckets, 0.1) == pytest.approx(0.005)
     assert histogram_quantile([(float("inf"), 0.0)], 0.5) is None
+
+
+def test_bench_against_a_running_server_leaves_it_as_it_was(lively_base: Path, tmp_path: Path) -> None:
+    import httpx
+
+    from loraswap.bench.launch import launch, stop
+    from loraswap.bench.runner import BenchConfig, run_bench, summary
+
+    proc, url = launch(str(lively_base), tmp_path / "store", quant="none", max_batch_size=4, timeout=120)
+    try:
+        before = httpx.get(f"{url}/v1/models").json()["data"]
+        cfg = BenchConfig.quick(
+            url=url, base=str(lively_base), quant="none", adapters=2, clients=2, reference=False, churn_cycles=0
+        )
+        result = summary(run_bench(cfg))
+        assert all(row["errors"] == 0 for row in result["scenarios"].values())
+        assert result["memory"] == {}  # another process's server: not measured
+        assert httpx.get(f"{url}/v1/models").json()["data"] == before  # the bench's adapters are gone
+    finally:
+        stop(proc)
