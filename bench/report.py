@@ -150,6 +150,7 @@ def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
         if scen.get(key, {}).get("tok_s"):
             ax.axhline(scen[key]["tok_s"], linestyle=style, color="grey", label=label)
     ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 4, 16, 64], ["1", "4", "16", "64"])
     ax.set_xlabel("distinct adapters in the traffic")
     ax.set_ylabel("generated tokens/s")
     ax.set_ylim(bottom=0)

@@ -66,6 +66,10 @@ def serve(settings: Settings) -> None:
     still answer them; then LitServe shuts the workers down, and every process is gone.
     """
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Worker processes start after this and read it at start-up: glibc's per-thread malloc arenas keep
+    # what an adapter load's temporary buffers freed, so without a bound resident memory grew by 2.5x
+    # an adapter's weights per loaded adapter (1.0x with the bound; see BENCHMARKS.md).
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     report_store(settings)
     # Cancels cross from the API process to whichever worker runs the request through a shared dict.
     manager = multiprocessing.Manager()

@@ -1,0 +1,87 @@
+"""Time the engine's steps in this process, without HTTP: prefill and decoding step at a given batch.
+
+    python -m loraswap.bench.steps --batch 16 --adapters 16 [--impl batched|peft] [--tokens 32] [--profile]
+
+Synthetic rank-8 adapters (as `loraswap bench` makes them) fill a temporary store; `--profile`
+prints cProfile's top functions of the timed part. For finding where a step's time goes before
+changing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import logging
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", default="embedded")
+    ap.add_argument("--no-quant", action="store_true")
+    ap.add_argument("--impl", choices=["batched", "peft"], default="batched")
+    ap.add_argument("--batch", type=int, default=8, help="requests decoded together")
+    ap.add_argument("--adapters", type=int, default=8, help="distinct adapters over the batch (0: base only)")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+    from loraswap.adapters.archive import install_archive
+    from loraswap.adapters.base import load_base, resolve_base
+    from loraswap.adapters.prompt import prompt_ids
+    from loraswap.adapters.store import AdapterStore
+    from loraswap.bench.load import QUESTIONS
+    from loraswap.bench.synth import archive, synth_lora
+    from loraswap.server.engine import Engine, GenRequest
+
+    ref = resolve_base(args.base)
+    with tempfile.TemporaryDirectory() as tmp:
+        store_dir = Path(tmp) / "store"
+        for i in range(args.adapters):
+            folder = synth_lora(ref, Path(tmp) / "synth" / str(i), seed=i + 1)
+            install_archive(archive(folder), f"a{i:02d}", store_dir, ref)
+        base = load_base(ref, quant="none" if args.no_quant else "nf4")
+        engine = Engine(
+            base.model,
+            base.tokenizer,
+            AdapterStore(store_dir, shipped_dir=None).get,
+            max_batch_size=args.batch,
+            max_loaded=max(1, args.adapters),
+            lora_impl=args.impl,
+            max_prefill_tokens=1 << 20,  # the whole batch joins in one prefill
+        )
+
+        def run(tokens: int, tag: str) -> tuple[float, float]:
+            for i in range(args.batch):
+                adapter = f"a{i % args.adapters:02d}" if args.adapters else None
+                ids = prompt_ids(base.tokenizer, QUESTIONS[i % len(QUESTIONS)])
+                engine.submit(GenRequest(f"{tag}{i}", ids, adapter, max_tokens=tokens, ignore_eos=True))
+            start = time.perf_counter()
+            engine.step()
+            prefill = time.perf_counter() - start
+            start, steps = time.perf_counter(), 0
+            while engine.has_work():
+                engine.step()
+                steps += 1
+            return prefill, (time.perf_counter() - start) / max(steps, 1)
+
+        run(4, "warm")  # loads the adapters, warms the kernels
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler:
+            profiler.enable()
+        prefill, step = run(args.tokens, "r")
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    print(
+        f"impl {args.impl}, batch {args.batch}, {args.adapters} adapters: prefill {1000 * prefill:.0f} ms, "
+        f"decoding step {1000 * step:.1f} ms, {args.batch / step:.1f} tokens/s while decoding"
+    )
+
+
+if __name__ == "__main__":
+    main()
