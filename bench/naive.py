@@ -103,13 +103,13 @@ class LlamaCpp:
         start = time.perf_counter()
         for job in work:
             res = Result(job, time.perf_counter())
-            out = self.llm.create_completion(
+            out: Any = self.llm.create_completion(
                 self.render(job.question),
                 max_tokens=job.max_tokens,
                 temperature=0.0,
                 logit_bias={self.eos: -1e9},  # as ignore_eos: exactly max_tokens tokens
             )
-            res.tokens = int(out["usage"]["completion_tokens"])  # type: ignore[index]
+            res.tokens = int(out["usage"]["completion_tokens"])
             res.latency = time.perf_counter() - res.start
             results.append(res)
         return results, time.perf_counter() - start
