@@ -125,6 +125,15 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig: Any, out: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
 def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -156,10 +165,7 @@ def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylim(bottom=0)
     ax.set_title("Throughput as adapters grow")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=120)
-    plt.close(fig)
-    made.append("throughput.png")
+    made.append(_save(fig, out, "throughput.png"))
 
     # Latency CDFs.
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -172,10 +178,7 @@ def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("fraction of requests")
     ax.set_title("Latency CDF (closed loop)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdf.png", dpi=120)
-    plt.close(fig)
-    made.append("latency_cdf.png")
+    made.append(_save(fig, out, "latency_cdf.png"))
 
     # Cold loads and uploads.
     if c.cold or c.upload_to_first:
@@ -191,10 +194,7 @@ def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
             ax.plot(v, [i] * len(v), "o", alpha=0.5, color="tab:blue")
         ax.set_xlabel("ms")
         ax.set_title("Adapter cold load")
-        fig.tight_layout()
-        fig.savefig(out / "cold_load.png", dpi=120)
-        plt.close(fig)
-        made.append("cold_load.png")
+        made.append(_save(fig, out, "cold_load.png"))
 
     # Open loop: latency against offered load.
     opens = [(row["offered_req_s"], row) for name, row in scen.items() if name.startswith("open")]
@@ -207,8 +207,5 @@ def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel("ms")
         ax.set_title("Open loop, 16 adapters")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "open_loop.png", dpi=120)
-        plt.close(fig)
-        made.append("open_loop.png")
+        made.append(_save(fig, out, "open_loop.png"))
     return made
