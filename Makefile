@@ -47,7 +47,7 @@ test: lint typecheck unit
 serve: install
 	$(BIN)/loraswap serve
 
-# Load test and benchmarks against a server it starts on the embedded base (about 15 minutes on 2 CPU cores);
+# Load test and benchmarks against a server it starts on the embedded base (about 10 minutes on 2 CPU cores);
 # `make bench BENCH_ARGS=--quick` runs every scenario small, in under 3 minutes. Results go to bench-results/.
 BENCH_ARGS ?=
 bench: install
