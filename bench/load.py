@@ -202,15 +202,16 @@ async def with_background(
     return Run(results, wall)
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0-100) by linear interpolation; None for no values."""
+def percentile(values: Sequence[float], q: float, digits: int | None = None) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation, rounded to `digits` if given; None for no values."""
     if not values:
         return None
     s = sorted(values)
     pos = (len(s) - 1) * q / 100
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    p = s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    return p if digits is None else round(p, digits)
 
 
 def summarize(runs: Sequence[Run], tag: str | None = None) -> dict[str, float | int | None]:
@@ -222,18 +223,14 @@ def summarize(runs: Sequence[Run], tag: str | None = None) -> dict[str, float | 
     lat = [1000 * r.latency for r in ok if r.latency is not None]
     ttft = [1000 * r.ttft for r in ok if r.ttft is not None]
 
-    def ms(values: list[float], q: float) -> float | None:
-        p = percentile(values, q)
-        return None if p is None else round(p, 1)
-
     return {
         "req_s": round(len(ok) / wall, 3) if wall else None,
         "tok_s": round(sum(r.tokens for r in ok) / wall, 2) if wall else None,
-        "p50_ms": ms(lat, 50),
-        "p95_ms": ms(lat, 95),
-        "p99_ms": ms(lat, 99),
-        "ttft_p50_ms": ms(ttft, 50),
-        "ttft_p95_ms": ms(ttft, 95),
+        "p50_ms": percentile(lat, 50, 1),
+        "p95_ms": percentile(lat, 95, 1),
+        "p99_ms": percentile(lat, 99, 1),
+        "ttft_p50_ms": percentile(ttft, 50, 1),
+        "ttft_p95_ms": percentile(ttft, 95, 1),
         "errors": len(results) - len(ok),
         "requests": len(results),
     }

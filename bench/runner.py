@@ -357,17 +357,13 @@ def _churn(cfg: BenchConfig, folders: list[Path], out: Collected) -> None:
     gc.collect()
     rss_end = me.memory_info().rss / 2**20
 
-    def pct(q: float) -> float | None:
-        v = load.percentile(times, q)
-        return None if v is None else round(v, 2)
-
     out.churn = {
         "cycles": cfg.churn_cycles,
         "rss_after_warmup_mb": round(rss_warm, 1),
         "rss_end_mb": round(rss_end, 1),
         "rss_growth_mb": round(rss_end - rss_warm, 1),
-        "load_ms_p50": pct(50),
-        "load_ms_p95": pct(95),
+        "load_ms_p50": load.percentile(times, 50, 2),
+        "load_ms_p95": load.percentile(times, 95, 2),
     }
 
 
@@ -468,10 +464,6 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _ms(v: float | None) -> float | None:
-    return None if v is None else round(1000 * v, 1)
-
-
 def summary(c: Collected) -> dict[str, Any]:
     """The report's numbers: the JSON object `loraswap bench --json` prints."""
     scen: dict[str, Any] = {name: load.summarize(runs) for name, runs in c.runs.items() if name != "short_with_long"}
@@ -510,20 +502,24 @@ def summary(c: Collected) -> dict[str, Any]:
             memory["mb_per_loaded_adapter"] = round(per, 2)
             memory["per_adapter_vs_file"] = round(per / c.adapter_mb, 2) if c.adapter_mb else None
 
-    def pct(v: list[float], q: float) -> float | None:
-        p = load.percentile(v, q)
-        return None if p is None else round(p, 1)
-
     return {
         "scenarios": scen,
         "ratios": ratios,
         "cold_load_ms": _server_loads(c),
-        "cold_extra_ttft_ms": {"p50": pct(cold, 50), "p95": pct(cold, 95), "n": len(cold)},
-        "cold_ttft_ms": {
-            "p50": pct([1000 * a for a, _ in c.cold], 50),
-            "warm_p50": pct([1000 * b for _, b in c.cold], 50),
+        "cold_extra_ttft_ms": {
+            "p50": load.percentile(cold, 50, 1),
+            "p95": load.percentile(cold, 95, 1),
+            "n": len(cold),
         },
-        "upload_to_first_token_ms": {"p50": pct(up, 50), "p95": pct(up, 95), "n": len(up)},
+        "cold_ttft_ms": {
+            "p50": load.percentile([1000 * a for a, _ in c.cold], 50, 1),
+            "warm_p50": load.percentile([1000 * b for _, b in c.cold], 50, 1),
+        },
+        "upload_to_first_token_ms": {
+            "p50": load.percentile(up, 50, 1),
+            "p95": load.percentile(up, 95, 1),
+            "n": len(up),
+        },
         "memory": memory,
         "churn": c.churn,
         "machine": c.machine,
