@@ -1,6 +1,7 @@
 """Time the engine's steps in this process, without HTTP: prefill and decoding step at a given batch.
 
-    python -m loraswap.bench.steps --batch 16 --adapters 16 [--impl batched|peft] [--tokens 32] [--profile]
+    python -m loraswap.bench.steps --batch 16 --adapters 16 [--impl batched|peft] [--tokens 32]
+        [--no-prefix-cache] [--profile]
 
 Synthetic rank-8 adapters (as `loraswap bench` makes them) fill a temporary store; `--profile`
 prints cProfile's top functions of the timed part. For finding where a step's time goes before
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8, help="requests decoded together")
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters over the batch (0: base only)")
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
+    ap.add_argument("--no-prefix-cache", action="store_true", help="prefill whole prompts every time")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             max_loaded=max(1, args.adapters),
             lora_impl=args.impl,
             max_prefill_tokens=1 << 20,  # the whole batch joins in one prefill
+            prefix_cache_bytes=0 if args.no_prefix_cache else 64 << 20,
         )
 
         def run(tokens: int, tag: str) -> tuple[float, float]:
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 steps += 1
             return prefill, (time.perf_counter() - start) / max(steps, 1)
 
-        run(4, "warm")  # loads the adapters, warms the kernels
+        run(4, "warm")  # loads the adapters, warms the kernels (and the prefix cache: its system-turn blocks)
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()

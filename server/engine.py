@@ -35,6 +35,7 @@ import torch
 from loraswap.adapters.prompt import stop_token_ids
 from loraswap.adapters.store import StoreEntry
 from loraswap.server.lru import AdapterLRU, CacheFull
+from loraswap.server.prefix import KV, PrefixCache
 from loraswap.server.settings import LoraImpl
 from loraswap.server.slots import LoraSlots, load_tensors
 
@@ -76,6 +77,8 @@ class Event:
     """Adapters loaded in this engine."""
     load_ms: float | None = None
     """Set on a request's first event when its adapter had to be loaded for it."""
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache (reported as OpenAI's cached_tokens)."""
     loaded_names: tuple[str, ...] | None = None
     """On a request's last event: the adapters this engine has loaded."""
     worker: int = 0
@@ -92,6 +95,8 @@ class _Row:
     real_len: int = 0  # tokens of this row held in the cache
     next_token: int = -1
     load_ms: float | None = None
+    cached: int = 0  # leading prompt tokens taken from the prefix cache
+    announced: bool = False  # its first event (with load_ms) was sent
 
 
 class Engine:
@@ -106,11 +111,15 @@ class Engine:
         max_context: int | None = None,
         lora_impl: LoraImpl = "batched",
         max_prefill_tokens: int = 1024,
+        prefix_cache_bytes: int = 64 << 20,
+        prefix_block: int = 8,
     ) -> None:
         """`model` is the base (a transformers causal LM); `resolve` maps an adapter name to its store entry
         (raising AdapterNotFound for unknown names). `lora_impl` picks how LoRA rows are computed:
         "batched" (slots and gathered matmuls, `slots.py`) or "peft" (PEFT's `adapter_names`, the reference).
-        `max_prefill_tokens` bounds the prompt tokens admitted in one step (one request is always admitted)."""
+        `max_prefill_tokens` bounds the prompt tokens admitted in one step (one request is always admitted).
+        `prefix_cache_bytes` bounds the prompt blocks of `prefix_block` tokens kept for reuse (`prefix.py`;
+        0 turns prefix caching off)."""
         self.base_model = model
         self.peft: Any = None  # the PeftModel, created with the first adapter (lora_impl "peft")
         # Loads happen before evictions, so one slot more than the LRU holds.
@@ -135,7 +144,10 @@ class Engine:
         self.mask: torch.Tensor | None = None  # [rows, cache columns], 1 where the cache holds a real token
         self.cancelled: set[str] = set()
         self.virtual: dict[str, torch.Tensor] = {}  # loaded prompt/P-tuning adapters: key -> virtual tokens
-        self.prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefix tuning: per-layer K, V
+        self.prefixes: dict[str, KV] = {}  # loaded prefix-tuning adapters: key -> their keys and values
+        self.prompt_cache = PrefixCache(prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        if self.prompt_cache is not None and not _plain_cache(model):
+            self.prompt_cache = None  # sliding-window or recurrent layers: cached blocks would not be exact
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -196,6 +208,8 @@ class Engine:
                     self.peft.delete_adapter(old)
             self.lru.removed(old)
             self.names.pop(old, None)
+            if self.prompt_cache is not None:
+                self.prompt_cache.drop(old)
         return key, load_ms
 
     def _load_virtual_tokens(self, entry: StoreEntry) -> torch.Tensor:
@@ -281,10 +295,10 @@ class Engine:
                 events.append(Event(row.req.uid, "", "error", len(row.req.prompt_ids), 0, error=type(e).__name__))
         return events
 
-    def _load_prefix(self, entry: StoreEntry) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A prefix-tuning adapter as per-layer (key, value) tensors of [kv heads, virtual tokens, head dim],
-        laid out as PEFT's `get_prompt` lays them out (for grouped-query attention, PEFT trains one prefix
-        per key-value head)."""
+    def _load_prefix(self, entry: StoreEntry) -> KV:
+        """A prefix-tuning adapter as keys and values of [layers, kv heads, virtual tokens, head dim], laid
+        out as PEFT's `get_prompt` lays them out (for grouped-query attention, PEFT trains one prefix per
+        key-value head)."""
         import json
 
         config = json.loads((entry.path / "adapter_config.json").read_text())
@@ -295,53 +309,61 @@ class Engine:
         kv = table.view(n, layers * 2, heads, dim // heads).permute(1, 2, 0, 3)  # [layers*2, heads, n, head dim]
         ref = self.base_model.get_input_embeddings().weight
         kv = kv.to(device=ref.device, dtype=ref.dtype)
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
+        return kv[0::2], kv[1::2]
 
-    def _prefix_cache(self, new: list[_Row]) -> tuple[Any, torch.Tensor, list[int]] | None:
-        """A cache holding each row's prefix (right-aligned, zeros and mask 0 elsewhere), or None if no row has one."""
-        prefixes = [self.prefixes.get(r.key) for r in new]
-        if all(p is None for p in prefixes):
-            return None
+    def _past(self, pasts: list[KV | None]) -> tuple[Any, torch.Tensor, list[int]]:
+        """A cache holding each row's past keys and values (right-aligned, zeros and mask 0 elsewhere)."""
         from transformers import DynamicCache
 
-        sizes = [0 if p is None else p[0][0].shape[1] for p in prefixes]
+        sizes = [0 if p is None else p[0].shape[2] for p in pasts]
         width = max(sizes)
-        some = next(p for p in prefixes if p is not None)
+        some = next(p for p in pasts if p is not None)
+        layers, heads, _, dim = some[0].shape
+        keys = some[0].new_zeros(layers, len(pasts), heads, width, dim)
+        values = keys.clone()
+        for i, p in enumerate(pasts):
+            if p is not None:
+                keys[:, i, :, width - sizes[i] :] = p[0]
+                values[:, i, :, width - sizes[i] :] = p[1]
         cache = DynamicCache(config=self.base_model.config)
-        for layer in range(len(some)):
-            heads, _, dim = some[layer][0].shape
-            keys = some[layer][0].new_zeros(len(new), heads, width, dim)
-            values = keys.clone()
-            for i, p in enumerate(prefixes):
-                if p is not None:
-                    keys[i, :, width - sizes[i] :] = p[layer][0]
-                    values[i, :, width - sizes[i] :] = p[layer][1]
-            cache.update(keys, values, layer)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for layer in range(layers):
+            cache.update(keys[layer], values[layer], layer)
+        mask = torch.zeros((len(pasts), width), dtype=torch.long)
         for i, n in enumerate(sizes):
             mask[i, width - n :] = 1
         return cache, mask, sizes
 
     def _prefill(self, new: list[_Row]) -> list[Event]:
-        """All new prompts in one forward, left-padded. Rows of prompt-learning adapters get their virtual
-        tokens in front (through input embeddings) and no LoRA; the cache then holds them like prompt tokens."""
+        """All new prompts in one forward, left-padded. A row starts from past keys and values where it has
+        them: a prefix-tuning adapter's prefix, or the prompt's leading blocks from the prefix cache (then only
+        the rest of its prompt is computed). Rows of prompt and P-tuning adapters get their virtual tokens in
+        front (through input embeddings) and no LoRA; the cache then holds them like prompt tokens."""
         virtual = [self.virtual.get(r.key) for r in new]
-        lengths = [len(r.req.prompt_ids) + (0 if v is None else v.shape[0]) for r, v in zip(new, virtual, strict=True)]
+        pasts: list[KV | None] = [self.prefixes.get(r.key) for r in new]
+        cacheable = [
+            self.prompt_cache is not None and v is None and p is None for v, p in zip(virtual, pasts, strict=True)
+        ]
+        for i, r in enumerate(new):
+            if cacheable[i]:
+                assert self.prompt_cache is not None
+                r.cached, pasts[i] = self.prompt_cache.lookup(r.key, r.req.prompt_ids)
+        todo = [r.req.prompt_ids[r.cached :] for r in new]  # prompt tokens this forward computes
+        lengths = [len(t) + (0 if v is None else v.shape[0]) for t, v in zip(todo, virtual, strict=True)]
         width = max(lengths)
         ids = torch.full((len(new), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
         mask = torch.zeros((len(new), width), dtype=torch.long)
         for i, (r, n) in enumerate(zip(new, lengths, strict=True)):
-            ids[i, width - len(r.req.prompt_ids) :] = torch.tensor(r.req.prompt_ids)
+            ids[i, width - len(todo[i]) :] = torch.tensor(todo[i])
             mask[i, width - n :] = 1
             r.real_len = n
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         inputs: dict[str, Any] = {}
-        prefix = self._prefix_cache(new)
-        if prefix is not None:  # prefix tuning: the prompt attends to the prefix, positions continue after it
-            cache, prefix_mask, sizes = prefix
+        sizes = [0] * len(new)
+        if any(p is not None for p in pasts):  # the prompt attends to its past, positions continue after it
+            cache, past_mask, sizes = self._past(pasts)
             inputs["past_key_values"] = cache
             positions = positions + torch.tensor(sizes).unsqueeze(1)
-            mask = torch.cat([prefix_mask, mask], dim=1)
+            mask = torch.cat([past_mask, mask], dim=1)
             for r, n in zip(new, sizes, strict=True):
                 r.real_len += n
         if any(v is not None for v in virtual):
@@ -361,9 +383,28 @@ class Engine:
             position_ids=positions.to(self.device),
             adapter_names=[self._lora_name(r) for r in new],
         )
+        if self.prompt_cache is not None:
+            self._keep_blocks(new, cacheable, out.past_key_values, mask.shape[1])
         self._merge(out.past_key_values, mask)
         self.rows += new
         return self._sample_and_emit(new, out.logits[:, -1, :])
+
+    def _keep_blocks(self, new: list[_Row], cacheable: list[bool], cache: Any, columns: int) -> None:
+        """Hand the prefix cache the keys and values this prefill computed for the prompts' leading blocks.
+        Row i's prompt ends at the last cache column; its token t sits `len(prompt) - t` columns before the end."""
+        assert self.prompt_cache is not None
+        for i, r in enumerate(new):
+            if not cacheable[i]:
+                continue
+            n = len(r.req.prompt_ids)
+
+            def kv(t0: int, t1: int, i: int = i, n: int = n) -> KV:
+                c0, c1 = columns - (n - t0), columns - (n - t1)
+                keys = torch.stack([layer.keys[i, :, c0:c1] for layer in cache.layers])
+                values = torch.stack([layer.values[i, :, c0:c1] for layer in cache.layers])
+                return keys, values
+
+            self.prompt_cache.store(r.key, r.req.prompt_ids, r.cached, kv)
 
     def _lora_name(self, row: _Row) -> str:
         return BASE if row.key in self.virtual or row.key in self.prefixes else row.key
@@ -413,12 +454,13 @@ class Engine:
                         batch=len(logits),
                         waiting=len(self.waiting),
                         loaded=len(self.lru),
-                        load_ms=row.load_ms,
+                        load_ms=None if row.announced else row.load_ms,
+                        cached_tokens=row.cached,
                         loaded_names=tuple(sorted(set().union(*self.names.values()))) if reason else None,
                         worker=self.pid,
                     )
                 )
-                row.load_ms = None
+                row.announced = True
             if reason:
                 finished.append(row)
         if finished:
@@ -507,6 +549,19 @@ class Engine:
             self._release(r)
         self.rows, self.cache, self.mask = [], None, None
         return events
+
+
+def _plain_cache(model: Any) -> bool:
+    """Whether every layer of the model's cache keeps every token's keys and values (no sliding window, no
+    recurrent state): only then are cached prompt blocks the same as recomputed ones."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

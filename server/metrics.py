@@ -44,6 +44,12 @@ class Metrics:
         )
         self.cancelled = Counter("loraswap_cancelled", "Requests dropped because the client went away.", registry=r)
         self.tokens = Counter("loraswap_generated_tokens", "Generated tokens.", ["adapter"], registry=r)
+        self.prompt_tokens = Counter("loraswap_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.cached_tokens = Counter(
+            "loraswap_prompt_cached_tokens",
+            "Prompt tokens of finished requests whose keys and values came from the prefix cache.",
+            registry=r,
+        )
         self.batch = Histogram(
             "loraswap_batch_size",
             "Rows in the decoding step of each event.",

@@ -117,11 +117,14 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(ev: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage object from a request's last event; cached_tokens: prompt tokens served by the prefix cache."""
+    prompt, completion = int(ev["prompt_tokens"]), int(ev["completion_tokens"])
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": int(ev.get("cached_tokens") or 0)},
     }
 
 

@@ -27,6 +27,8 @@ class Settings(BaseModel):
     max_prefill_tokens: int = 1024
     """Prompt tokens prefilled together in one step (at least one request): bounds how long running
     requests wait while new ones join."""
+    prefix_cache_bytes: int = 64 << 20
+    """Bytes of prompt-prefix keys and values a worker keeps for reuse (0: no prefix caching)."""
     max_tokens: int = 1024
     """Largest max_tokens a request may ask for."""
     max_loaded_adapters: int = 32

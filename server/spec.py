@@ -276,6 +276,8 @@ class LoraswapSpec(LitSpec):
                     finished = True
                     m.latency.labels(route, adapter).observe(time.perf_counter() - start)
                     m.tokens.labels(adapter).inc(int(item.get("completion_tokens") or 0))
+                    m.prompt_tokens.inc(int(item.get("prompt_tokens") or 0))
+                    m.cached_tokens.inc(int(item.get("cached_tokens") or 0))
                     if item.get("error"):
                         m.errors.labels(route, adapter).inc()
                 yield item
@@ -336,7 +338,7 @@ class LoraswapSpec(LitSpec):
                     if include_usage:
                         chunk = chat_chunk(cid, model, created, {}, None) | {
                             "choices": [],
-                            "usage": usage(ev["prompt_tokens"], ev["completion_tokens"]),
+                            "usage": usage(ev),
                         }
                         yield sse(chunk)
         except APIError as e:
@@ -353,9 +355,7 @@ class LoraswapSpec(LitSpec):
                 parts.append(ev["text"])
                 if ev["finish_reason"]:
                     reason = "length" if ev["finish_reason"] == "length" else "stop"
-                    return JSONResponse(
-                        build("".join(parts), reason, usage(ev["prompt_tokens"], ev["completion_tokens"]))
-                    )
+                    return JSONResponse(build("".join(parts), reason, usage(ev)))
         except APIError as e:
             return e.response()
         return APIError(500, "generation ended without a result", "server_error").response()
@@ -426,7 +426,7 @@ class LoraswapSpec(LitSpec):
                 out: dict[str, Any] = {**head, "delta": ev["text"]}
                 if ev["finish_reason"]:
                     out["finish_reason"] = "length" if ev["finish_reason"] == "length" else "stop"
-                    out["usage"] = usage(ev["prompt_tokens"], ev["completion_tokens"])
+                    out["usage"] = usage(ev)
                 yield sse(out)
         except APIError as e:
             yield sse(e.body)

@@ -55,6 +55,7 @@ class LoraswapAPI(ls.LitAPI):
             max_loaded_bytes=self.settings.max_loaded_bytes,
             lora_impl=self.settings.lora_impl,
             max_prefill_tokens=self.settings.max_prefill_tokens,
+            prefix_cache_bytes=self.settings.prefix_cache_bytes,
         )
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []

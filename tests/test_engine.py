@@ -325,3 +325,79 @@ def test_prefill_budget_admits_requests_over_several_steps(lively_base: Path, st
     assert running == [1, 2, 3]  # each prompt is over the budget alone: one joins per step
     events = run_all(engine)
     assert all(events[f"r{i}"][-1].completion_tokens == 8 for i in range(3))
+
+
+@IMPLS
+def test_prefix_cache_reuses_prompt_blocks_of_the_same_adapter_and_matches_peft(
+    lively_base: Path, store: AdapterStore, impl: LoraImpl
+) -> None:
+    engine = make_engine(lively_base, store, impl)
+    tok = engine.tokenizer
+    plan = [
+        [("r0", "symptoms", QUESTIONS[0])],
+        [("r1", "symptoms", QUESTIONS[1]), ("r2", "treatment", QUESTIONS[1]), ("r3", None, QUESTIONS[2])],
+        [("r4", "treatment", QUESTIONS[3]), ("r5", None, QUESTIONS[3])],
+    ]
+    events: dict[str, list[Event]] = {}
+    for wave in plan:  # each wave after the previous one's prefill: its blocks are in the cache
+        for uid, adapter, q in wave:
+            engine.submit(GenRequest(uid, prompt_ids(tok, q), adapter, max_tokens=10))
+        events.update(run_all(engine))
+    cached = {uid: events[uid][0].cached_tokens for wave in plan for uid, _, _ in wave}
+    # The system turn is shared by every prompt, but blocks are per adapter: first use of each computes them.
+    assert cached["r0"] == cached["r2"] == cached["r3"] == 0
+    assert cached["r1"] > 0 and cached["r4"] > 0 and cached["r5"] > 0
+    assert all(n % engine.prompt_cache.block == 0 for n in cached.values())  # type: ignore[union-attr]
+    for wave in plan:
+        for uid, adapter, q in wave:
+            ref = solo_reference(lively_base, store, adapter, q, 10)
+            assert text_of(events[uid]) == tok.decode(ref, skip_special_tokens=True), uid
+            assert events[uid][-1].prompt_tokens == len(prompt_ids(tok, q))
+
+
+def test_prefix_cache_off_and_dropped_with_its_adapter(lively_base: Path, store: AdapterStore) -> None:
+    off = make_engine(lively_base, store, prefix_cache_bytes=0)
+    assert off.prompt_cache is None
+    for uid in ("a", "b"):
+        off.submit(GenRequest(uid, prompt_ids(off.tokenizer, QUESTIONS[0]), "symptoms", max_tokens=2))
+        assert run_all(off)[uid][0].cached_tokens == 0
+    engine = make_engine(lively_base, store, max_loaded=1)
+    cache = engine.prompt_cache
+    assert cache is not None
+    engine.submit(GenRequest("a", prompt_ids(engine.tokenizer, QUESTIONS[0]), "symptoms", max_tokens=2))
+    run_all(engine)
+    assert len(cache) > 0 and cache.bytes > 0
+    engine.submit(GenRequest("b", prompt_ids(engine.tokenizer, QUESTIONS[0]), "treatment", max_tokens=2))
+    run_all(engine)  # "symptoms" was evicted for "treatment": its blocks went with it
+    assert {name[0] for name in cache._blocks} == {engine.lru.names()[0]}
+
+
+def test_prefix_cache_bookkeeping() -> None:
+    import torch
+
+    from loraswap.server.prefix import PrefixCache
+
+    def kv_of(t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:  # [layers, heads, tokens, dim]: token index
+        k = torch.arange(t0, t1, dtype=torch.float32).view(1, 1, -1, 1).expand(2, 3, -1, 4).contiguous()
+        return k, -k
+
+    cache = PrefixCache(block=4, max_bytes=3 * 2 * (2 * 3 * 4 * 4 * 4))  # three blocks
+    prompt = list(range(100, 113))  # 13 tokens: blocks end at 4, 8, 12; the 12th token is the last -> 3 blocks
+    assert cache.reusable_blocks(prompt) == 3
+    assert cache.lookup("a", prompt) == (0, None)
+    cache.store("a", prompt, 0, kv_of)
+    assert len(cache) == 3
+    n, kv = cache.lookup("a", prompt)
+    assert n == 12 and kv is not None
+    assert kv[0][0, 0, :, 0].tolist() == list(range(12)) and bool((kv[1] == -kv[0]).all())
+    assert cache.lookup("b", prompt)[0] == 0  # another adapter's blocks are not this one's
+    assert cache.lookup("a", [*prompt[:5], 0, 0, 0, 0, 0])[0] == 4  # shares only the first block
+    assert cache.lookup("a", prompt[:12])[0] == 8  # its last token is in block 3: that block is computed
+    # Full: storing a new run evicts the least recently used blocks, later blocks of a run before earlier ones.
+    cache.store("b", prompt[:9], 0, kv_of)  # two blocks in, two of "a" out
+    assert len(cache) == 3 and cache.bytes <= cache.max_bytes
+    assert cache.lookup("a", prompt)[0] == 4
+    assert cache.lookup("b", prompt)[0] == 8
+    cache.drop("b")
+    assert len(cache) == 1 and cache.lookup("b", prompt)[0] == 0
+    assert cache.hit_tokens == 12 + 4 + 8 + 4 + 8 and cache.prompt_tokens > cache.hit_tokens

@@ -243,6 +243,22 @@ def test_metrics(url: str) -> None:
         assert name in text, name
 
 
+def test_prefix_cache_shows_in_usage_and_metrics(url: str) -> None:
+    def ask(question: str) -> dict[str, Any]:
+        body = {"adapter": "symptoms", "question": question, "max_tokens": 2}
+        r = httpx.post(f"{url}/v1/answer", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return dict(r.json()["usage"])
+
+    before = _metric(url, "loraswap_prompt_cached_tokens_total")
+    ask(QUESTIONS[2])
+    second = ask(QUESTIONS[1])  # shares the system turn with the first, same adapter: its blocks are reused
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < second["prompt_tokens"]
+    assert _metric(url, "loraswap_prompt_cached_tokens_total") - before >= cached
+    assert _metric(url, "loraswap_prompt_tokens_total") >= second["prompt_tokens"]
+
+
 def _metric(url: str, name: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
