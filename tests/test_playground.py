@@ -145,7 +145,7 @@ def test_page_and_assets_are_served_by_the_api_process(url: str) -> None:
     page = httpx.get(url)  # the page holds no data: it needs no key (the API calls it makes do)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
-    for src in ('src="/playground/app.js"', 'href="/playground/style.css"'):
+    for src in ('src="playground/app.js"', 'href="playground/style.css"'):
         assert src in page.text
     js = httpx.get(f"{url}/playground/app.js")
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
@@ -194,6 +194,14 @@ def test_the_page_asks_for_the_key_then_streams_an_answer(browser: Any, url: str
     assert "“treatment”" in tab.inner_text("#ask-out .routed")
     assert tab.inner_text("#ask-out .answer") == routed["answer"]
     shot(tab, "ask-auto-desktop")
+
+    tab.select_option("#ask-adapter", "symptoms")
+    tab.fill("#ask-max-tokens", "400")
+    tab.click("#ask-go")
+    tab.wait_for_selector("#ask-out .card[data-state=streaming] .answer:not(:empty)")
+    tab.click("#ask-stop")
+    tab.wait_for_selector("#ask-out .card[data-state=stopped]")
+    assert tab.inner_text("#ask-out .stats") == "Stopped." and tab.is_enabled("#ask-go")
     context.close()
 
 
@@ -354,7 +362,5 @@ def test_accessible_on_desktop_and_phone(browser: Any, url: str, scheme: str) ->
         assert tab.is_visible("#panel-ask") and tab.evaluate("document.activeElement.id") == "tab-ask"
         tab.keyboard.press("End")
         assert tab.is_visible("#panel-adapters") and tab.evaluate("document.activeElement.id") == "tab-adapters"
-        if scheme == "light" and viewport is PHONE:
-            tab.click("#tab-ask")
-            shot(tab, "ask-phone")
+        shot(tab, f"adapters-{scheme}-{'phone' if viewport is PHONE else 'desktop'}")
         context.close()

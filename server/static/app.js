@@ -1,6 +1,7 @@
 // loraswap playground: ask one adapter, compare several, list, upload and delete adapters.
 // Plain JavaScript against the public API (/v1/models, /v1/answer, /v1/adapters); no dependencies.
 // Keys live in the `keys` object below, in this tab's memory only: nothing is written to any storage.
+// Paths are relative to the page, so the playground also works behind a proxy that adds a path prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -53,7 +54,7 @@ async function api(path, { method = "GET", body, admin = false, signal } = {}) {
 
 /** POST /v1/answer with stream: true; calls onEvent for each server-sent event until [DONE]. */
 async function streamAnswer(body, signal, onEvent) {
-  const res = await api("/v1/answer", { method: "POST", body: { ...body, stream: true }, signal });
+  const res = await api("v1/answer", { method: "POST", body: { ...body, stream: true }, signal });
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
@@ -161,7 +162,7 @@ $("admin-key").addEventListener("input", (e) => {
 
 async function refreshModels() {
   try {
-    const { data } = await (await api("/v1/models")).json();
+    const { data } = await (await api("v1/models")).json();
     const base = data.find((m) => m.parent === null);
     state.baseId = base ? base.id : "";
     state.names = data.filter((m) => m.parent !== null).map((m) => m.id);
@@ -294,6 +295,7 @@ $("ask-form").addEventListener("submit", async (e) => {
   const question = $("ask-question").value.trim();
   const settings = readSettings("ask");
   if (!question || !settings) return;
+  if (askRun) askRun.abort(); // a new question replaces a running one (Ctrl+Enter while streaming)
   const ctl = new AbortController();
   askRun = ctl;
   const card = answerCard($("ask-adapter").value, "h2");
@@ -321,6 +323,7 @@ $("cmp-form").addEventListener("submit", async (e) => {
     $("cmp-error").hidden = false;
     return;
   }
+  if (cmpRun) cmpRun.abort();
   const ctl = new AbortController();
   cmpRun = ctl;
   const cards = picked.map((name) => answerCard(name, "h3"));
@@ -353,10 +356,11 @@ function formatMetrics(m) {
     parts.push(s);
   }
   for (const [k, v] of Object.entries(m)) {
-    if (["nll", "base_nll", "nll_change", "heldout_n"].includes(k)) continue;
+    if (["nll", "base_nll", "nll_change", "heldout_n", "quant"].includes(k)) continue;
     parts.push(`${k} ${num(v) ? Number(v.toFixed(4)) : v}`);
   }
-  if (num(m.heldout_n)) parts.push(`n = ${m.heldout_n}`);
+  if (num(m.heldout_n)) parts.push(`${m.heldout_n}\u00a0questions`);
+  if (m.quant) parts.push(`${m.quant} base`);
   return parts.join(" · ");
 }
 
@@ -393,11 +397,14 @@ async function loadAdapters() {
   clearError($("ad-error"));
   $("ad-summary").textContent = "Loading…";
   try {
-    const { data } = await (await api("/v1/adapters")).json();
+    const { data } = await (await api("v1/adapters")).json();
     data.sort((a, b) => a.name.localeCompare(b.name));
     $("ad-rows").replaceChildren(...data.map(adapterRow));
     const loaded = data.filter((a) => a.loaded).length;
-    $("ad-summary").textContent = `${data.length} adapter${data.length === 1 ? "" : "s"} for this base, ${loaded} loaded in a worker (adapters load on first use).`;
+    $("ad-summary").textContent =
+      `${data.length} adapter${data.length === 1 ? "" : "s"} for this base, ${loaded} loaded in a worker ` +
+      "(adapters load on first use). Held-out NLL: the base's, then the adapter's, on held-out questions of " +
+      "the adapter's qtype; lower is better.";
   } catch (err) {
     $("ad-summary").textContent = "";
     showError($("ad-error"), err);
@@ -410,7 +417,7 @@ async function deleteAdapter(name, button) {
   $("ad-status").textContent = $("up-status").textContent = "";
   button.disabled = true;
   try {
-    await api(`/v1/adapters/${encodeURIComponent(name)}`, { method: "DELETE", admin: true });
+    await api(`v1/adapters/${encodeURIComponent(name)}`, { method: "DELETE", admin: true });
     $("ad-status").textContent = `Deleted ${name}.`;
     await Promise.all([loadAdapters(), refreshModels()]);
   } catch (err) {
@@ -431,7 +438,7 @@ $("up-form").addEventListener("submit", async (e) => {
   $("up-go").disabled = true;
   $("up-status").textContent = "Uploading and validating…";
   try {
-    const a = await (await api("/v1/adapters", { method: "POST", body: form, admin: true })).json();
+    const a = await (await api("v1/adapters", { method: "POST", body: form, admin: true })).json();
     $("up-status").textContent = `Uploaded ${a.name}: ${a.method}, rank ${a.rank}, ${fmtBytes(a.size_bytes)}.`;
     e.target.reset();
     await Promise.all([loadAdapters(), refreshModels()]);
