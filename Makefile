@@ -3,9 +3,10 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-SOURCES := $(shell find cli adapters train server bench -name '*.py' -o -name '*.json' -o -name '*.safetensors' 2>/dev/null | grep -v '/\.')
+SOURCES := $(shell find cli adapters train server bench -name '*.py' -o -name '*.json' -o -name '*.safetensors' \
+             -o -name '*.html' -o -name '*.css' -o -name '*.js' -o -name '*.svg' 2>/dev/null | grep -v '/\.')
 
-.PHONY: install test lint typecheck unit serve bench clean
+.PHONY: install test lint typecheck unit browser serve bench clean
 
 # Where torch comes from: empty = pip's default (here: the CPU wheel on disk; on PyPI for Linux: a CUDA
 # build). The Dockerfile sets https://download.pytorch.org/whl/cpu for CPU images.
@@ -38,8 +39,20 @@ lint: install
 typecheck: install
 	$(BIN)/mypy -p loraswap
 
-unit: install
+unit: install browser
 	$(BIN)/pytest -q
+
+# The playground's browser tests drive Debian's Chromium through playwright (never a browser build of
+# playwright's own). Installed here when missing, as root (CI); otherwise those tests skip, saying why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } \
+	      || echo "make: chromium could not be installed; the playground's browser tests will be skipped"; \
+	  else \
+	    echo "make: chromium is missing and installing it needs root (apt-get install chromium);" \
+	         "the playground's browser tests will be skipped"; \
+	  fi; }
 
 test: lint typecheck unit
 

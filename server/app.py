@@ -22,6 +22,7 @@ from typing import Any
 
 import litserve as ls
 
+from loraswap.server import playground
 from loraswap.server.settings import Settings
 from loraswap.server.worker import LoraswapAPI
 
@@ -49,13 +50,18 @@ def report_store(settings: Settings) -> None:
 
 def build_server(settings: Settings, cancels: Any = None) -> ls.LitServer:
     api = LoraswapAPI(settings, cancels)
-    return ls.LitServer(
+    server = ls.LitServer(
         api,
         accelerator="auto",
         workers_per_device=settings.workers,
         timeout=False,
         max_payload_size=max(settings.max_upload_bytes, settings.max_body_bytes) + (1 << 20),
     )
+    # LitServe registers its own "/" ("litserve running") ahead of the spec's routes; the first match
+    # wins, so it is dropped for the playground's page.
+    routes = server.app.router.routes
+    routes[:] = [r for r in routes if getattr(r, "path", "") != "/" or getattr(r, "endpoint", None) is playground.page]
+    return server
 
 
 def serve(settings: Settings) -> None:

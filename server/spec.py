@@ -29,6 +29,7 @@ from loraswap.adapters.base import BaseRef, load_tokenizer, resolve_base
 from loraswap.adapters.manifest import AdapterError, AdapterNotFound
 from loraswap.adapters.prompt import SYSTEM_PROMPT
 from loraswap.adapters.store import StoreEntry
+from loraswap.server import playground
 from loraswap.server.metrics import Metrics
 from loraswap.server.protocol import (
     AnswerRequest,
@@ -75,6 +76,9 @@ class LoraswapSpec(LitSpec):
         for path, handler, method in routes:
             self.add_endpoint(path, self._tracked(path, handler), [method])
         self.add_endpoint("/metrics", self.metrics_route, ["GET"])
+        # The browser playground (server/playground.py); app.build_server drops LitServe's own "/".
+        self.add_endpoint("/", playground.page, ["GET"])
+        self.add_endpoint("/playground/{name}", playground.asset, ["GET"])
 
     @property
     def stream(self) -> bool:
