@@ -339,3 +339,16 @@ def test_missing_or_damaged_adapters_and_occupied_folders_are_clear_errors(
     assert code == 2 and "--overwrite" in err
     assert run(["export", "qv2", "--out", str(out), "--overwrite", *common], capsys)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", EXPORT_FILE, "qv2.gguf"]
+
+
+def test_a_base_gguf_of_another_architecture_is_refused(
+    tiny_base: Path, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loraswap.adapters.base import embedded_gguf_path
+
+    make_adapter(str(tiny_base), store, "qv3", seed=10)
+    args = ["export", "qv3", "--out", str(tmp_path / "x"), "--adapters-dir", str(store), "--base", str(tiny_base)]
+    code, _, err = run([*args, "--base-gguf", str(embedded_gguf_path())], capsys)
+    assert code == 2 and "is not the adapter's base: llama.block_count is 30, the adapter's base has 2" in err
+    code, _, err = run([*args, "--copy-base"], capsys)
+    assert code == 2 and "has no GGUF; give one with --base-gguf" in err

@@ -193,6 +193,15 @@ def reference(peft: Any) -> Reference:
     return Reference(peft)
 
 
+def top_two_gap(want: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: how far PEFT's top token leads its runner-up, and how much llama.cpp moved that gap."""
+    order = np.argsort(want, axis=-1)
+    rows = np.arange(len(want))
+    first, second = order[:, -1], order[:, -2]
+    gap = want[rows, first] - want[rows, second]
+    return gap, np.abs(gap - (got[rows, first] - got[rows, second]))
+
+
 def test_llama_cpp_tokenizes_the_prompt_as_loraswap_does(reference: Reference) -> None:
     llm = LlamaCpp(embedded_gguf_path(), None)
     for q in QUESTIONS:
@@ -280,10 +289,7 @@ def test_the_shipped_q4_1_gguf_with_the_adapter_agrees_within_quantization(
         print(f"{adapter}, {q!r}: largest logit difference {worst:.3f}, effect correlation {effect:.4f}")
         assert worst <= Q4_LOGIT_TOL
         assert effect >= EFFECT_MIN_CORR
-        first, second = np.argsort(logits, axis=-1)[:, -1], np.argsort(logits, axis=-1)[:, -2]
-        rows = np.arange(len(answer))
-        margin = logits[rows, first] - logits[rows, second]
-        moved = np.abs(margin - (got[rows, first] - got[rows, second]))
+        margin, moved = top_two_gap(logits, got)
         same = got.argmax(-1) == np.array(answer)
         print(
             f"  top-two gap moved by at most {moved.max():.3f}; "
@@ -295,4 +301,27 @@ def test_the_shipped_q4_1_gguf_with_the_adapter_agrees_within_quantization(
     assert sum(clear) >= len(clear) // 3  # enough clear choices that the next line checks something
     assert all(a for a, c in zip(agree, clear, strict=True) if c)
     base.close()
+    llm.close()
+
+
+def test_a_folder_exported_with_its_base_runs_where_it_is_moved(
+    tmp_path: Path, reference: Reference, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--copy-base`: the folder holds the base, the adapter and a Modelfile naming both by relative paths;
+    moved elsewhere, llama.cpp loads what the Modelfile names and answers as on the server."""
+    from loraswap.main import main
+
+    main(["export", ADAPTERS[0], "--out", str(tmp_path / "made"), "--copy-base"])
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "made").rename(moved)
+    lines = (moved / "Modelfile").read_text().splitlines()
+    base = next(line.split(" ", 1)[1] for line in lines if line.startswith("FROM "))
+    adapter = next(line.split(" ", 1)[1] for line in lines if line.startswith("ADAPTER "))
+    assert base == f"./{embedded_gguf_path().name}" and adapter == f"./{ADAPTERS[0]}.gguf"
+    llm = LlamaCpp(moved / base, moved / adapter)
+    ids, answer, logits = reference(ADAPTERS[0], QUESTIONS[0])
+    got = llm.logits(ids, answer)
+    gap, _ = top_two_gap(logits, got)
+    assert np.abs(got - logits).max() <= Q4_LOGIT_TOL
+    assert (got.argmax(-1) == np.array(answer))[gap > MARGIN].all()
     llm.close()
