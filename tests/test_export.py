@@ -310,6 +310,8 @@ def test_missing_or_damaged_adapters_and_occupied_folders_are_clear_errors(
     common = ["--adapters-dir", str(store), "--base", str(tiny_base)]
     code, _, err = run(["export", "qvv", "--out", str(tmp_path / "x"), *common], capsys)
     assert code == 2 and "adapter 'qvv' not found" in err
+    code, _, err = run(["export", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "x"), *common], capsys)
+    assert code == 2 and "no-such-folder' does not exist" in err
 
     make_adapter(str(tiny_base), store, "qv2", seed=7)
     code, _, err = run(["export", "qv2", "--format", "onnx", "--out", str(tmp_path / "x"), *common], capsys)
@@ -352,3 +354,44 @@ def test_a_base_gguf_of_another_architecture_is_refused(
     assert code == 2 and "is not the adapter's base: llama.block_count is 30, the adapter's base has 2" in err
     code, _, err = run([*args, "--copy-base"], capsys)
     assert code == 2 and "has no GGUF; give one with --base-gguf" in err
+
+
+def test_qwen2_keeps_hugging_faces_row_order(tiny_base: Path, store: Path, tmp_path: Path) -> None:
+    """llama.cpp's converter reorders q/k rows for the Llama family only: a Qwen2 adapter's lora_b is written as is."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    qwen = tmp_path / "tiny-qwen2"
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(qwen)
+    tokenizer.save_pretrained(qwen)
+    folder = make_adapter(str(qwen), store, "qwen", seed=12, target_modules=["q_proj", "k_proj"])
+    out = tmp_path / "out"
+    main(["export", "qwen", "--out", str(out), "--adapters-dir", str(store), "--base", str(qwen)])
+    fields, tensors = _fields(out / "qwen.gguf")
+    assert fields["general.architecture"] == "qwen2"
+    peft_weights = load_file(str(folder / "adapter_model.safetensors"))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
+    for layer in range(2):
+        for module in ("q_proj", "k_proj"):
+            hf = f"model.layers.{layer}.self_attn.{module}"
+            b = peft_weights[f"base_model.model.{hf}.lora_B.weight"]
+            assert torch.equal(torch.from_numpy(tensors[f"{names.get_name(hf)}.weight.lora_b"].data.copy()), b)
+
+
+def test_export_explains_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["export", "--help"], capsys)
+    assert code == 0
+    for option in ("--format", "--out", "--base", "--base-gguf", "--copy-base", "--overwrite", "--adapters-dir"):
+        assert option in out

@@ -27,7 +27,7 @@ tests fail rather than skip, so that a run which did not prove the export never 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +136,7 @@ class LlamaCpp:
             verbose=False,
         )
 
-    def logits(self, ids: list[int], answer: list[int] = ()) -> np.ndarray:  # type: ignore[assignment]
+    def logits(self, ids: list[int], answer: Sequence[int] = ()) -> np.ndarray:
         """Next-token logits after the prompt, then after each answer token but the last (teacher forcing)."""
         self.llm.reset()
         self.llm.eval(ids + list(answer[:-1]))
@@ -253,7 +253,7 @@ def test_the_chat_api_with_loraswaps_system_prompt_gives_the_same_answer(
     llm = LlamaCpp(f32_gguf, exported[ADAPTERS[0]])
     q = QUESTIONS[0]
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}]
-    reply: Any = llm.llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=NEW_TOKENS)  # type: ignore[arg-type]
+    reply: Any = llm.llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=NEW_TOKENS)
     _, answer, _ = reference(ADAPTERS[0], q)
     assert reply["choices"][0]["message"]["content"] == reference.tokenizer.decode(answer)
     llm.close()
