@@ -53,8 +53,8 @@ PROBE_QUESTION = "What are the symptoms of diabetes?"
 # A merged float32 model must give the adapter's logits up to float32 rounding of W + s·B·A.
 MERGE_TOLERANCE = 1e-3
 
-# LoRA variants whose computation is more than `W x + s·B(A x)`: neither llama.cpp's adapter format nor
-# a plain merge reproduces them (DoRA is merged exactly by PEFT, so only GGUF refuses it).
+# LoRA variants whose computation is more than `W x + s·B(A x)`, or which carry more than A and B:
+# llama.cpp's adapter format cannot hold them; the merged export takes DoRA only (PEFT merges it exactly).
 _VARIANTS = {
     "use_dora": "DoRA (a learned magnitude per output, which llama.cpp's adapter format has no place for)",
     "lora_bias": "a LoRA bias term",
@@ -109,8 +109,15 @@ def refuse_unexportable(config: dict[str, Any], fmt: Format, model_type: str) ->
     for key, what in _VARIANTS.items():
         if key == "use_dora" and fmt == "merged":
             continue
+        if config.get(key) and fmt == "gguf":
+            raise AdapterError(
+                f"adapter_config.json sets {key}: {what} cannot be expressed as a llama.cpp LoRA adapter"
+            )
         if config.get(key):
-            raise AdapterError(f"adapter_config.json sets {key}: {what} cannot be exported as {fmt} faithfully")
+            raise AdapterError(
+                f"adapter_config.json sets {key}: {what} is not merged by loraswap (it merges LoRA, rsLoRA, rank "
+                "and alpha patterns, and DoRA, which PEFT merges exactly and the export checks)"
+            )
     if config.get("bias", "none") != "none":
         raise AdapterError(f"adapter_config.json trains biases (bias={config['bias']!r}); they cannot be exported")
     if config.get("fan_in_fan_out"):
@@ -139,8 +146,9 @@ def export_adapter(
     if problems:
         raise AdapterError(f"adapter {source.name!r} cannot be exported: {'; '.join(problems)}")
     manifest = read_manifest(source)
+    out = out.resolve()
     _check_out(out, overwrite)
-    staged = staging_dir(out.resolve().parent, out.name)
+    staged = staging_dir(out.parent, out.name)
     try:
         if fmt == "gguf":
             info = _export_gguf(source, config, manifest, ref, staged, base_gguf, copy_base, progress)

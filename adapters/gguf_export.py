@@ -108,8 +108,8 @@ def lora_modules(weights: dict[str, Any], scales: dict[str, tuple[int, float]]) 
 
 def _not_adaptable(module: str) -> str:
     return (
-        f"LoRA on {module}: llama.cpp adapters are exported for the attention and MLP projections of the decoder "
-        f"blocks ({', '.join(t.lower() for t in _LINEAR_TENSORS)}), not to this module"
+        f"LoRA on {module}: GGUF adapters are exported for the attention and MLP projections of the decoder "
+        f"blocks only ({', '.join(t.lower() for t in _LINEAR_TENSORS)}), not for this module"
     )
 
 

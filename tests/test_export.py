@@ -300,7 +300,7 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(
         ["export", "embeddings", "--out", str(tmp_path / "e"), "--adapters-dir", str(store), "--base", str(tiny_base)],
         capsys,
     )
-    assert code == 2 and "model.embed_tokens" in err and "not to this module" in err
+    assert code == 2 and "model.embed_tokens" in err and "not for this module" in err
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
