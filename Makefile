@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SOURCES := $(shell find cli adapters train server bench -name '*.py' -o -name '*.json' -o -name '*.safetensors' \
              -o -name '*.html' -o -name '*.css' -o -name '*.js' -o -name '*.svg' 2>/dev/null | grep -v '/\.')
 
-.PHONY: install test lint typecheck unit browser serve bench clean
+.PHONY: install llama-cpp test lint typecheck unit browser serve bench clean
 
 # Where torch comes from: empty = pip's default (here: the CPU wheel on disk; on PyPI for Linux: a CUDA
 # build). The Dockerfile sets https://download.pytorch.org/whl/cpu for CPU images.
@@ -32,6 +32,30 @@ $(VENV)/.linked: $(STAMP) $(SOURCES)
 	  || $(BIN)/python -m pip install --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 	touch $@
 
+# llama-cpp-python, the optional `reference` extra: the tests load exported GGUF adapters in llama.cpp
+# (and `loraswap bench` compares with it). PyPI has only its source, which compiles llama.cpp, so it is
+# built once into a wheel under .cache/wheels and installed from there afterwards. The flags keep the
+# build short: a portable x86-64/AVX2 build (no -march=native), no multimodal library, no tests,
+# tools, examples or server: 426 CPU-seconds, 8 minutes on 2 shared cores, once per machine (README, Export).
+LLAMA_CPP_VERSION := 0.3.36
+WHEELS            := .cache/wheels
+LLAMA_CMAKE_ARGS  := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+                     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+
+llama-cpp: $(VENV)/.llama-cpp
+
+$(VENV)/.llama-cpp: $(STAMP)
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  command -v c++ >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	    && apt-get update -q && apt-get install -y -q --no-install-recommends build-essential; } \
+	    || { echo "llama-cpp-python needs a C++ compiler (apt-get install build-essential)"; exit 1; }; \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) into $(WHEELS) (compiles llama.cpp, once)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w $(WHEELS) \
+	    llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(BIN)/python -m pip install -q --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	touch $@
+
 lint: install
 	$(BIN)/ruff check cli adapters train server bench tests
 	$(BIN)/ruff format --check cli adapters train server bench tests
@@ -39,7 +63,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy -p loraswap
 
-unit: install browser
+unit: install browser llama-cpp
 	$(BIN)/pytest -q
 
 # The playground's browser tests drive Debian's Chromium through playwright (never a browser build of

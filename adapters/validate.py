@@ -100,9 +100,14 @@ def _module_of(tensor_name: str) -> tuple[str, str] | None:
 
 
 def validate_adapter(
-    folder: Path, ref: BaseRef | None = None, max_rank: int = DEFAULT_MAX_RANK, require_manifest: bool = True
+    folder: Path,
+    ref: BaseRef | None = None,
+    max_rank: int = DEFAULT_MAX_RANK,
+    require_manifest: bool = True,
+    allow_dora: bool = False,
 ) -> list[str]:
-    """Everything wrong with `folder` as an adapter for `ref` (empty list: it is fine)."""
+    """Everything wrong with `folder` as an adapter for `ref` (empty list: it is fine). `allow_dora` is for
+    uses that do not serve the adapter (a merged export)."""
     problems: list[str] = []
     if not folder.is_dir():
         return [f"{folder.name!r} is not a folder"]
@@ -122,7 +127,7 @@ def validate_adapter(
         return [*problems, str(e)]
     rank = config.get("r")
     if method == "lora":
-        if config.get("use_dora"):
+        if config.get("use_dora") and not allow_dora:
             problems.append("DoRA adapters are not supported (they cannot share a mixed batch)")
         if not isinstance(rank, int) or not 1 <= rank <= max_rank:
             problems.append(f"LoRA rank r={rank!r} is outside 1..{max_rank}")

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -361,6 +361,58 @@ def adapters_remove(
 
     AdapterStore.default(adapters_dir).remove(name)
     print(f"removed {name}")
+
+
+@app.command("export")
+def export(
+    name: Annotated[
+        str, typer.Argument(help="Adapter to export: a name in the store, or a path to an adapter folder.")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="gguf: llama.cpp LoRA adapter + Ollama Modelfile + README; merged: a dense model with the adapter "
+            "merged in (safetensors, the base's dense dtype).",
+        ),
+    ] = "gguf",
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write (new, empty, or an earlier export with --overwrite).")
+    ] = Path("export"),
+    adapters_dir: AdaptersDirOpt = None,
+    base: BaseOpt = "embedded",
+    base_gguf: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-gguf",
+            help="GGUF of the base for the Modelfile's FROM (default: the embedded base's, or --base when it is a "
+            ".gguf; other bases: convert them with llama.cpp's convert_hf_to_gguf.py).",
+        ),
+    ] = None,
+    copy_base: Annotated[
+        bool, typer.Option("--copy-base", help="Copy the base GGUF into --out, so the folder runs on another machine.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export in --out.")] = False,
+) -> None:
+    """Export an adapter: a GGUF LoRA adapter for llama.cpp and Ollama, or a merged dense model."""
+    from loraswap.adapters.base import resolve_base
+    from loraswap.adapters.export import FORMATS, Format, export_adapter, find_adapter
+    from loraswap.adapters.store import AdapterStore
+
+    _quiet_libraries()
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+    source = find_adapter(name, AdapterStore.default(adapters_dir))
+    result = export_adapter(
+        source,
+        resolve_base(base),
+        cast("Format", fmt),
+        out,
+        base_gguf=base_gguf,
+        copy_base=copy_base,
+        overwrite=overwrite,
+    )
+    print(f"exported {result.info['adapter']['name']} as {fmt} to {out}: {', '.join(result.files)}")
 
 
 @app.command()
