@@ -130,8 +130,25 @@ def method_of(peft_config: dict[str, Any]) -> Method:
 
 def write_manifest(folder: Path, manifest: AdapterManifest) -> None:
     tmp = folder / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    with tmp.open("w") as f:
+        f.write(manifest.model_dump_json(indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of `folder` (created, renamed) durable, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename itself is still atomic
+    finally:
+        os.close(fd)
 
 
 def staging_dir(parent: Path, name: str) -> Path:
@@ -151,6 +168,7 @@ def publish(staged: Path, final: Path, overwrite: bool) -> None:
     adapter, or (between the two renames) none; never a mix.
     """
     try:
+        fsync_dir(staged)  # the staged files are on disk before the folder gets its final name
         if final.exists() and not overwrite:
             raise FileExistsError(f"adapter {final.name!r} already exists")
         old = None
@@ -163,10 +181,42 @@ def publish(staged: Path, final: Path, overwrite: bool) -> None:
             if final.exists():  # another publisher won the race
                 raise FileExistsError(f"adapter {final.name!r} already exists") from e
             raise
+        fsync_dir(final.parent)  # the rename is durable once publish returns
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def recover(parent: Path) -> list[str]:
+    """Finish what a crash (kill -9, power loss) left half done in a store folder; what was done, one line each.
+
+    Only hidden folders are touched; none of them is ever served. An upload that never reached its final
+    rename left `.tmp-*` (removed), a delete left `.trash-*` (removed), and an overwrite stopped between
+    its two renames left `.old-NAME-*` without NAME: the old adapter is renamed back, so the name keeps
+    a complete adapter. Run it before serving, with no other process writing to the folder.
+    """
+    done: list[str] = []
+    if not parent.is_dir():
+        return done
+    for p in sorted(parent.iterdir()):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        kind, _, rest = p.name.partition("-")
+        if kind in (".tmp", ".trash"):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed the unfinished {'upload' if kind == '.tmp' else 'delete'} {p.name}")
+        elif kind == ".old" and len(rest) > 9 and rest[-9] == "-":
+            name = rest[:-9]
+            if (parent / name).exists():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p.name}, replaced by the new {name!r}")
+            else:
+                os.rename(p, parent / name)
+                done.append(f"restored {name!r} from an interrupted overwrite")
+    if done:
+        fsync_dir(parent)
+    return done
 
 
 def dump_json(path: Path, data: Any) -> None:
