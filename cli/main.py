@@ -391,7 +391,9 @@ def serve(
         quant="none" if no_quant else None,
         lora_impl=lora_impl,
     )
-    run_server(settings)
+    code = run_server(settings)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("train-router")
