@@ -165,27 +165,37 @@ def publish(staged: Path, final: Path, overwrite: bool) -> None:
     Without `overwrite` an existing adapter is an error, also when another process publishes the same
     name at the same moment (renaming onto a non-empty folder fails): exactly one of them wins. With
     `overwrite` the old folder is renamed aside first, so readers see the old or the new complete
-    adapter, or (between the two renames) none; never a mix.
+    adapter, or (between the two renames) none; never a mix. Overwrites racing each other end with the
+    last one's adapter; a crash between the two renames is undone by `recover`.
     """
+    olds: list[Path] = []
     try:
         fsync_dir(staged)  # the staged files are on disk before the folder gets its final name
-        if final.exists() and not overwrite:
-            raise FileExistsError(f"adapter {final.name!r} already exists")
-        old = None
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-        try:
-            os.rename(staged, final)
-        except OSError as e:
-            if final.exists():  # another publisher won the race
-                raise FileExistsError(f"adapter {final.name!r} already exists") from e
-            raise
+        for _ in range(16):
+            if final.exists():
+                if not overwrite:
+                    raise FileExistsError(f"adapter {final.name!r} already exists")
+                old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(final, old)
+                    olds.append(old)
+                except FileNotFoundError:  # another overwrite moved it first
+                    pass
+            try:
+                os.rename(staged, final)
+                break
+            except OSError as e:
+                if not final.exists():
+                    raise
+                if not overwrite:  # another publisher won the race
+                    raise FileExistsError(f"adapter {final.name!r} already exists") from e
+        else:
+            raise FileExistsError(f"adapter {final.name!r} kept changing while it was replaced; try again")
         fsync_dir(final.parent)  # the rename is durable once publish returns
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def recover(parent: Path) -> list[str]:

@@ -99,6 +99,9 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         assert isinstance(exc, HTTPException)
         if isinstance(exc, APIError):
             return exc.response()
+        if exc.status_code == 413:  # LitServe's payload limit, before a route reads the body
+            message = "request body is too large; LORASWAP_MAX_BODY_BYTES and _MAX_UPLOAD_BYTES set the limits"
+            return APIError(413, message, code="payload_too_large").response()
         return APIError(exc.status_code, str(exc.detail)).response()
 
     async def validation_error(request: Request, exc: Exception) -> Response:
@@ -173,15 +176,21 @@ def serve(settings: Settings) -> int:
     stopping = threading.Event()
     api_died = threading.Event()
 
+    api: list[Any] = []  # the API processes, as LitServe starts them
+    start_api = server._start_server
+
+    def started(*args: Any, **kwargs: Any) -> Any:
+        processes = start_api(*args, **kwargs)
+        api.extend(processes.values())
+        return processes
+
+    server._start_server = started
+
     def watch_api() -> None:
         """LitServe restarts workers but not the API process: if it dies, nothing answers any more, so stop
         everything and exit non-zero, for a process manager (systemd, Docker, Kubernetes) to restart."""
-        api: list[Any] = []
-        while not stopping.is_set():
-            time.sleep(1)
-            if not api:
-                api = [p for p in multiprocessing.active_children() if p.name.startswith("LitServer-")]
-            elif not all(p.is_alive() for p in api) and not stopping.is_set():
+        while not stopping.wait(1):
+            if api and not all(p.is_alive() for p in api) and not stopping.is_set():
                 print("loraswap: the API process died; stopping the server", file=sys.stderr, flush=True)
                 api_died.set()
                 if server._shutdown_event is not None:

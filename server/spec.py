@@ -275,7 +275,7 @@ class LoraswapSpec(LitSpec):
         if len(raw) > self.settings.max_body_bytes:
             raise APIError(
                 413,
-                f"request body is {len(raw)} bytes; the limit is {self.settings.max_body_bytes}",
+                f"request body is {len(raw)} bytes, too large; the limit is {self.settings.max_body_bytes}",
                 code="payload_too_large",
             )
         try:
