@@ -164,13 +164,18 @@ def publish(staged: Path, final: Path, overwrite: bool) -> None:
 
     Without `overwrite` an existing adapter is an error, also when another process publishes the same
     name at the same moment (renaming onto a non-empty folder fails): exactly one of them wins. With
-    `overwrite` the old folder is renamed aside first, so readers see the old or the new complete
-    adapter, or (between the two renames) none; never a mix. Overwrites racing each other end with the
-    last one's adapter; a crash between the two renames is undone by `recover`.
+    `overwrite` the two folders are swapped in one atomic step (Linux), so readers always see the old or
+    the new complete adapter. Elsewhere the old folder is renamed aside first, and between the two
+    renames readers see none; a crash there is undone by `recover`. Overwrites racing each other end with
+    the last one's adapter.
     """
     olds: list[Path] = []
     try:
         fsync_dir(staged)  # the staged files are on disk before the folder gets its final name
+        if overwrite and _exchange(staged, final):  # one atomic swap: readers never miss the name
+            olds.append(staged)  # now holds the old adapter
+            fsync_dir(final.parent)
+            return
         for _ in range(16):
             if final.exists():
                 if not overwrite:
@@ -196,6 +201,23 @@ def publish(staged: Path, final: Path, overwrite: bool) -> None:
         shutil.rmtree(staged, ignore_errors=True)
         for old in olds:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available,
+    or `b` does not exist."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def recover(parent: Path) -> list[str]:

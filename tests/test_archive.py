@@ -171,3 +171,32 @@ def test_concurrent_uploads_of_one_name_have_exactly_one_winner(adapter: Path, r
     assert results.count("won") == 1 and results.count("lost") == 7
     assert leftovers(tmp_path) == ["same"]
     assert AdapterStore(tmp_path, shipped_dir=None).names() == ["same"]
+
+
+def test_readers_never_miss_an_adapter_being_overwritten(adapter: Path, ref: BaseRef, tmp_path: Path) -> None:
+    """Overwrites swap the folders in one step: a reader looking the name up meanwhile always finds a whole one."""
+    import threading
+
+    data = tar_gz(adapter_files(adapter))
+    install_archive(data, "hot", tmp_path, ref)
+    store = AdapterStore(tmp_path, shipped_dir=None)
+    done = threading.Event()
+    misses: list[str] = []
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                entry = store.get("hot")
+                if not (entry.path / WEIGHTS_FILE).is_file():
+                    misses.append("no weights")
+            except AdapterError as e:
+                misses.append(str(e))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for _ in range(30):
+        install_archive(data, "hot", tmp_path, ref, overwrite=True)
+    done.set()
+    reader.join()
+    assert misses == []
+    assert leftovers(tmp_path) == ["hot"]
