@@ -2,17 +2,20 @@
 
 An archive holds one adapter: `adapter_config.json` and `adapter_model.safetensors`, optionally
 `loraswap.json` and the loss log, either at the archive root or inside one top-level folder.
-Everything else is refused before a byte is written: paths outside the root, absolute paths,
-links, devices, unknown files, pickles, too many members, and more content than the size limit
-(checked while extracting, so a decompression bomb stops at the limit, whatever its headers claim).
+Everything else is refused, and the staging folder removed: paths outside the root, absolute paths,
+links, devices, unknown files, pickles, too many members, unreadable or encrypted members, and more
+content than the size limit (declared sizes are checked first, and what is actually decompressed is
+counted while extracting, so a decompression bomb stops at the limit whatever its headers claim).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -55,47 +58,83 @@ def _safe_name(raw: str) -> str:
     return "/".join(parts)
 
 
-def _tar_members(data: bytes) -> Iterator[tuple[str, IO[bytes] | None]]:
+def _tar_members(data: bytes, max_bytes: int) -> Iterator[tuple[str, IO[bytes] | None]]:
+    """Members in archive order, read lazily: a member is refused on its header (link, device, declared
+    size over the limit) before the archive is decompressed any further."""
     try:
         tar = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")  # noqa: SIM115 (members are read lazily)
-        members = tar.getmembers()
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise AdapterError(f"not a readable tar archive: {e}") from None
-    for m in members:
+    declared = 0
+    members = iter(tar)
+    while True:
+        try:
+            m = next(members, None)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise AdapterError(f"not a readable tar archive: {e}") from None
+        if m is None:
+            return
         if m.issym() or m.islnk():
             raise AdapterError(f"archive member {m.name!r} is a link; links are refused")
         if m.isdir():
             _safe_name(m.name)
+            yield m.name, None
             continue
         if not m.isfile():
             raise AdapterError(f"archive member {m.name!r} is not a regular file (device, fifo or special)")
+        declared += m.size
+        if declared > max_bytes:
+            raise AdapterError(f"archive expands to more than {max_bytes} bytes; refused")
         yield m.name, tar.extractfile(m)
 
 
-def _zip_members(data: bytes) -> Iterator[tuple[str, IO[bytes] | None]]:
+def _zip_members(data: bytes, max_bytes: int) -> Iterator[tuple[str, IO[bytes] | None]]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise AdapterError(f"not a readable zip archive: {e}") from None
+    if sum(info.file_size for info in infos) > max_bytes:
+        raise AdapterError(f"archive expands to more than {max_bytes} bytes; refused")
     for info in infos:
         mode = info.external_attr >> 16
         if mode and (mode & 0o170000) not in (0, 0o100000, 0o040000):
             raise AdapterError(f"archive member {info.filename!r} is a link or special file; refused")
         if info.is_dir():
             _safe_name(info.filename)
+            yield info.filename, None
             continue
-        yield info.filename, zf.open(info)
+        try:
+            yield info.filename, zf.open(info)
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, ValueError, OSError) as e:
+            # RuntimeError: encrypted; NotImplementedError: an unsupported compression method
+            raise AdapterError(f"archive member {info.filename!r} cannot be read: {e}") from None
+
+
+def _copy(stream: IO[bytes], out: IO[bytes], raw: str, total: int, max_bytes: int) -> int:
+    """Copy one member, counting what is actually decompressed (headers can lie about sizes); the new total."""
+    while True:
+        try:
+            chunk = stream.read(1 << 20)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, ValueError) as e:
+            raise AdapterError(f"archive member {raw!r} is corrupt: {e}") from None
+        if not chunk:
+            return total
+        total += len(chunk)
+        if total > max_bytes:
+            raise AdapterError(f"archive expands to more than {max_bytes} bytes; refused")
+        out.write(chunk)
 
 
 def extract_adapter(data: bytes, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-    """Extract an adapter archive into the empty folder `dest`, flattening one top-level folder."""
+    """Extract an adapter archive into the empty folder `dest`, flattening one top-level folder. Every
+    file written is flushed to disk (fsync) before this returns."""
     if len(data) > max_bytes:
         raise AdapterError(f"archive is {len(data)} bytes; the limit is {max_bytes}")
     if data[:2] == b"PK":
-        members = _zip_members(data)
+        members = _zip_members(data, max_bytes)
     elif data[:2] == b"\x1f\x8b" or data[257:262] == b"ustar":
-        members = _tar_members(data)
+        members = _tar_members(data, max_bytes)
     else:
         raise AdapterError("not a .tar.gz or .zip archive")
     written: dict[str, str] = {}
@@ -104,6 +143,8 @@ def extract_adapter(data: bytes, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES)
         if count > MAX_MEMBERS:
             raise AdapterError(f"archive has more than {MAX_MEMBERS} members")
         name = _safe_name(raw)
+        if stream is None:  # a folder: checked, nothing to write
+            continue
         base = name.rsplit("/", 1)[-1]
         if base.endswith(PICKLE_SUFFIXES):
             raise AdapterError(
@@ -116,15 +157,10 @@ def extract_adapter(data: bytes, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES)
         if base in written:
             raise AdapterError(f"archive holds {base!r} twice ({written[base]!r} and {raw!r})")
         written[base] = name
-        if stream is None:
-            raise AdapterError(f"archive member {raw!r} cannot be read")
         with stream, (dest / base).open("wb") as out:
-            # Count what is actually decompressed: headers can lie about sizes.
-            while chunk := stream.read(1 << 20):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise AdapterError(f"archive expands to more than {max_bytes} bytes; refused")
-                out.write(chunk)
+            total = _copy(stream, out, raw, total, max_bytes)
+            out.flush()
+            os.fsync(out.fileno())
     for required in (CONFIG_FILE, WEIGHTS_FILE):
         if required not in written:
             raise AdapterError(f"archive has no {required}")
@@ -182,6 +218,10 @@ def install_archive(
         if problems:
             raise AdapterError("; ".join(problems))
         publish(staged, final, overwrite=overwrite)
+    except AdapterError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        # Messages name the folder they read: the hidden staging name means nothing to the uploader.
+        raise AdapterError(str(e).replace(repr(staged.name), repr(name))) from None
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

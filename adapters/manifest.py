@@ -130,8 +130,25 @@ def method_of(peft_config: dict[str, Any]) -> Method:
 
 def write_manifest(folder: Path, manifest: AdapterManifest) -> None:
     tmp = folder / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    with tmp.open("w") as f:
+        f.write(manifest.model_dump_json(indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of `folder` (created, renamed) durable, where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the rename itself is still atomic
+    finally:
+        os.close(fd)
 
 
 def staging_dir(parent: Path, name: str) -> Path:
@@ -147,26 +164,91 @@ def publish(staged: Path, final: Path, overwrite: bool) -> None:
 
     Without `overwrite` an existing adapter is an error, also when another process publishes the same
     name at the same moment (renaming onto a non-empty folder fails): exactly one of them wins. With
-    `overwrite` the old folder is renamed aside first, so readers see the old or the new complete
-    adapter, or (between the two renames) none; never a mix.
+    `overwrite` the two folders are swapped in one atomic step (Linux), so readers always see the old or
+    the new complete adapter. Elsewhere the old folder is renamed aside first, and between the two
+    renames readers see none; a crash there is undone by `recover`. Overwrites racing each other end with
+    the last one's adapter.
     """
+    olds: list[Path] = []
     try:
-        if final.exists() and not overwrite:
-            raise FileExistsError(f"adapter {final.name!r} already exists")
-        old = None
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-        try:
-            os.rename(staged, final)
-        except OSError as e:
-            if final.exists():  # another publisher won the race
-                raise FileExistsError(f"adapter {final.name!r} already exists") from e
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(staged)  # the staged files are on disk before the folder gets its final name
+        if overwrite and _exchange(staged, final):  # one atomic swap: readers never miss the name
+            olds.append(staged)  # now holds the old adapter
+            fsync_dir(final.parent)
+            return
+        for _ in range(16):
+            if final.exists():
+                if not overwrite:
+                    raise FileExistsError(f"adapter {final.name!r} already exists")
+                old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(final, old)
+                    olds.append(old)
+                except FileNotFoundError:  # another overwrite moved it first
+                    pass
+            try:
+                os.rename(staged, final)
+                break
+            except OSError as e:
+                if not final.exists():
+                    raise
+                if not overwrite:  # another publisher won the race
+                    raise FileExistsError(f"adapter {final.name!r} already exists") from e
+        else:
+            raise FileExistsError(f"adapter {final.name!r} kept changing while it was replaced; try again")
+        fsync_dir(final.parent)  # the rename is durable once publish returns
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available,
+    or `b` does not exist."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def recover(parent: Path) -> list[str]:
+    """Finish what a crash (kill -9, power loss) left half done in a store folder; what was done, one line each.
+
+    Only hidden folders are touched; none of them is ever served. An upload that never reached its final
+    rename left `.tmp-*` (removed), a delete left `.trash-*` (removed), and an overwrite stopped between
+    its two renames left `.old-NAME-*` without NAME: the old adapter is renamed back, so the name keeps
+    a complete adapter. Run it before serving, with no other process writing to the folder.
+    """
+    done: list[str] = []
+    if not parent.is_dir():
+        return done
+    for p in sorted(parent.iterdir()):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        kind, _, rest = p.name.partition("-")
+        if kind in (".tmp", ".trash"):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed the unfinished {'upload' if kind == '.tmp' else 'delete'} {p.name}")
+        elif kind == ".old" and len(rest) > 9 and rest[-9] == "-":
+            name = rest[:-9]
+            if (parent / name).exists():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p.name}, replaced by the new {name!r}")
+            else:
+                os.rename(p, parent / name)
+                done.append(f"restored {name!r} from an interrupted overwrite")
+    if done:
+        fsync_dir(parent)
+    return done
 
 
 def dump_json(path: Path, data: Any) -> None:

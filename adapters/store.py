@@ -25,6 +25,7 @@ from loraswap.adapters.manifest import (
     AdapterManifest,
     AdapterNotFound,
     check_name,
+    fsync_dir,
     read_manifest,
 )
 
@@ -136,10 +137,17 @@ class AdapterStore:
         raise AdapterNotFound(f"adapter {name!r} not found{hint} (available: {', '.join(sorted(entries)) or 'none'})")
 
     def remove(self, name: str) -> None:
-        """Delete a user adapter: renamed aside first (atomic), then removed. Shipped adapters are read-only."""
-        entry = self.get(name)
-        if entry.source != "user":
+        """Delete a user adapter, also an unusable one: renamed aside first (atomic), then removed.
+        Shipped adapters are read-only."""
+        check_name(name)
+        folder = self.user_dir / name
+        if not folder.is_dir() or folder.is_symlink():
+            self.get(name)  # AdapterNotFound for an unknown name; otherwise it is a shipped one
             raise AdapterError(f"adapter {name!r} is shipped with loraswap and cannot be removed")
-        trash = entry.path.parent / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-        os.rename(entry.path, trash)
+        trash = self.user_dir / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(folder, trash)
+        except FileNotFoundError:  # removed by another request at the same moment
+            raise AdapterNotFound(f"adapter {name!r} not found") from None
+        fsync_dir(self.user_dir)
         shutil.rmtree(trash, ignore_errors=True)

@@ -29,6 +29,8 @@ from loraswap.adapters.manifest import (
 from loraswap.adapters.prompt import PROMPT_FORMAT_VERSION
 
 DEFAULT_MAX_RANK = 64
+MAX_ALPHA = 1 << 16
+"""lora_alpha above this scales a LoRA update out of any useful range (PEFT's defaults are 8 to 2 * r)."""
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
@@ -62,7 +64,9 @@ def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The header of a safetensors file, checked to describe a well-formed file of this size."""
+    """The header of a safetensors file, checked to describe a well-formed file of this size: every
+    tensor a float dtype, a shape of non-negative ints, offsets that match the shape, and together the
+    tensors cover the data exactly (no overlap, no gap), as safetensors requires."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -72,19 +76,38 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         if n > min(size - 8, 100 << 20):
             raise AdapterError(f"{path.name}: header length {n} does not fit in a {size}-byte file")
         try:
-            header: dict[str, Any] = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
             raise AdapterError(f"{path.name}: header is not JSON; not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path.name}: header is not a JSON object; not a safetensors file")
     data_len = size - 8 - n
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, end = info["data_offsets"]
-        itemsize = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}.get(info.get("dtype"), 0)
-        if info.get("dtype") not in _FLOAT_DTYPES:
-            raise AdapterError(f"{path.name}: tensor {name} has dtype {info.get('dtype')}; expected a float type")
-        if not 0 <= start <= end <= data_len or end - start != itemsize * math.prod(info["shape"]):
+        if not isinstance(info, dict):
+            raise AdapterError(f"{path.name}: tensor {name} has no dtype, shape and offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _FLOAT_DTYPES:
+            raise AdapterError(f"{path.name}: tensor {name} has dtype {dtype}; expected a float type")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise AdapterError(f"{path.name}: tensor {name} has shape {shape!r}; expected a list of sizes")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets):
+            raise AdapterError(f"{path.name}: tensor {name} has offsets {offsets!r}; expected [start, end]")
+        start, end = offsets
+        itemsize = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}[dtype]
+        if any(d < 0 for d in shape) or not 0 <= start <= end <= data_len or end - start != itemsize * math.prod(shape):
             raise AdapterError(f"{path.name}: tensor {name} offsets {start}..{end} do not match its shape or the file")
+        spans.append((start, end, name))
+    covered = 0
+    for start, end, name in sorted(spans):
+        if start != covered:
+            what = "overlaps another tensor" if start < covered else "leaves a gap before it"
+            raise AdapterError(f"{path.name}: tensor {name} at offset {start} {what}; the header lies about offsets")
+        covered = end
+    if covered != data_len:
+        raise AdapterError(f"{path.name}: the tensors cover {covered} of {data_len} data bytes; the header lies")
     return header
 
 
@@ -129,8 +152,11 @@ def validate_adapter(
     if method == "lora":
         if config.get("use_dora") and not allow_dora:
             problems.append("DoRA adapters are not supported (they cannot share a mixed batch)")
-        if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
             problems.append(f"LoRA rank r={rank!r} is outside 1..{max_rank}")
+        alpha = config.get("lora_alpha", 8)
+        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha <= MAX_ALPHA:
+            problems.append(f"lora_alpha={alpha!r} is not a number in (0, {MAX_ALPHA}]")
     manifest: AdapterManifest | None = None
     if (folder / MANIFEST_FILE).is_file() or require_manifest:
         try:
@@ -153,7 +179,7 @@ def validate_adapter(
 def _check_weights(
     path: Path, config: dict[str, Any], method: str, ref: BaseRef | None, manifest: AdapterManifest | None
 ) -> list[str]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     try:
         header = read_safetensors_header(path)
@@ -162,7 +188,11 @@ def _check_weights(
     problems: list[str] = []
     if manifest and manifest.weights_sha256 != sha256_of(path):
         problems.append(f"{WEIGHTS_FILE} does not match the sha256 recorded in {MANIFEST_FILE}")
-    tensors = load_file(str(path))
+    try:
+        # Read as bytes: safetensors' file-based loaders leak a little per call (see slots.load_tensors).
+        tensors = load(path.read_bytes())
+    except Exception as e:  # safetensors' own error type; the header checks above should leave nothing for it
+        return [*problems, f"{WEIGHTS_FILE} cannot be read as safetensors: {e}"]
     for name, t in tensors.items():
         if not t.isfinite().all():
             problems.append(f"tensor {name} contains NaN or Inf")

@@ -443,7 +443,9 @@ def serve(
         quant="none" if no_quant else None,
         lora_impl=lora_impl,
     )
-    run_server(settings)
+    code = run_server(settings)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("train-router")
@@ -504,7 +506,9 @@ def bench(
     clients: Annotated[int | None, typer.Option("--clients", help="Closed-loop concurrent clients.")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Tokens generated per request.")] = None,
     rounds: Annotated[int | None, typer.Option("--rounds", help="Interleaved rounds of every scenario.")] = None,
-    adapters: Annotated[int, typer.Option("--adapters", help="Synthetic adapters for the mixed scenarios.")] = 64,
+    adapters: Annotated[
+        int | None, typer.Option("--adapters", help="Synthetic adapters for the mixed scenarios [64; 8 with --soak].")
+    ] = None,
     no_reference: Annotated[
         bool, typer.Option("--no-reference", help="Skip the llama.cpp reference even where it is installed.")
     ] = False,
@@ -516,12 +520,42 @@ def bench(
         str | None, typer.Option("--admin-key", envvar="LORASWAP_ADMIN_KEY", help="Admin key (uploads).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+    soak: Annotated[
+        bool,
+        typer.Option(
+            "--soak",
+            help="Instead of the benchmarks: mixed traffic plus uploads and deletes for --soak-seconds; fails (exit "
+            "1) on any unexpected error, resident memory off by more than 5% after warm-up, or leaked fds/threads.",
+        ),
+    ] = False,
+    soak_seconds: Annotated[float, typer.Option("--soak-seconds", help="Length of the soak, warm-up included.")] = 180,
 ) -> None:
     """Load-test the server: throughput and latency with 1 to 64 adapters, baselines, cold loads, memory."""
     from loraswap.bench.report import write
-    from loraswap.bench.runner import BenchConfig, run_bench, summary
+    from loraswap.bench.runner import BenchConfig, run_bench, say, summary
 
     _quiet_libraries()
+    if soak:
+        import loraswap.bench.soak as soaking
+
+        soak_cfg = soaking.SoakConfig(
+            url=url, base=base, quant="none" if no_quant else "nf4", max_batch_size=max_batch_size,
+            seconds=soak_seconds, clients=clients or 8, max_tokens=max_tokens or 16, adapters=adapters or 8,
+            api_key=api_key, admin_key=admin_key,
+        )  # fmt: skip
+        if soak_cfg.seconds < 10 or soak_cfg.adapters < 1:
+            raise UsageError("--soak-seconds must be at least 10 and --adapters at least 1")
+        with contextlib.redirect_stdout(sys.stderr):
+            outcome = soaking.run_soak(soak_cfg, say)
+            command = f"loraswap bench --soak --soak-seconds {soak_seconds:g}" + (
+                f" --base {base}" if base != "embedded" else ""
+            )
+            report = soaking.write(outcome, out, command)
+        print(json.dumps(outcome) if as_json else report.read_text())
+        if not outcome["passed"]:
+            raise typer.Exit(1)
+        return
+    adapters = adapters or 64
     given = {"clients": clients, "max_tokens": max_tokens, "rounds": rounds}
     kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None} | {
         "url": url,

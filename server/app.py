@@ -7,6 +7,11 @@ Two kinds of process, as LitServe runs them:
 
 Uploads and deletes change the shared store on disk (atomic renames), so every worker sees them on
 its next request; nothing about adapters is kept only in one process's memory.
+
+Faults: LitServe restarts a worker that dies (`restart_workers`), and the API process ends the requests
+that worker had taken with a 503 (`spec.py`); if the API process itself dies, `serve` stops everything and
+returns a non-zero status, for a process manager to restart. At start-up the store is recovered from
+any crash and every adapter is checked; those that fail are reported and not served.
 """
 
 from __future__ import annotations
@@ -21,42 +26,67 @@ import time
 from typing import Any
 
 import litserve as ls
+from fastapi import FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from loraswap.server import playground
+from loraswap.adapters.manifest import NAME_PATTERN
+from loraswap.server.protocol import AnswerRequest, APIError, ChatRequest
 from loraswap.server.settings import Settings
 from loraswap.server.worker import LoraswapAPI
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Settings", "build_server", "serve"]
 
 
-def report_store(settings: Settings) -> None:
-    """Say at start-up what will be served, and which folders of the store cannot be (they are skipped)."""
+def report_store(settings: Settings) -> dict[str, str]:
+    """At start-up: finish what a crash left in the user directory, check every adapter of this base in full
+    (files, weights, shapes, checksums), and say what will be served. Returns the adapters that failed,
+    with the reason: they are reported and skipped (not listed, requests for them get a 404 saying why)."""
     from loraswap.adapters.base import resolve_base
+    from loraswap.adapters.manifest import recover
+    from loraswap.adapters.validate import validate_adapter
 
     ref = resolve_base(settings.base)
     store = settings.store()
+    for line in recover(store.user_dir):
+        print(f"loraswap: store recovery: {line}", file=sys.stderr)
     entries = store.entries()
-    ours = sorted(n for n, e in entries.items() if e.manifest.base_fingerprint == ref.fingerprint)
+    mine = sorted(n for n, e in entries.items() if e.manifest.base_fingerprint == ref.fingerprint)
+    unusable = store.problems()
+    for name in mine:
+        problems = validate_adapter(entries[name].path, ref, max_rank=settings.max_rank)
+        if problems:
+            unusable[name] = "; ".join(problems)
+    ours = [n for n in mine if n not in unusable]
     print(
         f"loraswap: base {ref.base_id} ({ref.fingerprint}), {len(ours)} adapters: {', '.join(ours) or 'none'}",
         file=sys.stderr,
     )
-    others = sorted(set(entries) - set(ours))
+    others = sorted(set(entries) - set(mine))
     if others:
         print(f"loraswap: skipping adapters of other bases: {', '.join(others)}", file=sys.stderr)
-    for name, why in store.problems().items():
+    for name, why in sorted(unusable.items()):
         print(f"loraswap: skipping unusable adapter folder {name!r}: {why}", file=sys.stderr)
+    return unusable
 
 
-def build_server(settings: Settings, cancels: Any = None) -> ls.LitServer:
-    api = LoraswapAPI(settings, cancels)
+def build_server(
+    settings: Settings, cancels: Any = None, workers: Any = None, unusable: dict[str, str] | None = None
+) -> ls.LitServer:
+    api = LoraswapAPI(settings, cancels, workers, unusable)
     server = ls.LitServer(
         api,
         accelerator="auto",
         workers_per_device=settings.workers,
         timeout=False,
+        restart_workers=True,  # a worker that dies is started again (its requests get a 503: spec.py)
         max_payload_size=max(settings.max_upload_bytes, settings.max_body_bytes) + (1 << 20),
     )
+    _errors_in_openai_shape(server.app)
+    _document_bodies(server.app)
     # LitServe registers its own "/" ("litserve running") ahead of the spec's routes; the first match
     # wins, so it is dropped for the playground's page.
     routes = server.app.router.routes
@@ -64,8 +94,74 @@ def build_server(settings: Settings, cancels: Any = None) -> ls.LitServer:
     return server
 
 
-def serve(settings: Settings) -> None:
-    """Run the server until SIGINT or SIGTERM.
+def _errors_in_openai_shape(app: FastAPI) -> None:
+    """Errors raised outside loraswap's routes (an unknown path, a wrong method, a body over LitServe's
+    payload limit, an unexpected exception) get the same OpenAI error body as the routes' own."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if isinstance(exc, APIError):
+            return exc.response()
+        if exc.status_code == 413:  # LitServe's payload limit, before a route reads the body
+            message = "request body is too large; LORASWAP_MAX_BODY_BYTES and _MAX_UPLOAD_BYTES set the limits"
+            return APIError(413, message, code="payload_too_large").response()
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        err = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in err.get("loc", ())) or None
+        return APIError(400, f"{param}: {err.get('msg', 'invalid request')}", param=param).response()
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return APIError(500, "internal error; the server log has the details").response()
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Describe the request bodies in /openapi.json: the routes read the raw request (to answer bad bodies
+    with their own errors), so FastAPI cannot see them."""
+    json_bodies: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatRequest, "/v1/answer": AnswerRequest}
+    upload = {
+        "type": "object",
+        "required": ["name", "file"],
+        "properties": {
+            "name": {"type": "string", "pattern": f"^{NAME_PATTERN}$"},
+            "file": {"type": "string", "format": "binary", "description": ".tar.gz or .zip of an adapter folder"},
+            "overwrite": {"type": "string", "enum": ["true", "false"]},
+        },
+    }
+    shared: dict[str, Any] = {}  # nested models (Message, StreamOptions) go to components/schemas
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or "POST" not in (route.methods or ()):
+            continue
+        if route.path in json_bodies:
+            schema = json_bodies[route.path].model_json_schema(ref_template="#/components/schemas/{model}")
+            shared.update(schema.pop("$defs", {}))
+            content = {"application/json": {"schema": schema}}
+        elif route.path == "/v1/adapters":
+            content = {"multipart/form-data": {"schema": upload}}
+        else:
+            continue
+        route.openapi_extra = {"requestBody": {"required": True, "content": content}}
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            build().setdefault("components", {}).setdefault("schemas", {}).update(shared)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until SIGINT or SIGTERM; the exit status (0, or 1 when the API process died).
 
     On SIGTERM (LitServe ignores it), the API process is asked to stop first: uvicorn closes the
     listening socket and lets running requests finish, for up to `drain_seconds`, while the workers
@@ -76,13 +172,38 @@ def serve(settings: Settings) -> None:
     # what an adapter load's temporary buffers freed, so without a bound resident memory grew by 2.5x
     # an adapter's weights per loaded adapter (1.0x with the bound; see BENCHMARKS.md).
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    report_store(settings)
-    # Cancels cross from the API process to whichever worker runs the request through a shared dict.
+    unusable = report_store(settings)
+    # Cancels cross from the API process to whichever worker runs the request through a shared dict; the
+    # workers' process ids go the other way.
     manager = multiprocessing.Manager()
-    server = build_server(settings, manager.dict())
+    server = build_server(settings, manager.dict(), manager.dict(), unusable)
     server.uvicorn_graceful_timeout = settings.drain_seconds  # uvicorn's own graceful-shutdown bound
+    stopping = threading.Event()
+    api_died = threading.Event()
+
+    api: list[Any] = []  # the API processes, as LitServe starts them
+    start_api = server._start_server
+
+    def started(*args: Any, **kwargs: Any) -> Any:
+        processes = start_api(*args, **kwargs)
+        api.extend(processes.values())
+        return processes
+
+    server._start_server = started
+
+    def watch_api() -> None:
+        """LitServe restarts workers but not the API process: if it dies, nothing answers any more, so stop
+        everything and exit non-zero, for a process manager (systemd, Docker, Kubernetes) to restart."""
+        while not stopping.wait(1):
+            if api and not all(p.is_alive() for p in api) and not stopping.is_set():
+                print("loraswap: the API process died; stopping the server", file=sys.stderr, flush=True)
+                api_died.set()
+                if server._shutdown_event is not None:
+                    server._shutdown_event.set()
+                return
 
     def drain() -> None:
+        stopping.set()
         api_servers = [p for p in multiprocessing.active_children() if p.name.startswith("LitServer-")]
         for p in api_servers:
             if p.pid is not None:
@@ -93,12 +214,17 @@ def serve(settings: Settings) -> None:
         server._shutdown_event.set()
 
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain, daemon=True).start())
+    threading.Thread(target=watch_api, daemon=True, name="loraswap-api-watch").start()
     # One API process: every response passes through it, so one metrics registry sees all of them.
-    server.run(
-        host=settings.host,
-        port=settings.port,
-        num_api_servers=1,
-        generate_client_file=False,
-        log_level="warning",
-    )
-    manager.shutdown()
+    try:
+        server.run(
+            host=settings.host,
+            port=settings.port,
+            num_api_servers=1,
+            generate_client_file=False,
+            log_level="warning",
+        )
+    finally:
+        stopping.set()
+        manager.shutdown()
+    return 1 if api_died.is_set() else 0

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 
+from loraswap.adapters.manifest import AdapterNotFound
 from loraswap.adapters.prompt import stop_token_ids
 from loraswap.adapters.store import StoreEntry
 from loraswap.server.lru import AdapterLRU, CacheFull
@@ -83,6 +84,8 @@ class Event:
     """On a request's last event: the adapters this engine has loaded."""
     worker: int = 0
     """Process id of the engine's worker."""
+    status: int | None = None
+    """With `error`: the HTTP status it maps to (404: the adapter was deleted after the request was accepted)."""
 
 
 @dataclass
@@ -269,19 +272,21 @@ class Engine:
                 events.append(Event(req.uid, "", "cancelled", len(req.prompt_ids), 0))
                 continue
             try:
+                gen = None
+                if req.temperature > 0:
+                    gen = torch.Generator(device="cpu")
+                    seed = req.seed if req.seed is not None else int.from_bytes(req.uid.encode()[:8], "big")
+                    gen.manual_seed(seed % 2**64)
                 key, load_ms = (BASE, None) if req.adapter is None else self._ensure_loaded(req.adapter)
             except CacheFull:
                 self.waiting.insert(0, req)  # retry when a running request frees an adapter
                 break
-            except Exception as e:
-                events.append(Event(req.uid, "", "error", len(req.prompt_ids), 0, error=str(e)))
+            except Exception as e:  # this request fails; the others of the step go on
+                status = 404 if isinstance(e, AdapterNotFound) else 500
+                events.append(Event(req.uid, "", "error", len(req.prompt_ids), 0, error=str(e), status=status))
                 continue
             if key != BASE:
                 self.lru.acquire(key)
-            gen = None
-            if req.temperature > 0:
-                gen = torch.Generator(device="cpu")
-                gen.manual_seed(req.seed if req.seed is not None else int.from_bytes(req.uid.encode()[:8], "big"))
             new.append(_Row(req, key, gen, load_ms=load_ms))
             budget -= len(req.prompt_ids)
         if not new:
@@ -540,6 +545,11 @@ class Engine:
         # Cancels of waiting requests are applied when they are admitted; any other uid has finished already.
         self.cancelled &= {r.uid for r in self.waiting}
         return [Event(r.req.uid, "", "cancelled", len(r.req.prompt_ids), len(r.generated)) for r in gone]
+
+    def fail_running(self, message: str) -> list[Event]:
+        """Fail every running request (the engine's state after an unexpected error is not trusted); waiting
+        requests stay queued."""
+        return self._fail_all(message)
 
     def _fail_all(self, message: str) -> list[Event]:
         events = [

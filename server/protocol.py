@@ -6,7 +6,10 @@ request is answered with a 4xx of its own and never reaches (or fails) a batch.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -20,19 +23,43 @@ ErrorType = Literal[
 ]
 
 
+@functools.cache
+def _server_paths() -> re.Pattern[str]:
+    """Absolute paths under any top-level folder of this machine ("/home/...", "/tmp/...", "/usr/...")."""
+    try:
+        tops = sorted((d for d in os.listdir("/") if re.fullmatch(r"[\w.-]+", d)), key=len, reverse=True)
+    except OSError:
+        tops = ["home", "tmp", "usr", "var", "root", "opt", "etc", "srv", "mnt"]
+    return re.compile(r"(?<![\w/.:-])/(?:" + "|".join(map(re.escape, tops)) + r")(?=/|\b)(?:/[^\s'\",;()\[\]{}<>]*)*")
+
+
+def scrub_paths(message: str) -> str:
+    """`message` without file-system paths of the server: each is cut to its last part (the file name), which
+    says what is wrong without telling a client how the server's disks are laid out."""
+    return _server_paths().sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "<path>", message)
+
+
+def error_type(status: int) -> ErrorType:
+    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )  # type: ignore[return-value]
+
+
 class APIError(HTTPException):
-    """An error with an OpenAI-shaped body: {"error": {"message", "type", "param", "code"}}."""
+    """An error with an OpenAI-shaped body: {"error": {"message", "type", "param", "code"}}. Messages never
+    carry the server's file-system paths."""
 
     def __init__(
         self,
         status: int,
         message: str,
-        type_: ErrorType = "invalid_request_error",
+        type_: ErrorType | None = None,
         param: str | None = None,
         code: str | None = None,
     ) -> None:
+        message = scrub_paths(message)
         super().__init__(status_code=status, detail=message)
-        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.body = {"error": {"message": message, "type": type_ or error_type(status), "param": param, "code": code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body, status_code=self.status_code)
@@ -73,11 +100,11 @@ class _Sampling(BaseModel):
 
 
 class ChatRequest(_Sampling):
-    model: str
+    model: str = Field(examples=["base"])
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     n: int = 1
     stream_options: StreamOptions | None = None
 
@@ -104,8 +131,8 @@ class ChatRequest(_Sampling):
 
 
 class AnswerRequest(_Sampling):
-    adapter: str
-    question: str = Field(min_length=1)
+    adapter: str = Field(examples=["base", "auto"])
+    question: str = Field(min_length=1, examples=["What are the symptoms of asthma?"])
     max_tokens: int | None = Field(default=256, ge=1)
 
 

@@ -10,23 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import errno
 import hmac
 import inspect
+import ipaddress
 import json
+import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 from pydantic import BaseModel, SecretStr, ValidationError
+from starlette.exceptions import HTTPException
 
 from loraswap.adapters.base import BaseRef, load_tokenizer, resolve_base
-from loraswap.adapters.manifest import AdapterError, AdapterNotFound
+from loraswap.adapters.manifest import AdapterError, AdapterNotFound, check_name
 from loraswap.adapters.prompt import SYSTEM_PROMPT
 from loraswap.adapters.store import StoreEntry
 from loraswap.server import playground
@@ -45,6 +50,11 @@ from loraswap.server.protocol import (
 from loraswap.server.settings import Settings
 
 BASE_NAMES = ("base", "__base__")
+WATCH_SECONDS = 0.5
+"""How often the API process checks that the workers running its requests are alive."""
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _check_key(request: Request, key: SecretStr | None) -> bool:
@@ -54,15 +64,44 @@ def _check_key(request: Request, key: SecretStr | None) -> bool:
     return hmac.compare_digest(given.encode(), f"Bearer {key.get_secret_value()}".encode())
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a killed worker stays a zombie until LitServe reaps it)."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _error_event(message: str, status: int) -> dict[str, Any]:
+    """A worker-style final event carrying an error (for requests the API process itself has to end)."""
+    return {"text": "", "finish_reason": "error", "error": message, "status": status}
+
+
 class LoraswapSpec(LitSpec):
-    def __init__(self, settings: Settings, cancels: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, cancels: Any = None, workers: Any = None, unusable: dict[str, str] | None = None
+    ) -> None:
         super().__init__()
         self.settings = settings
         self.cancels = cancels  # shared dict (multiprocessing manager) of uids whose client went away
+        self.workers = workers  # shared dict: LitServe worker index -> process id of the worker
+        self.unusable = dict(unusable or {})  # adapters that failed the start-up check: name -> why
         self.api_path = "/v1/chat/completions"
         self._tokenizer: Any = None
         self._ref: BaseRef | None = None
         self._metrics: Metrics | None = None
+        self._max_token_bytes = 0
+        self._prompts: ThreadPoolExecutor | None = None  # one thread builds prompts (tokenizers are not thread-safe)
+        self._watchdog: asyncio.Task[None] | None = None
         self._loaded: dict[int, set[str]] = {}  # worker pid -> adapter names it reported loaded
         self._router: tuple[tuple[str, int], Any] | None = None
         routes = [
@@ -103,6 +142,7 @@ class LoraswapSpec(LitSpec):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_metrics"] = None
+        state["_prompts"] = state["_watchdog"] = None
         state["_endpoints"] = []  # routes live in the API process; workers only need the settings
         return state
 
@@ -137,16 +177,55 @@ class LoraswapSpec(LitSpec):
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.ref)
+            vocab = self._tokenizer.get_vocab()
+            # No token covers more bytes of text than its own spelling takes (byte-level and sentencepiece
+            # spellings are at least as long as the bytes they stand for).
+            self._max_token_bytes = max((len(t.encode()) for t in vocab), default=1) or 1
         return self._tokenizer
+
+    @property
+    def context(self) -> int:
+        return int(self.ref.arch.get("max_position_embeddings", 2048))
+
+    def _check_text_fits(self, nbytes: int, param: str) -> None:
+        """Refuse, without tokenizing it, text too long for the context whatever its tokens: tokenizing a
+        megabyte costs the API process a second that every other request would wait for."""
+        _ = self.tokenizer  # loaded first: it measures the longest token
+        if nbytes > self.context * self._max_token_bytes:
+            raise APIError(
+                400,
+                f"the prompt has {nbytes} bytes of text, more than the context length of {self.context} tokens "
+                "can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    async def _in_prompt_thread(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (chat templates, tokenizing) off the event loop, one at a time."""
+        if self._prompts is None:
+            self._prompts = ThreadPoolExecutor(1, thread_name_prefix="loraswap-prompts")
+        return await asyncio.get_running_loop().run_in_executor(self._prompts, fn)
 
     def _entries(self) -> dict[str, StoreEntry]:
         fp = self.ref.fingerprint
-        return {n: e for n, e in self.settings.store().entries().items() if e.manifest.base_fingerprint == fp}
+        return {
+            n: e
+            for n, e in self.settings.store().entries().items()
+            if e.manifest.base_fingerprint == fp and n not in self.unusable
+        }
 
     def _adapter(self, name: str, param: str) -> str | None:
         """None for the base; the adapter's name if it exists for this base; else 404 with close names."""
         if name in BASE_NAMES or name == self.ref.base_id:
             return None
+        if name in self.unusable:
+            raise APIError(
+                404,
+                f"adapter {name!r} is not served: it failed the start-up check ({self.unusable[name]}); "
+                "upload it again with overwrite=true, or delete it",
+                param=param,
+                code="adapter_unusable",
+            )
         try:
             if self.settings.store().get(name).manifest.base_fingerprint == self.ref.fingerprint:
                 return name  # the common case reads one folder, not the whole store
@@ -176,8 +255,10 @@ class LoraswapSpec(LitSpec):
                         code="invalid_api_key",
                     )
                 return
+            # Behind a reverse proxy on this host, uvicorn takes the caller from X-Forwarded-For (it trusts the
+            # header from 127.0.0.1 only), so remote callers are seen as remote.
             host = request.client.host if request.client else ""
-            if host not in ("127.0.0.1", "::1", "localhost"):
+            if not _is_loopback(host):
                 raise APIError(
                     403,
                     "adapter upload and delete are only accepted from the loopback address "
@@ -198,12 +279,12 @@ class LoraswapSpec(LitSpec):
         if len(raw) > self.settings.max_body_bytes:
             raise APIError(
                 413,
-                f"request body is {len(raw)} bytes; the limit is {self.settings.max_body_bytes}",
+                f"request body is {len(raw)} bytes, too large; the limit is {self.settings.max_body_bytes}",
                 code="payload_too_large",
             )
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
             raise APIError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "body must be a JSON object", code="invalid_json")
@@ -232,7 +313,7 @@ class LoraswapSpec(LitSpec):
                 param="max_tokens",
                 code="max_tokens_too_large",
             )
-        context = int(self.ref.arch.get("max_position_embeddings", 2048))
+        context = self.context
         if len(prompt) + 1 > context:
             raise APIError(
                 400,
@@ -261,13 +342,14 @@ class LoraswapSpec(LitSpec):
         q: deque[Any] = deque()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=q)
+        self._watch_workers()
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
         finished = False
         try:
             async for data, status in self.data_streamer(q, event, send_status=True):
                 if status == LitAPIStatus.ERROR:
                     finished = True
-                    raise APIError(500, "the inference worker failed on this request", "server_error")
+                    raise APIError(500, "the inference worker failed on this request")
                 item = json.loads(data) if isinstance(data, str) else data
                 m = self.metrics
                 m.event(item)
@@ -293,6 +375,36 @@ class LoraswapSpec(LitSpec):
                     self.cancels[str(uid)] = time.monotonic()
                 self.metrics.cancelled.inc()
 
+    def _watch_workers(self) -> None:
+        """Start, once per API process, the task that ends requests whose worker died."""
+        if self._watchdog is None and self.workers is not None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Every WATCH_SECONDS: a request a worker has taken (LitServe records which, as the request starts)
+        whose worker process is gone gets a 503 at once; LitServe restarts the worker, and requests still
+        queued wait for it. Without this they would wait for their lost worker forever."""
+        seen: dict[Any, int] = {}  # uid -> pid of the worker that took it
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            taken = [(uid, item) for uid, item in list(self.response_buffer.items()) if item.worker_id is not None]
+            seen = {uid: pid for uid, pid in seen.items() if uid in self.response_buffer}
+            if not taken:
+                continue
+            try:
+                pids = dict(self.workers)  # one round trip to the manager
+            except Exception:  # the manager is going away (shutdown)
+                continue
+            for uid, item in taken:
+                pid = seen.setdefault(uid, pids.get(item.worker_id, 0))
+                if pid and not _alive(pid):
+                    log.warning("worker %s (pid %s) died; failing its request %s", item.worker_id, pid, uid)
+                    self.response_buffer.pop(uid, None)
+                    message = "the inference worker running this request stopped; it is being restarted, retry"
+                    if item.response_queue is not None:
+                        item.response_queue.append((_error_event(message, 503), LitAPIStatus.OK))
+                    item.event.set()
+
     # -- routes --
 
     async def chat(self, request: Request) -> Response:
@@ -302,10 +414,10 @@ class LoraswapSpec(LitSpec):
             adapter = self._adapter(body.model, "model")
             request.state.adapter = adapter or "base"  # only known names become labels
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            self._check_text_fits(sum(len(m["content"].encode()) for m in messages), "messages")
             if messages[0]["role"] not in ("system", "developer"):
                 messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            prompt = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prompt = await self._in_prompt_thread(lambda: self._chat_prompt(messages))
             job = self._job(
                 prompt,
                 adapter,
@@ -326,13 +438,24 @@ class LoraswapSpec(LitSpec):
             job, "/v1/chat/completions", lambda text, fin, use: chat_completion(cid, body.model, text, fin, use)
         )
 
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # templates may refuse some role orders
+            raise APIError(400, f"the base's chat template refuses these messages: {e}", param="messages") from None
+        self._check_text_fits(len(text.encode()), "messages")  # many short messages add up in the template
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
     async def _chat_stream(self, job: dict[str, Any], cid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         yield sse(chat_chunk(cid, model, created, {"role": "assistant", "content": ""}, None))
         try:
             async for ev in self._events(job, "/v1/chat/completions"):
                 if ev.get("error"):
-                    yield sse({"error": {"message": ev["error"], "type": "server_error", "param": None, "code": None}})
+                    yield sse(APIError(ev.get("status") or 500, ev["error"]).body)
                     return
                 if ev["text"]:
                     yield sse(chat_chunk(cid, model, created, {"content": ev["text"]}, None))
@@ -355,19 +478,20 @@ class LoraswapSpec(LitSpec):
         try:
             async for ev in self._events(job, route):
                 if ev.get("error"):
-                    return APIError(500, ev["error"], "server_error").response()
+                    return APIError(ev.get("status") or 500, ev["error"]).response()
                 parts.append(ev["text"])
                 if ev["finish_reason"]:
                     reason = "length" if ev["finish_reason"] == "length" else "stop"
                     return JSONResponse(build("".join(parts), reason, usage(ev)))
         except APIError as e:
             return e.response()
-        return APIError(500, "generation ended without a result", "server_error").response()
+        return APIError(500, "generation ended without a result").response()
 
     async def answer(self, request: Request) -> Response:
         try:
             self._auth(request)
             body: AnswerRequest = await self._body(request, AnswerRequest)
+            self._check_text_fits(len(body.question.encode()), "question")
             routed = None
             if body.adapter == "auto":
                 adapter, routed = self._route(body.question)
@@ -376,8 +500,9 @@ class LoraswapSpec(LitSpec):
             request.state.adapter = adapter or "base"
             from loraswap.adapters.prompt import prompt_ids
 
+            question = body.question
             job = self._job(
-                prompt_ids(self.tokenizer, body.question),
+                await self._in_prompt_thread(lambda: prompt_ids(self.tokenizer, question)),
                 adapter,
                 body.max_tokens,
                 body.temperature,
@@ -425,7 +550,7 @@ class LoraswapSpec(LitSpec):
         try:
             async for ev in self._events(job, "/v1/answer"):
                 if ev.get("error"):
-                    yield sse({"error": {"message": ev["error"], "type": "server_error", "param": None, "code": None}})
+                    yield sse(APIError(ev.get("status") or 500, ev["error"]).body)
                     return
                 out: dict[str, Any] = {**head, "delta": ev["text"]}
                 if ev["finish_reason"]:
@@ -461,22 +586,26 @@ class LoraswapSpec(LitSpec):
     async def upload(self, request: Request) -> Response:
         from loraswap.adapters.archive import install_archive
 
+        limit = self.settings.max_upload_bytes
         try:
             self._auth(request, admin=True)
-            form = await request.form(max_part_size=self.settings.max_upload_bytes)
+            try:
+                form = await request.form(max_part_size=limit)
+            except HTTPException as e:  # starlette's multipart parser: malformed body, or a part over the limit
+                status = 413 if "maximum size" in str(e.detail) else 400
+                raise APIError(status, f"the upload is not a valid multipart form: {e.detail}", param="file") from None
             name, upload, overwrite = form.get("name"), form.get("file"), form.get("overwrite", "false")
             if not isinstance(name, str) or not name:
                 raise APIError(400, "form field 'name' is required", param="name")
+            try:
+                check_name(name)
+            except AdapterError as e:
+                raise APIError(400, str(e), param="name", code="invalid_name") from None
             if upload is None or isinstance(upload, str):
                 raise APIError(400, "form field 'file' must be a .tar.gz or .zip upload", param="file")
-            data = await upload.read(self.settings.max_upload_bytes + 1)
-            if len(data) > self.settings.max_upload_bytes:
-                raise APIError(
-                    413,
-                    f"archive is over the {self.settings.max_upload_bytes}-byte limit",
-                    param="file",
-                    code="payload_too_large",
-                )
+            data = await upload.read(limit + 1)
+            if len(data) > limit:
+                raise APIError(413, f"archive is over the {limit}-byte limit", param="file", code="payload_too_large")
             store = self.settings.store()
             try:
                 path = await asyncio.to_thread(
@@ -487,7 +616,7 @@ class LoraswapSpec(LitSpec):
                     self.ref,
                     str(overwrite).lower() == "true",
                     self.settings.max_rank,
-                    self.settings.max_upload_bytes,
+                    limit,
                 )
             except FileExistsError:
                 raise APIError(
@@ -497,9 +626,12 @@ class LoraswapSpec(LitSpec):
                     code="adapter_exists",
                 ) from None
             except AdapterError as e:
-                raise APIError(
-                    422 if "name" not in str(e) else 400, str(e), param="file", code="invalid_adapter"
-                ) from None
+                raise APIError(422, str(e), param="file", code="invalid_adapter") from None
+            except OSError as e:  # the store's disk (full, read-only): the server's problem, said without paths
+                log.exception("upload of %r failed", name)
+                status = 507 if e.errno == errno.ENOSPC else 500
+                raise APIError(status, f"the adapter could not be stored: {e.strerror}") from None
+            self.unusable.pop(name, None)
             entry = StoreEntry(name, path, "user", store.get(name).manifest)
         except APIError as e:
             return e.response()
@@ -510,11 +642,16 @@ class LoraswapSpec(LitSpec):
             self._auth(request, admin=True)
             store = self.settings.store()
             try:
+                check_name(name)
+            except AdapterError as e:
+                raise APIError(400, str(e), param="name", code="invalid_name") from None
+            try:
                 store.remove(name)
             except AdapterNotFound as e:
-                raise APIError(404, str(e), "not_found_error", param="name") from None
+                raise APIError(404, str(e), param="name") from None
             except AdapterError as e:
-                raise APIError(403, str(e), "permission_error", param="name") from None
+                raise APIError(403, str(e), param="name") from None
+            self.unusable.pop(name, None)
         except APIError as e:
             return e.response()
         return Response(status_code=204)

@@ -1,13 +1,17 @@
 """The worker side: one base and one `Engine` per process, driven by LitServe's continuous-batching loop.
 
 Each loop step is one engine step over every running request. Requests arrive already validated by
-the API process (`spec.py`); the shared `cancels` dict names requests whose client went away.
+the API process (`spec.py`); the shared `cancels` dict names requests whose client went away, and each
+worker records its process id in the shared `workers` dict (by LitServe's worker index), so the API
+process can tell when the worker running a request has died.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import os
 import time
 from typing import Any
 
@@ -18,6 +22,8 @@ from litserve.utils import LitAPIStatus
 from loraswap.adapters.base import load_base
 from loraswap.server.settings import Settings
 from loraswap.server.spec import LoraswapSpec
+
+log = logging.getLogger(__name__)
 
 
 class EngineLoop(ContinuousBatchingLoop):
@@ -31,18 +37,24 @@ class EngineLoop(ContinuousBatchingLoop):
 
 
 class LoraswapAPI(ls.LitAPI):
-    def __init__(self, settings: Settings, cancels: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, cancels: Any = None, workers: Any = None, unusable: dict[str, str] | None = None
+    ) -> None:
         super().__init__(
             max_batch_size=settings.max_batch_size,
             stream=True,
-            spec=LoraswapSpec(settings, cancels),
+            spec=LoraswapSpec(settings, cancels, workers, unusable),
             loop=EngineLoop(),
         )
         self.settings = settings
         self.cancels = cancels
+        self.workers = workers
 
     def setup(self, device: str) -> None:
         from loraswap.server.engine import Engine
+
+        if self.workers is not None:  # LitServe sets the index before setup; a restarted worker keeps it
+            self.workers[int(os.environ.get("LITSERVE_WORKER_ID", "0"))] = os.getpid()
 
         base = load_base(self.settings.base, quant=self.settings.quant, device=device)
         store = self.settings.store()
@@ -96,7 +108,12 @@ class LoraswapAPI(ls.LitAPI):
     def step(self, prev_outputs: Any) -> list[Output]:
         self._apply_cancels()
         outputs, self.immediate = self.immediate, []
-        for event in self.engine.step():
+        try:
+            events = self.engine.step()
+        except Exception as e:  # the engine contains per-request failures; this is the last guard
+            log.exception("engine step failed")
+            events = self.engine.fail_running(f"generation failed: {type(e).__name__}")
+        for event in events:
             uid = self.uids[event.uid]
             outputs.append(Output(uid, dataclasses.asdict(event), LitAPIStatus.OK))
             if event.finish_reason:

@@ -137,3 +137,43 @@ def test_bench_against_a_running_server_leaves_it_as_it_was(lively_base: Path, t
         assert httpx.get(f"{url}/v1/models").json()["data"] == before  # the bench's adapters are gone
     finally:
         stop(proc)
+
+
+def test_soak_runs_mixed_traffic_with_uploads_and_deletes(lively_base: Path, tmp_path: Path) -> None:
+    """A short `loraswap bench --soak` on the tiny base: every kind of traffic ran, none failed unexpectedly,
+    and the server's processes were measured at the end of the warm-up and at the end."""
+    from loraswap.main import main
+
+    args = ["bench", "--soak", "--soak-seconds", "12", "--base", str(lively_base), "--no-quant"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.suppress(SystemExit):  # exit 1 when a check fails
+        main([*args, "--max-batch-size", "4", "--clients", "4", "--adapters", "3", "--json", "--out", str(tmp_path)])
+    result = json.loads(stdout.getvalue())
+    assert result["unexpected_errors"] == 0, result["errors"]
+    kinds = result["by_kind"]
+    for kind in ("answer", "answer-stream", "chat", "chat-stream", "upload", "delete-in-flight", "overwrite"):
+        assert kinds.get(kind, 0) > 0, kinds
+    res = result["resources"]
+    assert {p["role"] for p in res["processes_end"]} >= {"main", "api", "worker"}
+    assert res["end"]["rss_mb"] > 0 and res["end"]["fds"] > 0 and res["end"]["threads"] > 0
+    assert (tmp_path / "soak.md").is_file() and (tmp_path / "soak_memory.png").is_file()
+
+
+def test_soak_verdict_fails_on_errors_growth_and_leaks() -> None:
+    from loraswap.bench.soak import SoakConfig, SoakStats, summarize
+
+    def procs(rss: float, fds: int, threads: int) -> list[dict[str, object]]:
+        return [{"pid": 1, "role": "main", "rss_mb": rss, "fds": fds, "threads": threads}]
+
+    def verdict(stats: SoakStats, end: list[dict[str, object]]) -> dict[str, bool]:
+        measured = {"warmup": procs(1000, 50, 20), "end": end, "warmup_requests": 0}
+        return dict(summarize(SoakConfig(), stats, measured, 60.0)["checks"])
+
+    clean = SoakStats()
+    assert all(verdict(clean, procs(1040, 50, 20)).values())
+    assert not verdict(clean, procs(1060, 50, 20))["resident memory within 5% of warm-up"]
+    assert not verdict(clean, procs(1000, 51, 20))["no file descriptors leaked"]
+    assert not verdict(clean, procs(1000, 50, 21))["no threads leaked"]
+    failed = SoakStats()
+    failed.fail("answer: HTTP 500")
+    assert not verdict(failed, procs(1000, 50, 20))["no unexpected errors"]

@@ -206,6 +206,21 @@ def test_hostile_upload_is_refused_and_writes_nothing(url: str, store: Path) -> 
     assert not (store.parent / "escape.json").exists()
 
 
+def test_admin_routes_refuse_remote_callers(url: str, lively_base: Path, store: Path) -> None:
+    """No admin key set: a caller that is not on this host gets a 403, also through a reverse proxy on this host
+    (uvicorn takes the caller's address from X-Forwarded-For, trusting that header from 127.0.0.1 only)."""
+    remote = {"X-Forwarded-For": "203.0.113.9"}
+    before = sorted(p.name for p in store.iterdir())
+    files = {"file": ("a.tar.gz", _archive(lively_base, 9))}
+    r = httpx.post(f"{url}/v1/adapters", data={"name": "remote"}, files=files, headers=remote, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert httpx.delete(f"{url}/v1/adapters/symptoms", headers=remote).status_code == 403
+    assert sorted(p.name for p in store.iterdir()) == before
+    # Inference routes stay open to remote callers when no inference key is set.
+    ask = {"adapter": "base", "question": "x", "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/answer", json=ask, headers=remote, timeout=60).status_code == 200
+
+
 def test_api_keys(lively_base: Path, store: Path) -> None:
     proc, url = start_server(lively_base, store, {"LORASWAP_API_KEY": "k-infer", "LORASWAP_ADMIN_KEY": "k-admin"})
     try:
