@@ -30,8 +30,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from loraswap.server import playground
 from loraswap.adapters.manifest import NAME_PATTERN
+from loraswap.server import playground
 from loraswap.server.protocol import AnswerRequest, APIError, ChatRequest
 from loraswap.server.settings import Settings
 from loraswap.server.worker import LoraswapAPI
