@@ -401,3 +401,28 @@ def test_prefix_cache_bookkeeping() -> None:
     cache.drop("b")
     assert len(cache) == 1 and cache.lookup("b", prompt)[0] == 0
     assert cache.hit_tokens == 12 + 4 + 8 + 4 + 8 and cache.prompt_tokens > cache.hit_tokens
+
+
+def test_the_server_loop_runs_every_engine_step_on_one_thread() -> None:
+    """Each thread calling into torch gets its own OpenMP team; steps spread over a pool's threads left idle
+    teams spinning on the cores the working one needed (server/worker.py)."""
+    import asyncio
+    import threading
+
+    from loraswap.server.worker import EngineLoop
+
+    class Steps:
+        def __init__(self) -> None:
+            self.threads: set[int] = set()
+
+        def step(self, prev: object) -> list[object]:
+            self.threads.add(threading.get_ident())
+            return []
+
+    async def many(loop: EngineLoop, api: Steps) -> None:
+        for _ in range(20):
+            await asyncio.gather(asyncio.to_thread(threading.get_ident), loop.step(None, api, None))
+
+    api, loop = Steps(), EngineLoop()
+    asyncio.run(many(loop, api))
+    assert len(api.threads) == 1 and threading.get_ident() not in api.threads
