@@ -1,11 +1,14 @@
 """Time the engine's steps in this process, without HTTP: prefill and decoding step at a given batch.
 
     python -m loraswap.bench.steps --batch 16 --adapters 16 [--impl batched|peft] [--tokens 32]
-        [--no-prefix-cache] [--profile]
+        [--no-prefix-cache] [--closed SECONDS] [--profile]
 
 Synthetic rank-8 adapters (as `loraswap bench` makes them) fill a temporary store; `--profile`
-prints cProfile's top functions of the timed part. For finding where a step's time goes before
-changing anything.
+prints cProfile's top functions of the timed part; `--closed` then keeps `--batch` requests in flight
+for that many seconds (a new one as soon as one finishes, prompts cycling through the questions, the
+first round's lengths staggered so that requests finish and join one at a time), the
+engine's own closed loop with joins and prefills, as the server's clients load it. For finding where a
+step's time goes before changing anything.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pstats
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters over the batch (0: base only)")
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--no-prefix-cache", action="store_true", help="prefill whole prompts every time")
+    ap.add_argument("--closed", type=float, default=0, help="then a closed loop of this many seconds")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -80,10 +85,45 @@ def main(argv: list[str] | None = None) -> None:
         if profiler:
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+        tokens_s = closed_loop(engine, base.tokenizer, args) if args.closed > 0 else None
     print(
         f"impl {args.impl}, batch {args.batch}, {args.adapters} adapters: prefill {1000 * prefill:.0f} ms, "
         f"decoding step {1000 * step:.1f} ms, {args.batch / step:.1f} tokens/s while decoding"
     )
+    if tokens_s is not None:
+        print(f"closed loop of {args.batch} requests of {args.tokens} tokens: {tokens_s:.1f} tokens/s")
+
+
+def closed_loop(engine: Any, tokenizer: Any, args: argparse.Namespace) -> float:
+    """Tokens/s with `args.batch` requests always in flight for `args.closed` seconds (after one round of
+    warm-up), counting the tokens of the requests that finished inside the window."""
+    from loraswap.adapters.prompt import prompt_ids
+    from loraswap.bench.load import QUESTIONS
+    from loraswap.server.engine import GenRequest
+
+    sent = 0
+
+    def submit(tokens: int = args.tokens) -> None:
+        nonlocal sent
+        adapter = f"a{sent % args.adapters:02d}" if args.adapters else None
+        ids = prompt_ids(tokenizer, QUESTIONS[sent % len(QUESTIONS)])
+        engine.submit(GenRequest(f"c{sent}", ids, adapter, max_tokens=tokens, ignore_eos=True))
+        sent += 1
+
+    for i in range(args.batch):  # staggered lengths: from then on requests finish and join one by one
+        submit(max(1, args.tokens * (i + 1) // args.batch))
+    start: float | None = None
+    tokens, finished = 0, 0
+    while start is None or time.perf_counter() - start < args.closed:
+        for event in engine.step():
+            if event.finish_reason:
+                finished += 1
+                if start is not None:
+                    tokens += event.completion_tokens
+                submit()
+        if start is None and finished >= args.batch:  # the staggered first round is warm-up
+            start = time.perf_counter()
+    return tokens / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
