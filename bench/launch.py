@@ -56,6 +56,24 @@ def launch(
     raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
 
 
+def launch_with_log(
+    base: str,
+    adapters_dir: Path,
+    quant: str,
+    max_batch_size: int,
+    env: dict[str, str],
+    log: IO[bytes],
+    timeout: float = 600,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`launch` with the server's output going to `log`, a file; a start that fails raises with its last lines."""
+    try:
+        return launch(base, adapters_dir, quant, max_batch_size, env, log=log, timeout=timeout)
+    except RuntimeError as e:
+        log.flush()
+        tail = Path(log.name).read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{e}; the server's last output:\n{tail}") from None
+
+
 def stop(proc: subprocess.Popen[bytes], graceful: bool = False) -> None:
     """Stop the server and every process it started (SIGTERM drains running requests first)."""
     with contextlib.suppress(ProcessLookupError):

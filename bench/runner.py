@@ -115,7 +115,7 @@ def say(msg: str) -> None:
 
 def run_bench(cfg: BenchConfig) -> Collected:
     from loraswap.adapters.base import resolve_base
-    from loraswap.bench.launch import launch, stop
+    from loraswap.bench.launch import launch_with_log, stop
     from loraswap.bench.synth import synth_lora
 
     t0 = time.perf_counter()
@@ -142,13 +142,7 @@ def run_bench(cfg: BenchConfig) -> Collected:
                 }
                 if cfg.lora_impl:
                     env["LORASWAP_LORA_IMPL"] = cfg.lora_impl
-                try:
-                    proc, url = launch(
-                        cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log=log, timeout=600
-                    )
-                except RuntimeError as e:
-                    tail = (work / "server.log").read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{e}; the server's last output:\n{tail}") from None
+                proc, url = launch_with_log(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log)
             admin = httpx.Client(base_url=url, timeout=120, headers=_auth(cfg.admin_key))
             say(f"uploading {len(names) + len(cold)} adapters through POST /v1/adapters")
             for n in names + cold:

@@ -365,7 +365,7 @@ def summarize(cfg: SoakConfig, stats: SoakStats, measured: dict[str, Any], secon
 def run_soak(cfg: SoakConfig, say: Any) -> dict[str, Any]:
     """Start a server (unless `cfg.url`), upload the adapters, soak it, stop it."""
     from loraswap.adapters.base import resolve_base
-    from loraswap.bench.launch import launch, stop
+    from loraswap.bench.launch import launch_with_log, stop
     from loraswap.bench.synth import archive, synth_lora
 
     ref = resolve_base(cfg.base)
@@ -385,13 +385,7 @@ def run_soak(cfg: SoakConfig, say: Any) -> dict[str, Any]:
                 if cfg.admin_key:
                     env["LORASWAP_ADMIN_KEY"] = cfg.admin_key
                 say(f"soak: starting the server on {cfg.base} ({cfg.quant}), batch {cfg.max_batch_size}")
-                try:
-                    proc, url = launch(
-                        cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log=log, timeout=600
-                    )
-                except RuntimeError as e:
-                    tail = (work / "server.log").read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{e}; the server's last output:\n{tail}") from None
+                proc, url = launch_with_log(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log)
             admin = {"Authorization": f"Bearer {cfg.admin_key}"} if cfg.admin_key else {}
             with httpx.Client(base_url=url, headers=admin, timeout=120) as c:
                 for n in names:

@@ -158,6 +158,34 @@ def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int, 
     return path
 
 
+def adapter_archive(base: Path, seed: int) -> bytes:
+    """A .tar.gz upload of a random (non-zero) LoRA adapter for `base`."""
+    import io
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = random_lora_adapter(base, Path(tmp), "x", seed)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                tar.add(path / f, arcname=f)
+        return buf.getvalue()
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`loraswap ARGS` in this process: exit code, stdout, stderr."""
+    from loraswap.main import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

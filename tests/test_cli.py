@@ -8,18 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from loraswap.main import main
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +72,7 @@ def test_every_command_explains_its_options() -> None:
 
 
 def test_train_writes_adapters_listed_by_the_store(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["adapters", "list", "--json", "--adapters-dir", str(store)], capsys)
+    code, out, _ = run_cli(["adapters", "list", "--json", "--adapters-dir", str(store)], capsys)
     assert code == 0
     listed = {d["name"]: d for d in json.loads(out)}
     for name in ("symptoms", "treatment"):
@@ -93,9 +84,9 @@ def test_train_writes_adapters_listed_by_the_store(store: Path, capsys: pytest.C
 def test_validate_reports_problems_with_exit_status(
     store: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, _ = run(["adapters", "validate", str(store / "symptoms"), "--base", str(tiny_base)], capsys)
+    code, out, _ = run_cli(["adapters", "validate", str(store / "symptoms"), "--base", str(tiny_base)], capsys)
     assert code == 0 and "ok" in out
-    code, out, _ = run(
+    code, out, _ = run_cli(
         ["adapters", "validate", str(store / "symptoms"), "--base", str(tiny_base), "--max-rank", "4"], capsys
     )
     assert code == 1 and "rank r=8 is outside 1..4" in out
@@ -105,7 +96,7 @@ def test_eval_json_and_matrix(
     store: Path, tiny_base: Path, qa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     common = ["--data", str(qa_csv), "--adapters-dir", str(store), "--base", str(tiny_base), "--no-quant"]
-    code, out, _ = run(
+    code, out, _ = run_cli(
         ["eval", "--qtype", "symptoms", "--limit", "3", "--json", "--max-new-tokens", "4", *common], capsys
     )
     assert code == 0
@@ -113,7 +104,7 @@ def test_eval_json_and_matrix(
     assert obj["qtype"] == "symptoms" and obj["n"] >= 1
     assert set(obj["results"]) >= {"__base__", "symptoms"}
     assert set(obj["results"]["symptoms"]) == {"nll", "rougeL"}
-    code, out, _ = run(["eval", "--matrix", "--limit", "3", "--out", str(tmp_path), *common], capsys)
+    code, out, _ = run_cli(["eval", "--matrix", "--limit", "3", "--out", str(tmp_path), *common], capsys)
     assert code == 0
     matrix = json.loads((tmp_path / "matrix.json").read_text())["nll"]
     assert set(matrix) == {"symptoms", "treatment"}
@@ -134,7 +125,7 @@ def test_eval_json_and_matrix(
 def test_errors_are_one_clear_line(
     args: list[str], message: str, store: Path, qa_csv: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = run(
+    code, _, err = run_cli(
         [*args, "--data", str(qa_csv), "--base", str(tiny_base)]
         + (["--adapters-dir", str(store)] if args[0] == "eval" else []),
         capsys,
@@ -144,13 +135,13 @@ def test_errors_are_one_clear_line(
 
 
 def test_bad_base_is_a_clear_error(qa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(
+    code, _, err = run_cli(
         ["train", "--qtype", "symptoms", "--data", str(qa_csv), "--base", str(tmp_path / "nothing")], capsys
     )
     assert code == 2 and "is not 'embedded', an existing model folder" in err
     empty = tmp_path / "model"
     empty.mkdir()
-    code, _, err = run(["train", "--qtype", "symptoms", "--data", str(qa_csv), "--base", str(empty)], capsys)
+    code, _, err = run_cli(["train", "--qtype", "symptoms", "--data", str(qa_csv), "--base", str(empty)], capsys)
     assert code == 2 and "has no config.json" in err
 
 
@@ -165,11 +156,11 @@ def test_install_and_remove_an_archive(
             tar.add(store / "symptoms" / f, arcname=f"symptoms/{f}")
     user = tmp_path / "user"
     common = ["--adapters-dir", str(user), "--base", str(tiny_base)]
-    code, _, _ = run(["adapters", "install", str(archive), "--name", "uploaded", *common], capsys)
+    code, _, _ = run_cli(["adapters", "install", str(archive), "--name", "uploaded", *common], capsys)
     assert code == 0 and (user / "uploaded" / "adapter_model.safetensors").is_file()
-    code, _, err = run(["adapters", "install", str(archive), "--name", "uploaded", *common], capsys)
+    code, _, err = run_cli(["adapters", "install", str(archive), "--name", "uploaded", *common], capsys)
     assert code == 2 and "already exists; pass --overwrite" in err
-    code, _, _ = run(["adapters", "remove", "uploaded", "--adapters-dir", str(user)], capsys)
+    code, _, _ = run_cli(["adapters", "remove", "uploaded", "--adapters-dir", str(user)], capsys)
     assert code == 0 and not (user / "uploaded").exists()
-    code, _, err = run(["adapters", "remove", "uploaded", "--adapters-dir", str(user)], capsys)
+    code, _, err = run_cli(["adapters", "remove", "uploaded", "--adapters-dir", str(user)], capsys)
     assert code == 2 and "not found" in err

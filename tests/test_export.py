@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import run_cli
 
 from loraswap.adapters.base import resolve_base
 from loraswap.adapters.export import EXPORT_FILE, refuse_unexportable
@@ -57,16 +58,6 @@ def make_adapter(base: str, store: Path, name: str, seed: int, b_scale: float = 
     return folder
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("export-store")
@@ -102,7 +93,7 @@ def test_gguf_layout_is_llama_cpps(
         alpha_pattern={"down_proj": 8},
     )
     out = tmp_path / "gguf"
-    code, stdout, err = run(
+    code, stdout, err = run_cli(
         [
             "export",
             "every-linear",
@@ -167,7 +158,7 @@ def test_modelfile_speaks_loraswaps_prompt_format(
 
     make_adapter(str(tiny_base), store, "qv", seed=2)
     out = tmp_path / "ollama"
-    code, _, err = run(
+    code, _, err = run_cli(
         ["export", "qv", "--out", str(out), "--adapters-dir", str(store), "--base", str(tiny_base)], capsys
     )
     assert code == 0, err
@@ -210,7 +201,7 @@ def test_merged_model_reloads_and_matches_the_adapter_on_the_dense_base(
     name = "merge-" + ("-".join(sorted(variant)) or "plain").replace("_", "")
     folder = make_adapter(str(lively_base), store, name, seed=3, **variant)
     out = tmp_path / "merged"
-    code, _, err = run(
+    code, _, err = run_cli(
         [
             "export",
             name,
@@ -289,14 +280,14 @@ def test_what_cannot_be_exported_is_refused_with_the_reason(
         refuse_unexportable(lora | {"lora_bias": True}, "merged", "llama")
 
     make_adapter(str(tiny_base), store, "dora", seed=5, use_dora=True)
-    code, _, err = run(
+    code, _, err = run_cli(
         ["export", "dora", "--out", str(tmp_path / "d"), "--adapters-dir", str(store), "--base", str(tiny_base)], capsys
     )
     assert code == 2 and "use_dora: DoRA (a learned magnitude per output" in err
     assert not (tmp_path / "d").exists()
 
     make_adapter(str(tiny_base), store, "embeddings", seed=6, target_modules=["embed_tokens", "q_proj"])
-    code, _, err = run(
+    code, _, err = run_cli(
         ["export", "embeddings", "--out", str(tmp_path / "e"), "--adapters-dir", str(store), "--base", str(tiny_base)],
         capsys,
     )
@@ -308,38 +299,38 @@ def test_missing_or_damaged_adapters_and_occupied_folders_are_clear_errors(
     tiny_base: Path, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     common = ["--adapters-dir", str(store), "--base", str(tiny_base)]
-    code, _, err = run(["export", "qvv", "--out", str(tmp_path / "x"), *common], capsys)
+    code, _, err = run_cli(["export", "qvv", "--out", str(tmp_path / "x"), *common], capsys)
     assert code == 2 and "adapter 'qvv' not found" in err
-    code, _, err = run(["export", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "x"), *common], capsys)
+    code, _, err = run_cli(["export", str(tmp_path / "no-such-folder"), "--out", str(tmp_path / "x"), *common], capsys)
     assert code == 2 and "no-such-folder' does not exist" in err
 
     make_adapter(str(tiny_base), store, "qv2", seed=7)
-    code, _, err = run(["export", "qv2", "--format", "onnx", "--out", str(tmp_path / "x"), *common], capsys)
+    code, _, err = run_cli(["export", "qv2", "--format", "onnx", "--out", str(tmp_path / "x"), *common], capsys)
     assert code == 2 and "--format 'onnx': choose gguf or merged" in err
 
     broken = make_adapter(str(tiny_base), store, "truncated", seed=8)
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    code, _, err = run(["export", "truncated", "--out", str(tmp_path / "x"), *common], capsys)
+    code, _, err = run_cli(["export", "truncated", "--out", str(tmp_path / "x"), *common], capsys)
     assert code == 2 and "adapter 'truncated' cannot be exported" in err and "do not match" in err
 
     no_manifest = make_adapter(str(tiny_base), store, "no-manifest", seed=9)
     (no_manifest / "loraswap.json").unlink()
-    code, _, err = run(["export", "no-manifest", "--out", str(tmp_path / "x"), *common], capsys)
+    code, _, err = run_cli(["export", "no-manifest", "--out", str(tmp_path / "x"), *common], capsys)
     assert code == 2 and "in the store but unusable" in err and "no loraswap.json" in err
     assert not (tmp_path / "x").exists()
 
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
-    code, _, err = run(["export", "qv2", "--out", str(occupied), *common], capsys)
+    code, _, err = run_cli(["export", "qv2", "--out", str(occupied), *common], capsys)
     assert code == 2 and "other files in it" in err and (occupied / "notes.txt").read_text() == "mine"
 
     out = tmp_path / "again"
-    assert run(["export", "qv2", "--out", str(out), *common], capsys)[0] == 0
-    code, _, err = run(["export", "qv2", "--out", str(out), *common], capsys)
+    assert run_cli(["export", "qv2", "--out", str(out), *common], capsys)[0] == 0
+    code, _, err = run_cli(["export", "qv2", "--out", str(out), *common], capsys)
     assert code == 2 and "--overwrite" in err
-    assert run(["export", "qv2", "--out", str(out), "--overwrite", *common], capsys)[0] == 0
+    assert run_cli(["export", "qv2", "--out", str(out), "--overwrite", *common], capsys)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", EXPORT_FILE, "qv2.gguf"]
 
 
@@ -350,9 +341,9 @@ def test_a_base_gguf_of_another_architecture_is_refused(
 
     make_adapter(str(tiny_base), store, "qv3", seed=10)
     args = ["export", "qv3", "--out", str(tmp_path / "x"), "--adapters-dir", str(store), "--base", str(tiny_base)]
-    code, _, err = run([*args, "--base-gguf", str(embedded_gguf_path())], capsys)
+    code, _, err = run_cli([*args, "--base-gguf", str(embedded_gguf_path())], capsys)
     assert code == 2 and "is not the adapter's base: llama.block_count is 30, the adapter's base has 2" in err
-    code, _, err = run([*args, "--copy-base"], capsys)
+    code, _, err = run_cli([*args, "--copy-base"], capsys)
     assert code == 2 and "has no GGUF; give one with --base-gguf" in err
 
 
@@ -391,7 +382,7 @@ def test_qwen2_keeps_hugging_faces_row_order(tiny_base: Path, store: Path, tmp_p
 
 
 def test_export_explains_its_options(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run(["export", "--help"], capsys)
+    code, out, _ = run_cli(["export", "--help"], capsys)
     assert code == 0
     for option in ("--format", "--out", "--base", "--base-gguf", "--copy-base", "--overwrite", "--adapters-dir"):
         assert option in out

@@ -6,9 +6,6 @@ Screenshots go to test-artifacts/playground/ (desktop and phone widths).
 
 from __future__ import annotations
 
-import io
-import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, qa_rows, random_lora_adapter
+from conftest import REPO, adapter_archive, qa_rows, random_lora_adapter
 
 from loraswap.bench.launch import launch, stop
 from loraswap.train.data import QA
@@ -115,16 +112,6 @@ def api_answer(url: str, adapter: str, question: str, max_tokens: int) -> httpx.
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=60,
     )
-
-
-def archive(base: Path, seed: int) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = random_lora_adapter(base, Path(tmp), "x", seed)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for f in ("adapter_config.json", "adapter_model.safetensors"):
-                tar.add(path / f, arcname=f)
-        return buf.getvalue()
 
 
 # Records, for every answer card under `root`, each change of its answer's length: [[adapter, length], ...].
@@ -246,7 +233,7 @@ def test_upload_use_then_delete_an_adapter(page: Any, url: str, lively_base: Pat
     assert "KiB" in cells["Size"] and cells["Loaded"] in ("yes", "no") and cells["Base"].startswith("lively-llama")
 
     path = tmp_path / "fresh.tar.gz"
-    path.write_bytes(archive(lively_base, seed=3))
+    path.write_bytes(adapter_archive(lively_base, seed=3))
     page.fill("#up-name", "fresh")
     page.set_input_files("#up-file", str(path))
     page.click("#up-go")  # no admin key yet: the API's own words come back
@@ -282,7 +269,7 @@ def test_upload_use_then_delete_an_adapter(page: Any, url: str, lively_base: Pat
 
 def test_an_unknown_adapter_shows_the_api_error(browser: Any, url: str, lively_base: Path) -> None:
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    files = {"file": ("g.tar.gz", archive(lively_base, seed=4), "application/gzip")}
+    files = {"file": ("g.tar.gz", adapter_archive(lively_base, seed=4), "application/gzip")}
     assert httpx.post(f"{url}/v1/adapters", data={"name": "ghost"}, files=files, headers=admin).status_code == 201
     context = browser.new_context(viewport=PHONE)
     tab = context.new_page()

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import peft_reference, qa_rows, random_lora_adapter
+from conftest import adapter_archive, peft_reference, qa_rows, random_lora_adapter
 
 from loraswap.adapters.base import load_tokenizer, resolve_base
 from loraswap.adapters.prompt import prompt_ids
@@ -153,18 +152,8 @@ def test_invalid_json(url: str) -> None:
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def _archive(base: Path, seed: int) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = random_lora_adapter(base, Path(tmp), "x", seed)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for f in ("adapter_config.json", "adapter_model.safetensors"):
-                tar.add(path / f, arcname=f)
-        return buf.getvalue()
-
-
 def test_upload_use_delete(url: str, lively_base: Path, store: Path) -> None:
-    data = _archive(lively_base, seed=3)
+    data = adapter_archive(lively_base, seed=3)
     files = {"file": ("a.tar.gz", data, "application/gzip")}
     r = httpx.post(f"{url}/v1/adapters", data={"name": "fresh"}, files=files, timeout=60)
     assert r.status_code == 201, r.text
@@ -178,7 +167,7 @@ def test_upload_use_delete(url: str, lively_base: Path, store: Path) -> None:
     r = httpx.post(
         f"{url}/v1/adapters",
         data={"name": "fresh", "overwrite": "true"},
-        files={"file": ("a.tar.gz", _archive(lively_base, seed=4), "application/gzip")},
+        files={"file": ("a.tar.gz", adapter_archive(lively_base, seed=4), "application/gzip")},
         timeout=60,
     )
     assert r.status_code == 201
@@ -211,7 +200,7 @@ def test_admin_routes_refuse_remote_callers(url: str, lively_base: Path, store: 
     (uvicorn takes the caller's address from X-Forwarded-For, trusting that header from 127.0.0.1 only)."""
     remote = {"X-Forwarded-For": "203.0.113.9"}
     before = sorted(p.name for p in store.iterdir())
-    files = {"file": ("a.tar.gz", _archive(lively_base, 9))}
+    files = {"file": ("a.tar.gz", adapter_archive(lively_base, 9))}
     r = httpx.post(f"{url}/v1/adapters", data={"name": "remote"}, files=files, headers=remote, timeout=60)
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
     assert httpx.delete(f"{url}/v1/adapters/symptoms", headers=remote).status_code == 403
@@ -312,7 +301,7 @@ def test_two_workers_see_one_upload(lively_base: Path, tmp_path: Path) -> None:
     random_lora_adapter(lively_base, store, "symptoms", seed=1)
     proc, url = start_server(lively_base, store, {"LORASWAP_WORKERS": "2"})
     try:
-        files = {"file": ("a.tar.gz", _archive(lively_base, seed=5), "application/gzip")}
+        files = {"file": ("a.tar.gz", adapter_archive(lively_base, seed=5), "application/gzip")}
         assert httpx.post(f"{url}/v1/adapters", data={"name": "shared"}, files=files, timeout=60).status_code == 201
         want = reference(lively_base, store, "shared", QUESTIONS[0], 5)
 
@@ -385,7 +374,7 @@ def test_auto_routes_to_the_adapter_of_the_question_type(url: str, lively_base: 
 
 
 def test_delete_lets_running_requests_finish(url: str, lively_base: Path) -> None:
-    files = {"file": ("a.tar.gz", _archive(lively_base, seed=6), "application/gzip")}
+    files = {"file": ("a.tar.gz", adapter_archive(lively_base, seed=6), "application/gzip")}
     assert httpx.post(f"{url}/v1/adapters", data={"name": "doomed"}, files=files, timeout=60).status_code == 201
     ask = {"adapter": "doomed", "question": QUESTIONS[0], "max_tokens": 60, "stream": True}
     deleted: list[int] = []
