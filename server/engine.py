@@ -99,7 +99,6 @@ class _Row:
     next_token: int = -1
     load_ms: float | None = None
     cached: int = 0  # leading prompt tokens taken from the prefix cache
-    announced: bool = False  # its first event (with load_ms) was sent
 
 
 class Engine:
@@ -238,7 +237,7 @@ class Engine:
                 events += self._decode()
             except Exception as e:  # one failed forward fails the running rows, not the engine
                 log.exception("decode step failed")
-                events += self._fail_all(f"generation failed: {type(e).__name__}")
+                events += self.fail_running(f"generation failed: {type(e).__name__}")
         return events
 
     def _forward(self, **kwargs: Any) -> Any:
@@ -459,13 +458,13 @@ class Engine:
                         batch=len(logits),
                         waiting=len(self.waiting),
                         loaded=len(self.lru),
-                        load_ms=None if row.announced else row.load_ms,
+                        load_ms=row.load_ms,
                         cached_tokens=row.cached,
                         loaded_names=tuple(sorted(set().union(*self.names.values()))) if reason else None,
                         worker=self.pid,
                     )
                 )
-                row.announced = True
+                row.load_ms = None
             if reason:
                 finished.append(row)
         if finished:
@@ -549,9 +548,6 @@ class Engine:
     def fail_running(self, message: str) -> list[Event]:
         """Fail every running request (the engine's state after an unexpected error is not trusted); waiting
         requests stay queued."""
-        return self._fail_all(message)
-
-    def _fail_all(self, message: str) -> list[Event]:
         events = [
             Event(r.req.uid, "", "error", len(r.req.prompt_ids), len(r.generated), error=message) for r in self.rows
         ]
