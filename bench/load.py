@@ -126,8 +126,13 @@ class Run:
     wall: float
 
 
+def auth_headers(key: str | None) -> dict[str, str]:
+    """The bearer header of an API or admin key (none without a key)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def client_for(url: str, api_key: str | None = None, connections: int = 256) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key)
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     return httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600.0), limits=limits)
 

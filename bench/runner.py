@@ -143,7 +143,7 @@ def run_bench(cfg: BenchConfig) -> Collected:
                 if cfg.lora_impl:
                     env["LORASWAP_LORA_IMPL"] = cfg.lora_impl
                 proc, url = launch_with_log(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log)
-            admin = httpx.Client(base_url=url, timeout=120, headers=_auth(cfg.admin_key))
+            admin = httpx.Client(base_url=url, timeout=120, headers=load.auth_headers(cfg.admin_key))
             say(f"uploading {len(names) + len(cold)} adapters through POST /v1/adapters")
             for n in names + cold:
                 upload(admin, n, folders[n])
@@ -173,17 +173,13 @@ def run_bench(cfg: BenchConfig) -> Collected:
             if proc is not None:
                 stop(proc, graceful=True)
             elif url is not None:  # leave a server we did not start as we found it
-                with httpx.Client(base_url=url, timeout=30, headers=_auth(cfg.admin_key)) as client:
+                with httpx.Client(base_url=url, timeout=30, headers=load.auth_headers(cfg.admin_key)) as client:
                     for n in names + cold + uploads:
                         with contextlib.suppress(httpx.HTTPError):
                             client.delete(f"/v1/adapters/{n}")
             log.close()
     out.seconds = time.perf_counter() - t0
     return out
-
-
-def _auth(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def upload(client: httpx.Client, name: str, folder: Path) -> None:
@@ -365,7 +361,7 @@ def _load_times(cfg: BenchConfig, url: str, out: Collected) -> None:
     """The server's own adapter load times (every load of the run: warm-up, cold, uploads), from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{url}/metrics", headers=_auth(cfg.api_key), timeout=30).text
+    text = httpx.get(f"{url}/metrics", headers=load.auth_headers(cfg.api_key), timeout=30).text
     for family in text_string_to_metric_families(text):
         if family.name == "loraswap_adapter_load_seconds":
             for sample in family.samples:

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from loraswap.bench.load import QUESTIONS
+from loraswap.bench.load import QUESTIONS, auth_headers
 
 RSS_TOLERANCE = 0.05
 
@@ -289,8 +289,8 @@ async def _soak(
     stats = SoakStats()
     running, stop = asyncio.Event(), asyncio.Event()
     running.set()
-    inference = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    admin = {"Authorization": f"Bearer {cfg.admin_key}"} if cfg.admin_key else {}
+    inference = auth_headers(cfg.api_key)
+    admin = auth_headers(cfg.admin_key)
     limits = httpx.Limits(max_connections=cfg.clients + 4)
     timeout = httpx.Timeout(300.0)
     measured: dict[str, Any] = {}
@@ -386,7 +386,7 @@ def run_soak(cfg: SoakConfig, say: Any) -> dict[str, Any]:
                     env["LORASWAP_ADMIN_KEY"] = cfg.admin_key
                 say(f"soak: starting the server on {cfg.base} ({cfg.quant}), batch {cfg.max_batch_size}")
                 proc, url = launch_with_log(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log)
-            admin = {"Authorization": f"Bearer {cfg.admin_key}"} if cfg.admin_key else {}
+            admin = auth_headers(cfg.admin_key)
             with httpx.Client(base_url=url, headers=admin, timeout=120) as c:
                 for n in names:
                     r = c.post("/v1/adapters", data={"name": n, "overwrite": "true"},
