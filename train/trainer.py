@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from loraswap.adapters.arch import Architecture, architecture
 from loraswap.adapters.base import BaseRef, LoadedBase, Quant, load_base, resolve_base
 from loraswap.adapters.manifest import (
     WEIGHTS_FILE,
@@ -37,9 +38,9 @@ from loraswap.train.data import QA, Split, check_qtypes, load_qa, split
 
 log = logging.getLogger(__name__)
 
-# The documented default: attention query and value projections, as in the LoRA paper and PEFT's
-# reference recipe. `--target-modules all-linear` adapts every linear layer (more capacity, ~5x the size).
-DEFAULT_TARGETS = ("q_proj", "v_proj")
+# The default targets come from the base's architecture (`adapters/arch.py`): its attention query and
+# value projections, as in the LoRA paper and PEFT's reference recipe. `--target-modules all-linear`
+# adapts every linear layer (more capacity, ~5x the size).
 _DEFAULT_LR: dict[str, float] = {"lora": 5e-4, "prefix": 1e-2, "prompt": 3e-2, "ptuning": 1e-2}
 
 
@@ -55,8 +56,9 @@ class TrainConfig:
     """LoRA alpha (scale = alpha / r)."""
     dropout: float = 0.1
     """LoRA dropout."""
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    """Modules LoRA adapts; ('all-linear',) for every linear layer but the output head."""
+    target_modules: tuple[str, ...] = ()
+    """Modules LoRA adapts; () for the architecture's default (attention q and v), ('all-linear',) for every
+    linear layer but the output head."""
     num_virtual_tokens: int = 20
     """Virtual tokens for prefix, prompt and P-tuning."""
     lr: float | None = None
@@ -109,7 +111,7 @@ class TrainResult:
         return self.train_tokens / self.seconds if self.seconds else 0.0
 
 
-def peft_config(cfg: TrainConfig, tokenizer: Any) -> Any:
+def peft_config(cfg: TrainConfig, tokenizer: Any, arch: Architecture) -> Any:
     from peft import (
         LoraConfig,
         PrefixTuningConfig,
@@ -119,9 +121,9 @@ def peft_config(cfg: TrainConfig, tokenizer: Any) -> Any:
         TaskType,
     )
 
-    task = TaskType.CAUSAL_LM
+    task = TaskType(arch.peft_task)
     if cfg.method == "lora":
-        targets: str | list[str] = "all-linear" if cfg.target_modules == ("all-linear",) else list(cfg.target_modules)
+        targets: str | list[str] = "all-linear" if cfg.target_modules == ("all-linear",) else list(arch.targets)
         return LoraConfig(
             task_type=task, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets
         )
@@ -199,11 +201,12 @@ def attach_adapter(base: LoadedBase, cfg: TrainConfig) -> Any:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     model = base.model
-    if base.quant == "nf4":
+    if base.quant != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    peft_model = get_peft_model(model, peft_config(cfg, base.tokenizer))
+    arch = architecture(base.ref.model_type, cfg.target_modules or None)
+    peft_model = get_peft_model(model, peft_config(cfg, base.tokenizer, arch))
     peft_model.print_trainable_parameters()
     return peft_model
 
