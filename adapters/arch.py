@@ -61,10 +61,11 @@ def kind_of(model_type: str) -> Kind:
 
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type].kind
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return "causal"
+    # Encoder-decoders such as BART are in both tables (their decoder alone is a causal LM): seq2seq first.
     if model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         return "seq2seq"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
     raise UnknownArchitectureError(
         f"base architecture {model_type!r} is neither a causal LM nor a seq2seq LM that transformers knows; "
         "loraswap serves text-generation bases only"
