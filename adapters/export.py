@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from loraswap.adapters.base import EMBEDDED, BaseRef, embedded_gguf_path, load_tokenizer
+from loraswap.adapters.base import EMBEDDED, BaseRef, embedded_gguf_path, load_tokenizer, model_class
 from loraswap.adapters.gguf_export import (
     base_tensor_names,
     check_base_gguf,
@@ -317,11 +317,10 @@ def _export_merged(
 ) -> dict[str, Any]:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     dtype = _dense_dtype(ref.load_path)
     tokenizer = load_tokenizer(ref)
-    base = AutoModelForCausalLM.from_pretrained(ref.load_path, dtype=torch.float32)
+    base = model_class(ref.kind).from_pretrained(ref.load_path, dtype=torch.float32)
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
     if tied and {"lm_head", "embed_tokens"} & {t.split(".")[-1] for t in manifest.target_modules}:
         raise AdapterError("LoRA on the tied embeddings/lm_head: merging would change both; not exported")

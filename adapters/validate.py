@@ -53,11 +53,14 @@ def check_compatible(manifest: AdapterManifest, ref: BaseRef) -> None:
 def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
     """{module path: (in_features, out_features)} of every linear layer of the base, from its config."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from loraswap.adapters.arch import kind_of
+    from loraswap.adapters.base import model_class
 
     config = AutoConfig.from_pretrained(load_path)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(kind_of(config.model_type)).from_config(config)
     return {
         name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }
