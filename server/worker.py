@@ -68,13 +68,15 @@ class LoraswapAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         from loraswap.server.engine import Engine
+        from loraswap.server.seq2seq import Seq2SeqEngine
 
         if self.workers is not None:  # LitServe sets the index before setup; a restarted worker keeps it
             self.workers[int(os.environ.get("LITSERVE_WORKER_ID", "0"))] = os.getpid()
 
         base = load_base(self.settings.base, quant=self.settings.quant, device=device)
         store = self.settings.store()
-        self.engine = Engine(
+        engine_class = Seq2SeqEngine if base.ref.kind == "seq2seq" else Engine
+        self.engine = engine_class(
             base.model,
             base.tokenizer,
             store.get,
