@@ -43,7 +43,8 @@ def normalize_question(text: str) -> str:
 class Example:
     input_ids: list[int]
     labels: list[int]
-    """-100 on prompt tokens: the loss is taken on answer tokens only."""
+    """Causal bases: prompt + answer with -100 on prompt tokens (the loss is taken on answer tokens only).
+    Seq2seq bases: the answer alone, the decoder's targets; `input_ids` is the prompt, the encoder's input."""
 
 
 def render_prompt(tokenizer: Any, question: str, system: str = SYSTEM_PROMPT) -> str:
@@ -64,13 +65,32 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return [int(tokenizer.eos_token_id)]
 
 
-def build_example(tokenizer: Any, question: str, answer: str, max_len: int) -> Example | None:
+def build_example(tokenizer: Any, question: str, answer: str, max_len: int, seq2seq: bool = False) -> Example | None:
     """Prompt + normalised answer + end-of-turn, truncated to `max_len` tokens (the answer is cut, never
-    the prompt). Returns None when the prompt alone leaves fewer than 8 answer tokens."""
+    the prompt). Returns None when the prompt alone leaves fewer than 8 answer tokens. A seq2seq example
+    keeps the prompt (encoder) and the answer (decoder) apart, cut by the same rule."""
     p = prompt_ids(tokenizer, question)
     a = tokenizer(normalize_answer(answer), add_special_tokens=False)["input_ids"] + stop_token_ids(tokenizer)
     room = max_len - len(p)
     if room < 8:
         return None
     a = a[:room]
+    if seq2seq:
+        return Example(input_ids=p, labels=a)
     return Example(input_ids=p + a, labels=[-100] * len(p) + a)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A conversation as the prompt text: through the chat template, or, for a base without one (T5), in the
+    plain template's shape, so that a system turn and one question give exactly `render_prompt`'s text."""
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    parts: list[str] = []
+    for m in messages:
+        if m["role"] in ("system", "developer"):
+            parts.append(f"{m['content']}\n\n")
+        elif m["role"] == "assistant":
+            parts.append(f"{m['content'].strip()}\n")
+        else:
+            parts.append(f"Question: {m['content'].strip()}\nAnswer: ")
+    return "".join(parts)

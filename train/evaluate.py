@@ -24,27 +24,34 @@ METRICS = ("nll", "rougeL")
 def answer_nll(
     model: Any, tokenizer: Any, rows: Sequence[QA], max_seq_len: int = 256, batch_size: int = 4, desc: str | None = None
 ) -> float:
-    """Mean negative log-likelihood per answer token (the prompt is not scored)."""
+    """Mean negative log-likelihood per answer token (the prompt is not scored). On a seq2seq base: the
+    decoder's NLL of the answer given the prompt in the encoder."""
     import torch
 
-    from loraswap.train.trainer import PadCollator
+    from loraswap.train.trainer import PadCollator, is_seq2seq
 
-    examples = [e for e in (build_example(tokenizer, r.question, r.answer, max_seq_len) for r in rows) if e]
+    seq2seq = is_seq2seq(model)
+    examples = [e for e in (build_example(tokenizer, r.question, r.answer, max_seq_len, seq2seq) for r in rows) if e]
     if not examples:
         raise ValueError("no held-out example fits in max_seq_len")
-    collate = PadCollator(tokenizer.pad_token_id)
+    collate = PadCollator(tokenizer.pad_token_id, seq2seq=seq2seq)
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, disable=desc is None, leave=False):
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in examples[i : i + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Prompt and P-tuning return logits for their virtual tokens too, in front: drop them.
-        logits = logits[:, logits.size(1) - batch["input_ids"].size(1) :]
-        # Position t predicts token t+1.
-        logits = logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
+        if seq2seq:  # the decoder's inputs are the labels shifted right; its position t predicts label t
+            with torch.no_grad():
+                logits = model(**batch).logits.float()
+            labels = batch["labels"]
+        else:
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # Prompt and P-tuning return logits for their virtual tokens too, in front: drop them.
+            logits = logits[:, logits.size(1) - batch["input_ids"].size(1) :]
+            # Position t predicts token t+1.
+            logits = logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
         )
@@ -64,9 +71,12 @@ def greedy_answers(
     """Greedy answers, batched with left padding."""
     import torch
 
+    from loraswap.train.trainer import is_seq2seq
+
     device = next(model.parameters()).device
     out: list[str] = []
     stops = stop_token_ids(tokenizer)
+    seq2seq = is_seq2seq(model)
     for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=desc is None, leave=False):
         chunk = [prompt_ids(tokenizer, q) for q in questions[i : i + batch_size]]
         width = max(map(len, chunk))
@@ -84,7 +94,9 @@ def greedy_answers(
                 eos_token_id=stops,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        out.extend(tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in gen)
+        # A causal model returns prompt + answer; a seq2seq one the decoder's tokens alone, from its start token.
+        start = 1 if seq2seq else width
+        out.extend(tokenizer.decode(g[start:], skip_special_tokens=True).strip() for g in gen)
     return out
 
 

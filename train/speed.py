@@ -24,7 +24,7 @@ def compare(base: str, data: str, qtype: str, steps: int, rounds: int, quant: Qu
     ref = resolve_base(base)
     rows = split(load_qa(data), qtype).train
     tokenizer = load_tokenizer(ref)
-    examples = tokenize_rows(pick_rows(rows, 512, 0), tokenizer, 256)
+    examples = tokenize_rows(pick_rows(rows, 512, 0), tokenizer, 256, seq2seq=ref.kind == "seq2seq")
     common = {"max_steps": steps, "quant": quant, "save_steps": 10**6, "eval_examples": 0}
     variants = {
         "plain": TrainConfig(bucketing=False, gradient_checkpointing=True, **common),  # type: ignore[arg-type]

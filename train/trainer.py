@@ -140,8 +140,8 @@ def peft_config(cfg: TrainConfig, tokenizer: Any, arch: Architecture) -> Any:
     return PromptEncoderConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=128)
 
 
-def tokenize_rows(rows: list[QA], tokenizer: Any, max_seq_len: int) -> list[Example]:
-    examples = (build_example(tokenizer, r.question, r.answer, max_seq_len) for r in rows)
+def tokenize_rows(rows: list[QA], tokenizer: Any, max_seq_len: int, seq2seq: bool = False) -> list[Example]:
+    examples = (build_example(tokenizer, r.question, r.answer, max_seq_len, seq2seq) for r in rows)
     return [e for e in examples if e is not None]
 
 
@@ -155,11 +155,14 @@ def pick_rows(rows: list[QA], limit: int | None, seed: int) -> list[QA]:
 
 
 class PadCollator:
-    """Pads a batch to its longest member; labels padded with -100 so padding carries no loss."""
+    """Pads a batch to its longest member; labels padded with -100 so padding carries no loss. For a seq2seq
+    base the labels (the decoder's targets) are padded to their own longest; the model makes the decoder's
+    inputs from them (shifted right, from the start token)."""
 
-    def __init__(self, pad_id: int, multiple_of: int = 8) -> None:
+    def __init__(self, pad_id: int, multiple_of: int = 8, seq2seq: bool = False) -> None:
         self.pad_id = pad_id
         self.multiple_of = multiple_of
+        self.seq2seq = seq2seq
         self.tokens = 0
         """Real (non-padding) tokens collated so far."""
         self.slots = 0
@@ -168,19 +171,28 @@ class PadCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        longest = max(len(f["input_ids"]) for f in features)
-        width = math.ceil(longest / self.multiple_of) * self.multiple_of
-        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
+        def width(key: str) -> int:
+            return math.ceil(max(len(f[key]) for f in features) / self.multiple_of) * self.multiple_of
+
+        ids = torch.full((len(features), width("input_ids")), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), width("labels" if self.seq2seq else "input_ids")), -100, dtype=torch.long)
+        mask = torch.zeros_like(ids)
         for i, f in enumerate(features):
             n = len(f["input_ids"])
             ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
+            labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
             mask[i, :n] = 1
         self.tokens += int(mask.sum())
         self.slots += mask.numel()
+        if self.seq2seq:  # the decoder's tokens count too
+            self.tokens += int((labels != -100).sum())
+            self.slots += labels.numel()
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def is_seq2seq(model: Any) -> bool:
+    """Whether `model` (a base or a PeftModel over one) is an encoder-decoder."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def _progress_callback() -> Any:
@@ -226,8 +238,13 @@ def run_trainer(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
+    seq2seq = is_seq2seq(peft_model)
+    # Causal examples hold the prompt in the labels too (masked); seq2seq ones hold the answer alone.
     ds = datasets.Dataset.from_list(
-        [{"input_ids": e.input_ids, "labels": e.labels, "length": len(e.input_ids)} for e in examples]
+        [
+            {"input_ids": e.input_ids, "labels": e.labels, "length": len(e.input_ids) + seq2seq * len(e.labels)}
+            for e in examples
+        ]
     )
     args = TrainingArguments(
         output_dir=str(work_dir),
@@ -252,7 +269,7 @@ def run_trainer(
         use_cpu=str(peft_model.device) == "cpu",
         dataloader_num_workers=0,
     )
-    collator = PadCollator(pad_id)
+    collator = PadCollator(pad_id, seq2seq=seq2seq)
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds, data_collator=collator)
     if progress:
         trainer.remove_callback(ProgressCallback)
@@ -346,9 +363,14 @@ def train_qtype(
     sp: Split = split(rows, qtype, cfg.heldout_fraction)
     if not sp.train:
         raise ValueError(f"qtype {qtype!r} has no training rows after holding out {cfg.heldout_fraction:.0%}")
+    if cfg.method != "lora" and ref.kind == "seq2seq":
+        raise ValueError(
+            f"--method {cfg.method}: base {ref.base_id!r} is a seq2seq ({ref.model_type}) base, on which loraswap "
+            "trains and serves LoRA only (its server places virtual tokens and prefixes for decoder-only bases)"
+        )
     base = load_base(ref, quant=cfg.quant)
     train_rows = pick_rows(sp.train, cfg.max_examples, cfg.seed)
-    examples = tokenize_rows(train_rows, base.tokenizer, cfg.max_seq_len)
+    examples = tokenize_rows(train_rows, base.tokenizer, cfg.max_seq_len, seq2seq=ref.kind == "seq2seq")
     print(f"[{name}] {len(examples)} training examples, {len(sp.heldout)} held-out questions; base {ref.base_id}")
     peft_model = attach_adapter(base, cfg)
     work = _work_dir(out, name, cfg, ref, sp.hash)
