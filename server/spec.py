@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from loraswap.adapters.base import BaseRef, load_tokenizer, resolve_base
 from loraswap.adapters.manifest import AdapterError, AdapterNotFound, check_name
-from loraswap.adapters.prompt import SYSTEM_PROMPT
+from loraswap.adapters.prompt import SYSTEM_PROMPT, render_chat
 from loraswap.adapters.store import StoreEntry
 from loraswap.server import playground
 from loraswap.server.metrics import Metrics
@@ -442,7 +442,7 @@ class LoraswapSpec(LitSpec):
         from jinja2 import TemplateError
 
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_chat(self.tokenizer, messages)  # a base without a chat template: the plain one
         except TemplateError as e:  # templates may refuse some role orders
             raise APIError(400, f"the base's chat template refuses these messages: {e}", param="messages") from None
         self._check_text_fits(len(text.encode()), "messages")  # many short messages add up in the template
