@@ -168,6 +168,11 @@ def validate_adapter(
             problems.append(str(e))
     if manifest and manifest.method != method:
         problems.append(f"{MANIFEST_FILE} says method {manifest.method!r} but {CONFIG_FILE} says {method!r}")
+    if method != "lora" and ref is not None and ref.kind == "seq2seq":
+        problems.append(
+            f"a {method} adapter on a seq2seq base ({ref.model_type}): loraswap serves LoRA only on encoder-decoder "
+            "bases (virtual tokens and prefixes are placed for decoder-only bases)"
+        )
     if manifest and ref is not None:
         try:
             check_compatible(manifest, ref)
