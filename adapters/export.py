@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from loraswap.adapters.arch import kind_of
 from loraswap.adapters.base import EMBEDDED, BaseRef, embedded_gguf_path, load_tokenizer, model_class
 from loraswap.adapters.gguf_export import (
     base_tensor_names,
@@ -123,6 +124,12 @@ def refuse_unexportable(config: dict[str, Any], fmt: Format, model_type: str) ->
     if config.get("fan_in_fan_out"):
         raise AdapterError("adapter_config.json sets fan_in_fan_out (Conv1D layers), which these bases do not have")
     if fmt == "gguf":
+        if kind_of(model_type) == "seq2seq":
+            raise AdapterError(
+                f"GGUF export of an adapter for a seq2seq base ({model_type}) is not supported: loraswap's exporter "
+                "writes llama.cpp LoRA adapters for decoder-only bases only (it does not map encoder-decoder "
+                "tensor names); export --format merged instead"
+            )
         gguf_arch(model_type)
 
 
@@ -327,10 +334,12 @@ def _export_merged(
     model = PeftModel.from_pretrained(base, str(source))
     model.eval()
     probe = torch.tensor([prompt_ids(tokenizer, PROBE_QUESTION)])
+    # A seq2seq model gets the probe in both its encoder and its decoder: every adapted layer is used.
+    inputs = {"input_ids": probe} | ({"decoder_input_ids": probe} if ref.kind == "seq2seq" else {})
     with torch.inference_mode():
-        want = model(probe).logits
+        want = model(**inputs).logits
         merged = model.merge_and_unload(progressbar=progress, safe_merge=True)
-        diff = float((merged(probe).logits - want).abs().max())
+        diff = float((merged(**inputs).logits - want).abs().max())
     bound = MERGE_TOLERANCE * max(1.0, float(want.abs().max()))
     if not diff <= bound:
         raise AdapterError(f"the merged model's logits differ from the adapter's by {diff:.3g} (bound {bound:.3g})")
@@ -338,11 +347,11 @@ def _export_merged(
     merged.save_pretrained(staged)
     tokenizer.save_pretrained(staged)
     dtype_name = str(dtype).removeprefix("torch.")
-    (staged / "README.md").write_text(_merged_readme(manifest, ref, dtype_name, diff))
+    (staged / "README.md").write_text(_merged_readme(manifest, ref, dtype_name, diff, tokenizer))
     return {"merged": {"dtype": dtype_name, "probe_max_abs_logit_diff": diff, "probe_question": PROBE_QUESTION}}
 
 
-def _merged_readme(m: AdapterManifest, ref: BaseRef, dtype: str, diff: float) -> str:
+def _merged_readme(m: AdapterManifest, ref: BaseRef, dtype: str, diff: float, tok: Any) -> str:
     return f"""# {m.name} merged into {ref.base_id}
 
 A dense {dtype} model: base `{ref.base_id}` (fingerprint {ref.fingerprint}) with the LoRA adapter `{m.name}`
@@ -350,7 +359,28 @@ A dense {dtype} model: base `{ref.base_id}` (fingerprint {ref.fingerprint}) with
 the dense base. Checked at export: on a probe prompt the merged model's logits equal the adapter's on the
 dense base to {diff:.2g} (largest absolute difference, before the cast to {dtype}).
 
+{_merged_usage(ref, tok)}
+
+{_merged_tools(ref, m.name)}
+"""
+
+
+def _merged_usage(ref: BaseRef, tok: Any) -> str:
+    if ref.kind == "seq2seq":
+        question = "What are the symptoms of asthma?"
+        return f"""The encoder takes the prompt the adapter was trained on (here for one question); the decoder's output
+is the answer:
+
 ```python
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("THIS_FOLDER")
+model = AutoModelForSeq2SeqLM.from_pretrained("THIS_FOLDER")
+text = {render_prompt(tok, question)!r}
+ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+print(tok.decode(model.generate(ids, max_new_tokens=128, do_sample=False)[0], skip_special_tokens=True))
+```"""
+    return f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tok = AutoTokenizer.from_pretrained("THIS_FOLDER")
@@ -360,8 +390,11 @@ messages = [{{"role": "system", "content": "{SYSTEM_PROMPT}"}},
 text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=128, do_sample=False)[0, ids.shape[1]:]))
-```
+```"""
 
-vLLM: `vllm serve THIS_FOLDER`, and send the system prompt above with each chat. llama.cpp:
-`python convert_hf_to_gguf.py THIS_FOLDER --outfile {m.name}.gguf` (from llama.cpp's repository).
-"""
+
+def _merged_tools(ref: BaseRef, name: str) -> str:
+    if ref.kind == "seq2seq":
+        return "A plain transformers checkpoint of the base's architecture: whatever loads the base loads it."
+    return f"""vLLM: `vllm serve THIS_FOLDER`, and send the system prompt above with each chat. llama.cpp:
+`python convert_hf_to_gguf.py THIS_FOLDER --outfile {name}.gguf` (from llama.cpp's repository)."""
