@@ -105,6 +105,37 @@ def build_tiny_base(out: Path, initializer_range: float = 0.02) -> Path:
     return out
 
 
+def build_tiny_t5(out: Path, initializer_factor: float = 1.0) -> Path:
+    """A 2-layer T5 (d_model 64) with the same BPE tokenizer, without a chat template (as T5 tokenizers come),
+    so the plain prompt template applies; the decoder starts from the pad token, as T5's does."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from loraswap.adapters.prompt import SYSTEM_PROMPT
+
+    texts = [SYSTEM_PROMPT] + [t for r in qa_rows() for t in r[1:]]
+    tokenizer = build_tiny_tokenizer(texts)
+    tokenizer.chat_template = None
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=16,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        initializer_factor=initializer_factor,
+    )
+    model = T5ForConditionalGeneration(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_base(tmp_path_factory.mktemp("tiny-llama"))
@@ -134,16 +165,18 @@ def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int, 
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
+    from loraswap.adapters.arch import architecture
     from loraswap.adapters.archive import install_archive
-    from loraswap.adapters.base import resolve_base
+    from loraswap.adapters.base import model_class, resolve_base
 
+    ref = resolve_base(str(tiny_base))
+    arch = architecture(ref.model_type)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
+    model = model_class(ref.kind).from_pretrained(tiny_base)
+    task = arch.peft_task if ref.kind == "seq2seq" else None
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=list(arch.targets), init_lora_weights=False, task_type=task)
+    peft_model = get_peft_model(model, config)
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
         buf = io.BytesIO()
@@ -219,4 +252,5 @@ def peft_reference(base_path: Path, adapter_path: Path | None, question: str, n:
         eos_token_id=stops,
         pad_token_id=base.tokenizer.pad_token_id,
     )
-    return [t for t in out[0, ids.shape[1] :].tolist() if t not in stops]
+    start = 1 if base.ref.kind == "seq2seq" else ids.shape[1]  # a seq2seq output is the decoder's, from its start
+    return [t for t in out[0, start:].tolist() if t not in stops]
