@@ -85,6 +85,11 @@ class Seq2SeqEngine(Engine):
 
     # ---- cache bookkeeping ----------------------------------------------------------------------
 
+    def fail_running(self, message: str) -> list[Event]:
+        events = super().fail_running(message)
+        self.encoded = self.encoder_mask = None
+        return events
+
     def _join(self, cache: Any, encoded: torch.Tensor, encoder_mask: torch.Tensor, mask: torch.Tensor) -> None:
         """Add the new rows' caches below the running rows', each kind left-padded to the common width."""
         if self.cache is None or not self.rows:
