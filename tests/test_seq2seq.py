@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from conftest import build_tiny_t5, peft_reference, random_lora_adapter
+from conftest import build_tiny_t5, peft_reference, random_lora_adapter, run_cli
 
 from loraswap.adapters.base import load_base, resolve_base
 from loraswap.adapters.manifest import AdapterError, read_manifest
@@ -106,6 +106,25 @@ def test_mixed_batch_with_joins_matches_each_adapter_alone(t5: Path, store_dir: 
     assert len(set(first)) == 3 and all(len(set(g)) > 3 for g in first)
 
 
+def test_a_cancelled_row_leaves_and_the_others_still_match(t5: Path, store_dir: Path) -> None:
+    store = AdapterStore(store_dir, shipped_dir=None)
+    base = load_base(str(t5), quant="none")
+    engine = Seq2SeqEngine(base.model, base.tokenizer, store.get)
+    tok = base.tokenizer
+    plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2])]
+    for i, (adapter, q) in enumerate(plan):
+        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=10))
+    engine.step()
+    engine.step()
+    engine.cancel("r1")  # the row with the longest prompt, in the middle of the batch's caches
+    events, generated = run(engine, {0: []})
+    assert events["r1"][-1].finish_reason == "cancelled"
+    for i in (0, 2):
+        adapter, q = plan[i]
+        want = peft_reference(t5, None if adapter is None else store_dir / adapter, q, 10)
+        assert [t for t in generated[f"r{i}"] if t not in stop_token_ids(tok)] == want, adapter
+
+
 def test_nf4_base_serves_and_matches_peft_on_the_same_nf4_weights(t5: Path, store_dir: Path) -> None:
     from peft import PeftModel
 
@@ -163,10 +182,13 @@ def test_answer_nll_is_the_decoders_loss_on_the_answer(t5: Path, qa_csv: Path) -
     assert greedy_answers(base.model, base.tokenizer, QUESTIONS, max_new_tokens=6) == want
 
 
-def test_prompt_learning_training_is_refused_on_seq2seq_bases(t5: Path, qa_csv: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(method="prompt", max_steps=1)
-    with pytest.raises(ValueError, match=r"seq2seq .* LoRA only"):
-        train_qtype(str(t5), load_qa(str(qa_csv)), "symptoms", tmp_path, cfg, "qa.csv", progress=False)
+def test_prompt_learning_training_is_refused_on_seq2seq_bases(
+    t5: Path, qa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--base", str(t5), "--data", str(qa_csv), "--qtype", "symptoms", "--out", str(tmp_path)]
+    code, _, err = run_cli([*args, "--method", "prompt"], capsys)
+    assert code == 2 and "seq2seq (t5) base" in err and "LoRA only" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_merged_export_matches_the_adapter_and_gguf_is_refused(t5: Path, store_dir: Path, tmp_path: Path) -> None:

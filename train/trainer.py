@@ -5,7 +5,8 @@ What makes it fast on a CPU, measured by `loraswap train-bench` against the plai
   length, so little compute goes to padding;
 - no gradient checkpointing by default: a 135M-parameter base fits many times over in memory, and
   recomputing activations costs a third more compute.
-The loss is taken on answer tokens only (the prompt is masked with -100).
+The loss is taken on answer tokens only: the prompt is masked with -100 (causal bases) or is the encoder's
+input while the answer is the decoder's (seq2seq bases).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loraswap.adapters.arch import Architecture, architecture
-from loraswap.adapters.base import BaseRef, LoadedBase, Quant, load_base, resolve_base
+from loraswap.adapters.base import BaseModelError, BaseRef, LoadedBase, Quant, load_base, resolve_base
 from loraswap.adapters.manifest import (
     WEIGHTS_FILE,
     AdapterManifest,
@@ -364,7 +365,7 @@ def train_qtype(
     if not sp.train:
         raise ValueError(f"qtype {qtype!r} has no training rows after holding out {cfg.heldout_fraction:.0%}")
     if cfg.method != "lora" and ref.kind == "seq2seq":
-        raise ValueError(
+        raise BaseModelError(
             f"--method {cfg.method}: base {ref.base_id!r} is a seq2seq ({ref.model_type}) base, on which loraswap "
             "trains and serves LoRA only (its server places virtual tokens and prefixes for decoder-only bases)"
         )
