@@ -89,6 +89,8 @@ class Event:
     """Process id of the engine's worker."""
     status: int | None = None
     """With `error`: the HTTP status it maps to (404: the adapter was deleted after the request was accepted)."""
+    prompt_cache_bytes: int = 0
+    """Keys and values the engine's prefix cache holds (its cached prompt blocks), in bytes."""
 
 
 @dataclass
@@ -463,6 +465,7 @@ class Engine:
                         cached_tokens=row.cached,
                         loaded_names=tuple(sorted(set().union(*self.names.values()))) if reason else None,
                         worker=self.pid,
+                        prompt_cache_bytes=0 if self.prompt_cache is None else self.prompt_cache.bytes,
                     )
                 )
                 row.load_ms = None
