@@ -517,6 +517,10 @@ def summary(c: Collected) -> dict[str, Any]:
 
     return {
         "scenarios": scen,
+        # Tokens/s of each round's slice, in round order: where a scenario sits in the rotation shows here.
+        "rounds": {
+            name: [load.summarize([run])["tok_s"] for run in c.runs[name]] for name in THROUGHPUT if name in c.runs
+        },
         "ratios": ratios,
         "cold_load_ms": _server_loads(c),
         "cold_extra_ttft_ms": {

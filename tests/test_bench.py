@@ -101,6 +101,7 @@ def test_quick_bench_measures_every_scenario_without_errors(quick_run: tuple[dic
         mem["mb_per_loaded_adapter"] - mem["prompt_cache_mb_per_loaded_adapter"], abs=0.01
     )
     assert result["machine"]["cores"] >= 1
+    assert result["rounds"]["single"] == [scen["single"]["tok_s"]]  # one round: its slice is the scenario
     assert result["churn"]["cycles"] == 500 and result["churn"]["load_ms_p50"] > 0
 
 
