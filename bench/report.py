@@ -111,6 +111,12 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
             f"{_fmt(mem['adapter_file_mb'])} MiB adapter file ({_fmt(mem.get('per_adapter_vs_file'))}x). "
             "0 = the base alone, after one request.",
         ]
+        if "adapter_mb_per_loaded_adapter" in mem:
+            lines.append(
+                f"Of which cached prompt blocks (the prefix cache's own count): "
+                f"{_fmt(mem['prompt_cache_mb_per_loaded_adapter'])} MiB per adapter; the rest, "
+                f"{_fmt(mem['adapter_mb_per_loaded_adapter'])} MiB, is {_fmt(mem['adapter_vs_file'])}x the file."
+            )
     churn = s.get("churn") or {}
     if churn:
         lines += [

@@ -95,6 +95,8 @@ class Collected:
     """(cold TTFT, warm TTFT) in seconds, per adapter."""
     upload_to_first: list[float] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)
+    prompt_cache: dict[str, float] = field(default_factory=dict)
+    """MiB of cached prompt blocks the server reported (`loraswap_prompt_cache_bytes`) at each memory mark."""
     adapter_mb: float = 0.0
     open_loop: dict[float, tuple[float, Run]] = field(default_factory=dict)
     """fraction of capacity -> (arrival rate, run)"""
@@ -215,6 +217,7 @@ def _warm_up(cfg: BenchConfig, url: str, names: list[str], out: Collected, proc:
     done = 0
     if proc is not None:
         out.memory["0"] = worker_rss_mb(proc.pid)
+        out.prompt_cache["0"] = prompt_cache_mb(cfg, url)
     for mark in marks:
         work = [Job(n, load.QUESTIONS[0], 1) for n in names[done:mark]]
         failed = [r.error for r in _closed(cfg, url, work).results if r.error]
@@ -223,6 +226,18 @@ def _warm_up(cfg: BenchConfig, url: str, names: list[str], out: Collected, proc:
         done = mark
         if proc is not None:
             out.memory[str(mark)] = worker_rss_mb(proc.pid)
+            out.prompt_cache[str(mark)] = prompt_cache_mb(cfg, url)
+
+
+def prompt_cache_mb(cfg: BenchConfig, url: str) -> float:
+    """The cached prompt blocks the server holds, in MiB (its `loraswap_prompt_cache_bytes` gauge)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", headers=load.auth_headers(cfg.api_key), timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "loraswap_prompt_cache_bytes":
+            return round(sum(sample.value for sample in family.samples) / 2**20, 2)
+    return 0.0
 
 
 def worker_rss_mb(pid: int) -> float:
@@ -491,9 +506,21 @@ def summary(c: Collected) -> dict[str, Any]:
             per = (c.memory[str(hi)] - c.memory[str(lo)]) / (hi - lo)
             memory["mb_per_loaded_adapter"] = round(per, 2)
             memory["per_adapter_vs_file"] = round(per / c.adapter_mb, 2) if c.adapter_mb else None
+            if str(hi) in c.prompt_cache and str(lo) in c.prompt_cache:
+                # Every warm-up request also leaves its prompt's blocks in the prefix cache: held apart from the
+                # adapter's own memory, which is what is left of the resident growth.
+                cached = (c.prompt_cache[str(hi)] - c.prompt_cache[str(lo)]) / (hi - lo)
+                memory["prompt_cache_mb"] = c.prompt_cache
+                memory["prompt_cache_mb_per_loaded_adapter"] = round(cached, 3)
+                memory["adapter_mb_per_loaded_adapter"] = round(per - cached, 2)
+                memory["adapter_vs_file"] = round((per - cached) / c.adapter_mb, 2) if c.adapter_mb else None
 
     return {
         "scenarios": scen,
+        # Tokens/s of each round's slice, in round order: where a scenario sits in the rotation shows here.
+        "rounds": {
+            name: [load.summarize([run])["tok_s"] for run in c.runs[name]] for name in THROUGHPUT if name in c.runs
+        },
         "ratios": ratios,
         "cold_load_ms": _server_loads(c),
         "cold_extra_ttft_ms": {

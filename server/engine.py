@@ -11,7 +11,8 @@ so one batch mixes every method and the base.
 
 The KV cache is one batched `DynamicCache`, left-padded: rows joining are padded to the common
 length and concatenated, rows leaving are dropped, and columns that are padding in every row are
-trimmed. Positions are tracked per row, so padding never shifts a row's rotary positions.
+trimmed; its layers keep spare columns, so a decoding step writes in place (`kvcache.py`).
+Positions are tracked per row, so padding never shifts a row's rotary positions.
 
 Adapters load lazily from the store on first use into an LRU bounded by count and bytes
 (`lru.AdapterLRU`); an adapter with running requests is never evicted. Loaded adapters are keyed by
@@ -35,6 +36,8 @@ import torch
 from loraswap.adapters.manifest import AdapterNotFound
 from loraswap.adapters.prompt import stop_token_ids
 from loraswap.adapters.store import StoreEntry
+from loraswap.server.kvcache import concat_rows, keep_rows, new_cache
+from loraswap.server.kvcache import left_pad as _left_pad  # noqa: F401  # importable from here, as before
 from loraswap.server.lru import AdapterLRU, CacheFull
 from loraswap.server.prefix import KV, PrefixCache
 from loraswap.server.settings import LoraImpl
@@ -86,6 +89,8 @@ class Event:
     """Process id of the engine's worker."""
     status: int | None = None
     """With `error`: the HTTP status it maps to (404: the adapter was deleted after the request was accepted)."""
+    prompt_cache_bytes: int = 0
+    """Keys and values the engine's prefix cache holds (its cached prompt blocks), in bytes."""
 
 
 @dataclass
@@ -317,8 +322,6 @@ class Engine:
 
     def _past(self, pasts: list[KV | None]) -> tuple[Any, torch.Tensor, list[int]]:
         """A cache holding each row's past keys and values (right-aligned, zeros and mask 0 elsewhere)."""
-        from transformers import DynamicCache
-
         sizes = [0 if p is None else p[0].shape[2] for p in pasts]
         width = max(sizes)
         some = next(p for p in pasts if p is not None)
@@ -329,7 +332,7 @@ class Engine:
             if p is not None:
                 keys[:, i, :, width - sizes[i] :] = p[0]
                 values[:, i, :, width - sizes[i] :] = p[1]
-        cache = DynamicCache(config=self.base_model.config)
+        cache = new_cache(self.base_model.config)
         for layer in range(layers):
             cache.update(keys[layer], values[layer], layer)
         mask = torch.zeros((len(pasts), width), dtype=torch.long)
@@ -361,7 +364,7 @@ class Engine:
             mask[i, width - n :] = 1
             r.real_len = n
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs: dict[str, Any] = {}
+        inputs: dict[str, Any] = {"past_key_values": new_cache(self.base_model.config)}
         sizes = [0] * len(new)
         if any(p is not None for p in pasts):  # the prompt attends to its past, positions continue after it
             cache, past_mask, sizes = self._past(pasts)
@@ -462,6 +465,7 @@ class Engine:
                         cached_tokens=row.cached,
                         loaded_names=tuple(sorted(set().union(*self.names.values()))) if reason else None,
                         worker=self.pid,
+                        prompt_cache_bytes=0 if self.prompt_cache is None else self.prompt_cache.bytes,
                     )
                 )
                 row.load_ms = None
@@ -497,18 +501,14 @@ class Engine:
 
     # ---- cache bookkeeping ----------------------------------------------------------------------
 
-    def _merge(self, new_cache: Any, new_mask: torch.Tensor) -> None:
+    def _merge(self, joining: Any, new_mask: torch.Tensor) -> None:
         if self.cache is None or not self.rows:
-            self.cache, self.mask = new_cache, new_mask
+            self.cache, self.mask = joining, new_mask
             return
         assert self.mask is not None
         old_len, new_len = self.mask.shape[1], new_mask.shape[1]
         width = max(old_len, new_len)
-        for old_layer, new_layer in zip(self.cache.layers, new_cache.layers, strict=True):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, width), _left_pad(new_layer.keys, width)], dim=0)
-            old_layer.values = torch.cat(
-                [_left_pad(old_layer.values, width), _left_pad(new_layer.values, width)], dim=0
-            )
+        concat_rows(self.cache, joining, width)
         self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(new_mask, width)], dim=0)
 
     def _retire(self, finished: list[_Row]) -> None:
@@ -526,10 +526,7 @@ class Engine:
         # Columns that are padding in every remaining row are dropped.
         first = int(self.mask.any(dim=0).long().argmax())
         self.mask = self.mask[:, first:]
-        dev_index = index.to(self.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, dev_index)[:, :, first:]
-            layer.values = layer.values.index_select(0, dev_index)[:, :, first:]
+        keep_rows(self.cache, index.to(self.device), first)
 
     def _release(self, row: _Row) -> None:
         if row.key != BASE:
@@ -568,14 +565,6 @@ def _plain_cache(model: Any) -> bool:
     except Exception:
         return False
     return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, width, D] with zeros in front (masked out, never attended)."""
-    pad = width - t.shape[2]
-    if pad == 0:
-        return t
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], dim=2)
 
 
 def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:

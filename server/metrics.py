@@ -58,6 +58,11 @@ class Metrics:
         )
         self.queue = Gauge("loraswap_queue_depth", "Requests waiting behind the running batch (last seen).", registry=r)
         self.loaded = Gauge("loraswap_loaded_adapters", "Adapters loaded in a worker (last seen).", registry=r)
+        self.prompt_cache_bytes = Gauge(
+            "loraswap_prompt_cache_bytes",
+            "Keys and values of cached prompt blocks held by a worker's prefix cache (last seen).",
+            registry=r,
+        )
         self.load_time = Histogram(
             "loraswap_adapter_load_seconds",
             "Time to load an adapter into a worker.",
@@ -69,6 +74,8 @@ class Metrics:
         self.batch.observe(float(ev.get("batch") or 1))  # type: ignore[arg-type]
         self.queue.set(float(ev.get("waiting") or 0))  # type: ignore[arg-type]
         self.loaded.set(float(ev.get("loaded") or 0))  # type: ignore[arg-type]
+        if ev.get("batch"):  # an event of a decoding step (error and cancel events carry no engine state)
+            self.prompt_cache_bytes.set(float(ev.get("prompt_cache_bytes") or 0))  # type: ignore[arg-type]
         if ev.get("load_ms") is not None:
             self.load_time.observe(float(ev["load_ms"]) / 1000)  # type: ignore[arg-type]
 

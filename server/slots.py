@@ -58,6 +58,7 @@ class SlotLinear(nn.Module):
         self.A = torch.empty(capacity, rank, self.in_features, device=dev, dtype=dt)
         self.B = torch.empty(capacity, self.out_features, rank, device=dev, dtype=dt)
         self.scale = torch.zeros(capacity, device=dev, dtype=dt)
+        self.scales = [0.0] * capacity  # the same, as Python floats (a kernel argument, no tensor op)
         self.A[0].zero_()
         self.B[0].zero_()
 
@@ -82,6 +83,7 @@ class SlotLinear(nn.Module):
             self.A[slot].zero_()
             self.B[slot].zero_()
             self.scale[slot] = 0.0
+            self.scales[slot] = 0.0
             return
         r = a.shape[0]
         self.A[slot, :r].copy_(a)
@@ -89,6 +91,7 @@ class SlotLinear(nn.Module):
         self.B[slot, :, :r].copy_(b)
         self.B[slot, :, r:].zero_()
         self.scale[slot] = scale
+        self.scales[slot] = float(self.scale[slot])
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -96,7 +99,14 @@ class SlotLinear(nn.Module):
         if slots.rows is None:
             return out
         xd = x.to(self.A.dtype)
-        if slots.uniform is not None:  # one adapter for the whole batch: PEFT's two matmuls
+        if slots.uniform is not None and out.dtype == xd.dtype and out.is_contiguous():
+            # One adapter for the whole batch: PEFT's two matmuls, the second adding its scaled product into the
+            # base's output in place (two kernels a layer; dispatch, not arithmetic, is the cost at this size).
+            s = slots.uniform
+            flat = out.view(-1, self.out_features)
+            flat.addmm_(torch.mm(xd.reshape(-1, self.in_features), self.A[s].t()), self.B[s].t(), alpha=self.scales[s])
+            return out
+        if slots.uniform is not None:
             s = slots.uniform
             delta = nn.functional.linear(nn.functional.linear(xd, self.A[s]), self.B[s]) * self.scale[s]
         else:

@@ -93,7 +93,15 @@ def test_quick_bench_measures_every_scenario_without_errors(quick_run: tuple[dic
     assert result["upload_to_first_token_ms"]["p50"] > 0
     rss = result["memory"]["worker_rss_mb"]
     assert set(rss) == {"0", "1", "4"} and all(v > 0 for v in rss.values())
+    # The warm-up's prompts left blocks in the prefix cache, counted apart from the adapters' own memory.
+    cached = result["memory"]["prompt_cache_mb"]
+    assert set(cached) == {"0", "1", "4"} and cached["4"] > cached["0"]
+    mem = result["memory"]
+    assert mem["adapter_mb_per_loaded_adapter"] == pytest.approx(
+        mem["mb_per_loaded_adapter"] - mem["prompt_cache_mb_per_loaded_adapter"], abs=0.01
+    )
     assert result["machine"]["cores"] >= 1
+    assert result["rounds"]["single"] == [scen["single"]["tok_s"]]  # one round: its slice is the scenario
     assert result["churn"]["cycles"] == 500 and result["churn"]["load_ms_p50"] > 0
 
 

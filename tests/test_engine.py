@@ -102,6 +102,33 @@ def test_requests_join_a_running_batch_and_still_match(lively_base: Path, store:
         assert text_of(events[uid]) == tok.decode(ref, skip_special_tokens=True), uid
 
 
+def test_a_cache_growing_past_its_spare_columns_while_rows_come_and_go_still_matches(
+    lively_base: Path, store: AdapterStore
+) -> None:
+    """The KV cache writes decoding steps in place and reallocates every ROOM columns; rows joining and leaving
+    rebuild it. A long answer crosses that boundary with rows joining and leaving around it."""
+    from loraswap.server.kvcache import ROOM
+
+    engine = make_engine(lively_base, store)
+    tok = engine.tokenizer
+    n = ROOM + 12
+    engine.submit(GenRequest("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=n))
+    events: dict[str, list[Event]] = {}
+    for step in range(300):
+        if step in (2, ROOM - 3):
+            engine.submit(GenRequest(f"join{step}", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
+        if step > ROOM and not engine.has_work():
+            break
+        for e in engine.step():
+            events.setdefault(e.uid, []).append(e)
+    assert events["long"][-1].completion_tokens > ROOM
+    ref = solo_reference(lively_base, store, "symptoms", QUESTIONS[0], n)
+    assert text_of(events["long"]) == tok.decode(ref, skip_special_tokens=True)
+    short = solo_reference(lively_base, store, "treatment", QUESTIONS[1], 5)
+    for uid in ("join2", f"join{ROOM - 3}"):
+        assert text_of(events[uid]) == tok.decode(short, skip_special_tokens=True), uid
+
+
 def test_short_request_leaves_before_the_long_one(lively_base: Path, store: AdapterStore) -> None:
     engine = make_engine(lively_base, store)
     tok = engine.tokenizer

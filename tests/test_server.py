@@ -261,6 +261,7 @@ def test_prefix_cache_shows_in_usage_and_metrics(url: str) -> None:
     assert 0 < cached < second["prompt_tokens"]
     assert _metric(url, "loraswap_prompt_cached_tokens_total") - before >= cached
     assert _metric(url, "loraswap_prompt_tokens_total") >= second["prompt_tokens"]
+    assert _metric(url, "loraswap_prompt_cache_bytes") > 0  # the blocks held, as the bench subtracts them
 
 
 def _metric(url: str, name: str) -> float:
