@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from loraswap.adapters.base import BaseRef, load_tokenizer, resolve_base
 from loraswap.adapters.manifest import AdapterError, AdapterNotFound, check_name
-from loraswap.adapters.prompt import SYSTEM_PROMPT
+from loraswap.adapters.prompt import SYSTEM_PROMPT, render_chat
 from loraswap.adapters.store import StoreEntry
 from loraswap.server import playground
 from loraswap.server.metrics import Metrics
@@ -442,7 +442,7 @@ class LoraswapSpec(LitSpec):
         from jinja2 import TemplateError
 
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_chat(self.tokenizer, messages)
         except TemplateError as e:  # templates may refuse some role orders
             raise APIError(400, f"the base's chat template refuses these messages: {e}", param="messages") from None
         self._check_text_fits(len(text.encode()), "messages")  # many short messages add up in the template
@@ -568,11 +568,17 @@ class LoraswapSpec(LitSpec):
         except APIError as e:
             return e.response()
         base = self.ref.base_id
-        data = [{"id": base, "object": "model", "created": 0, "owned_by": "loraswap", "parent": None}]
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "loraswap", "parent": None, **self._quant}]
         for name, entry in sorted(self._entries().items()):
             created = int(entry.path.stat().st_mtime)
             data.append({"id": name, "object": "model", "created": created, "owned_by": "loraswap", "parent": base})
         return JSONResponse({"object": "list", "data": data})
+
+    @property
+    def _quant(self) -> dict[str, Any]:
+        """How the workers hold the base (reported with the base's entry of /v1/models)."""
+        s = self.settings
+        return {"quant": s.quant, "double_quant": s.double_quant if s.quant in ("nf4", "fp4") else None}
 
     async def list_adapters(self, request: Request) -> Response:
         try:
