@@ -136,14 +136,14 @@ def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from loraswap.adapters.arch import architecture
     from loraswap.adapters.archive import install_archive
     from loraswap.adapters.base import resolve_base
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
+    targets = list(architecture(resolve_base(str(tiny_base)).model_type).targets)  # q_proj, v_proj for Llama
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=targets, init_lora_weights=False))
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
         buf = io.BytesIO()
@@ -197,20 +197,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def peft_reference(base_path: Path, adapter_path: Path | None, question: str, n: int) -> list[int]:
+def peft_reference(base_path: Path, adapter_path: Path | None, question: str, n: int, quant: str = "none") -> list[int]:
     """PEFT's plain path, the reference for parity: a fresh base with only this adapter, `generate`, greedy.
     Returns the generated token ids without the end-of-turn token."""
     import torch
     from peft import PeftModel
 
     from loraswap.adapters.base import load_base
-    from loraswap.adapters.prompt import prompt_ids, stop_token_ids
+    from loraswap.adapters.prompt import generation_eos, prompt_ids, stop_token_ids
 
-    base = load_base(str(base_path), quant="none")
+    base = load_base(str(base_path), quant=quant)  # type: ignore[arg-type]
     model = base.model if adapter_path is None else PeftModel.from_pretrained(base.model, str(adapter_path))
     model.eval()
     ids = torch.tensor([prompt_ids(base.tokenizer, question)])
-    stops = stop_token_ids(base.tokenizer)
+    stops = stop_token_ids(base.tokenizer, generation_eos(base.model))
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
