@@ -4,8 +4,14 @@
 
 For each choice (NF4 with and without double quantization, FP4, LLM.int8, dense) a fresh process loads the
 base and measures, in this order:
-- resident memory: the process's RSS after the base is loaded, and the growth over the process before the
-  load (torch and the libraries already imported), plus transformers' own count of the model's bytes;
+- memory: the bytes of the model's tensors (weights, with bitsandbytes' quantization constants: 4-bit blocks'
+  scales, their second-level scales under double quantization, int8 row scales), and the process's resident
+  memory (RSS, Linux) after the load, once freed loader buffers are handed back to the system (`malloc_trim`):
+  in all, its growth over the process before the load (torch and the libraries already imported), the
+  anonymous part of that growth (memory the process allocated), and the file-backed pages (the base's
+  safetensors file as the loader mapped it: page cache the kernel can reclaim); and the RSS again after the
+  warm-up answer (serving), when every weight has been read (a dense load maps the file lazily, so right
+  after loading little of it is resident yet);
 - decoding speed: generated tokens/s of one stream, greedy, through the server's engine with the adapter in
   its slot: the same questions, each answered with exactly `--tokens` tokens (end-of-turn ignored), after
   one warm-up answer;
@@ -41,7 +47,6 @@ CHOICES: tuple[tuple[str, str, bool], ...] = (
 
 def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[str, Any]:
     """One choice, in this process (run it in a fresh one: the memory figures assume nothing was loaded)."""
-    import psutil
     import torch
     from peft import PeftModel
 
@@ -54,13 +59,12 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
     from loraswap.train.evaluate import answer_nll
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    me = psutil.Process()
     ref = resolve_base(args.base)
     entry = AdapterStore.default(None).get(args.adapter)
-    rss_before = me.memory_info().rss
+    before = _settled_rss()
     base = load_base(ref, quant=quant, double_quant=double_quant)  # type: ignore[arg-type]
-    rss_loaded = me.memory_info().rss
-    footprint = base.model.get_memory_footprint()
+    loaded = _settled_rss()
+    footprint = tensor_bytes(base.model)
 
     engine = Engine(base.model, base.tokenizer, AdapterStore.default(None).get, max_batch_size=1)
     questions = [QUESTIONS[i * 7 % len(QUESTIONS)] for i in range(args.prompts + 1)]
@@ -75,6 +79,8 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
         if i:
             seconds += time.perf_counter() - start
             tokens += done
+        else:  # every weight has been read once: lazily mapped files are resident now
+            serving = _settled_rss()
     del engine
 
     rows = load_qa(args.data)
@@ -89,14 +95,60 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
     return {
         "quant": quant,
         "double_quant": double_quant,
-        "rss_after_load_mb": round(rss_loaded / 2**20, 1),
-        "rss_load_growth_mb": round((rss_loaded - rss_before) / 2**20, 1),
-        "model_footprint_mb": round(footprint / 2**20, 1),
+        "rss_after_load_mb": round(loaded["rss"] / 2**20, 1),
+        "rss_load_growth_mb": round((loaded["rss"] - before["rss"]) / 2**20, 1),
+        "anon_load_growth_mb": round((loaded["anon"] - before["anon"]) / 2**20, 1),
+        "file_backed_after_load_mb": round(loaded["file"] / 2**20, 1),
+        "rss_serving_mb": round(serving["rss"] / 2**20, 1),
+        "rss_serving_growth_mb": round((serving["rss"] - before["rss"]) / 2**20, 1),
+        "tensor_mb": round(footprint / 2**20, 1),
         "tokens_per_s": round(tokens / seconds, 2),
         "generated_tokens": tokens,
         "heldout_nll": round(nll, 4),
         "heldout_questions": len(heldout),
     }
+
+
+def tensor_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers, plus the quantization constants bitsandbytes keeps beside
+    its packed weights (not counted by transformers' `get_memory_footprint`)."""
+    import torch
+
+    seen: set[int] = set()
+
+    def size(t: Any) -> int:
+        if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
+            return 0
+        seen.add(t.data_ptr())
+        return t.numel() * t.element_size()
+
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        total += size(t)
+        state = getattr(t, "quant_state", None)  # Linear4bit: block scales, and their own under double quant
+        if state is not None:
+            total += size(state.absmax) + size(getattr(state, "offset", None))
+            if getattr(state, "state2", None) is not None:
+                total += size(state.state2.absmax)
+        total += size(getattr(t, "SCB", None))  # Linear8bitLt: one scale per output row
+    return total
+
+
+def _settled_rss() -> dict[str, int]:
+    """Resident memory in bytes after garbage collection and glibc's `malloc_trim` (freed heap pages back to the
+    system): all of it (rss), anonymous memory (anon: what the process allocated) and file-backed pages
+    (file: mapped files, such as safetensors weights the loader maps; shared with the page cache)."""
+    import contextlib
+    import ctypes
+    import gc
+    import re
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: as it is
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    status = Path("/proc/self/status").read_text()
+    kib = {k: int(m[1]) for k in ("VmRSS", "RssAnon", "RssFile") if (m := re.search(rf"{k}:\s+(\d+)", status))}
+    return {"rss": kib["VmRSS"] << 10, "anon": kib.get("RssAnon", 0) << 10, "file": kib.get("RssFile", 0) << 10}
 
 
 def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -106,12 +158,13 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = [
-        ("rss_after_load_mb", "resident memory after load (MiB)"),
+        ("tensor_mb", "model tensors (MiB)"),
+        ("rss_serving_growth_mb", "RSS growth, loaded + 1 answer (MiB)"),
         ("tokens_per_s", "generated tokens/s, one stream"),
         ("heldout_nll", "adapter's held-out answer NLL"),
     ]
     labels = [r["label"] for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
     for ax, (key, name) in zip(axes, panels, strict=True):
         values = [r[key] for r in results]
         bars = ax.barh(labels, values, color="#4c72b0")
