@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from loraswap.adapters.manifest import AdapterError
-from loraswap.adapters.prompt import SYSTEM_PROMPT, render_prompt, stop_token_ids
+from loraswap.adapters.prompt import SYSTEM_PROMPT, chat_messages, end_of_turn_id, render_prompt, stop_token_ids
 
 # transformers model_type -> (GGUF architecture name, whether llama.cpp's converter reorders q/k rows).
 # Mistral is converted as a Llama by llama.cpp; Qwen2 keeps Hugging Face's row order.
@@ -257,8 +257,7 @@ def ollama_template(tokenizer: Any) -> str:
     suffix = ""
     if getattr(tokenizer, "chat_template", None):
         messages = [
-            {"role": "system", "content": _SYSTEM_MARK},
-            {"role": "user", "content": _PROMPT_MARK},
+            *chat_messages(tokenizer, _SYSTEM_MARK, _PROMPT_MARK),
             {"role": "assistant", "content": _RESPONSE_MARK},
         ]
         full = str(tokenizer.apply_chat_template(messages, tokenize=False))
@@ -266,7 +265,7 @@ def ollama_template(tokenizer: Any) -> str:
         if head == prompt:
             suffix = tail
     else:
-        suffix = tokenizer.decode(stop_token_ids(tokenizer))
+        suffix = tokenizer.decode([end_of_turn_id(tokenizer)])
     text = (prompt + _RESPONSE_MARK + suffix).replace("{{", '{{ "{{" }}')
     for mark, var in ((_SYSTEM_MARK, ".System"), (_PROMPT_MARK, ".Prompt"), (_RESPONSE_MARK, ".Response")):
         text = text.replace(mark, "{{ " + var + " }}")

@@ -29,11 +29,13 @@ def launch(
     env: dict[str, str] | None = None,
     log: IO[bytes] | int | None = subprocess.DEVNULL,
     timeout: float = 300,
+    double_quant: bool = True,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """The server on 127.0.0.1, in its own process group; returns (process, base URL) once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "loraswap.main", "serve", "--base", base, "--port", str(port)]
-    cmd += ["--max-batch-size", str(max_batch_size)] + (["--no-quant"] if quant == "none" else [])
+    cmd += ["--max-batch-size", str(max_batch_size), "--quant", quant]
+    cmd += [] if double_quant or quant not in ("nf4", "fp4") else ["--no-double-quant"]
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, "LORASWAP_ADAPTERS_DIR": str(adapters_dir), **(env or {})},
@@ -64,10 +66,13 @@ def launch_with_log(
     env: dict[str, str],
     log: IO[bytes],
     timeout: float = 600,
+    double_quant: bool = True,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`launch` with the server's output going to `log`, a file; a start that fails raises with its last lines."""
     try:
-        return launch(base, adapters_dir, quant, max_batch_size, env, log=log, timeout=timeout)
+        return launch(
+            base, adapters_dir, quant, max_batch_size, env, log=log, timeout=timeout, double_quant=double_quant
+        )
     except RuntimeError as e:
         log.flush()
         tail = Path(log.name).read_text(errors="replace")[-3000:]

@@ -21,12 +21,12 @@ from loraswap.bench.load import Job, Result
 class Naive:
     """PEFT's plain multi-adapter recipe over the base `base` and adapters {name: folder}."""
 
-    def __init__(self, base: str, quant: str, adapters: dict[str, Path]) -> None:
+    def __init__(self, base: str, quant: str, adapters: dict[str, Path], double_quant: bool = True) -> None:
         from peft import PeftModel
 
         from loraswap.adapters.base import load_base
 
-        loaded = load_base(base, quant=quant)  # type: ignore[arg-type]
+        loaded = load_base(base, quant=quant, double_quant=double_quant)  # type: ignore[arg-type]
         self.tokenizer = loaded.tokenizer
         first, *rest = adapters.items()
         self.model: Any = PeftModel.from_pretrained(loaded.model, str(first[1]), adapter_name=first[0])

@@ -37,6 +37,8 @@ class BenchConfig:
     """A running server to measure; None starts one (and stops it at the end)."""
     base: str = "embedded"
     quant: str = "nf4"
+    double_quant: bool = True
+    """4-bit only: bitsandbytes double quantization."""
     max_batch_size: int = 16
     lora_impl: str | None = None
     """LoRA path of the server started here (None: the server's default)."""
@@ -144,7 +146,9 @@ def run_bench(cfg: BenchConfig) -> Collected:
                 }
                 if cfg.lora_impl:
                     env["LORASWAP_LORA_IMPL"] = cfg.lora_impl
-                proc, url = launch_with_log(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log)
+                proc, url = launch_with_log(
+                    cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log, double_quant=cfg.double_quant
+                )
             admin = httpx.Client(base_url=url, timeout=120, headers=load.auth_headers(cfg.admin_key))
             say(f"uploading {len(names) + len(cold)} adapters through POST /v1/adapters")
             for n in names + cold:
@@ -287,7 +291,7 @@ def _naive(cfg: BenchConfig, adapters: dict[str, Path]) -> Any:
     from loraswap.bench.naive import Naive
 
     say(f"loading PEFT's plain recipe in this process ({len(adapters)} adapters, set_adapter per request)")
-    return Naive(cfg.base, cfg.quant, adapters)
+    return Naive(cfg.base, cfg.quant, adapters, cfg.double_quant)
 
 
 def _short_long(cfg: BenchConfig, url: str, names: list[str], seed: int) -> list[tuple[str, Run]]:
@@ -344,7 +348,7 @@ def _churn(cfg: BenchConfig, folders: list[Path], out: Collected) -> None:
     from loraswap.server.slots import LoraSlots
 
     say(f"churn: {cfg.churn_cycles} adapter load/evict cycles through the LoRA slots, in this process")
-    base = load_base(cfg.base, quant=cfg.quant)  # type: ignore[arg-type]
+    base = load_base(cfg.base, quant=cfg.quant, double_quant=cfg.double_quant)  # type: ignore[arg-type]
     slots = LoraSlots(base.model, capacity=8)
     me = psutil.Process()
     times: list[float] = []

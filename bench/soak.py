@@ -38,6 +38,7 @@ class SoakConfig:
     """A running server to soak; None starts one (resources are measured only then)."""
     base: str = "embedded"
     quant: str = "nf4"
+    double_quant: bool = True
     max_batch_size: int = 16
     seconds: float = 180.0
     """Length of the whole soak, warm-up included."""
@@ -385,7 +386,9 @@ def run_soak(cfg: SoakConfig, say: Any) -> dict[str, Any]:
                 if cfg.admin_key:
                     env["LORASWAP_ADMIN_KEY"] = cfg.admin_key
                 say(f"soak: starting the server on {cfg.base} ({cfg.quant}), batch {cfg.max_batch_size}")
-                proc, url = launch_with_log(cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log)
+                proc, url = launch_with_log(
+                    cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log, double_quant=cfg.double_quant
+                )
             admin = auth_headers(cfg.admin_key)
             with httpx.Client(base_url=url, headers=admin, timeout=120) as c:
                 for n in names:

@@ -26,7 +26,9 @@ from typing import Any
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="embedded")
-    ap.add_argument("--no-quant", action="store_true")
+    ap.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"], default="nf4", help="how the base is held")
+    ap.add_argument("--no-double-quant", action="store_true", help="4-bit without double quantization")
+    ap.add_argument("--no-quant", action="store_true", help=argparse.SUPPRESS)  # --quant none
     ap.add_argument("--impl", choices=["batched", "peft"], default="batched")
     ap.add_argument("--batch", type=int, default=8, help="requests decoded together")
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters over the batch (0: base only)")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         for i in range(args.adapters):
             folder = synth_lora(ref, Path(tmp) / "synth" / str(i), seed=i + 1)
             install_archive(archive(folder), f"a{i:02d}", store_dir, ref)
-        base = load_base(ref, quant="none" if args.no_quant else "nf4")
+        base = load_base(ref, quant="none" if args.no_quant else args.quant, double_quant=not args.no_double_quant)
         engine = Engine(
             base.model,
             base.tokenizer,

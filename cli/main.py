@@ -8,9 +8,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
+
+if TYPE_CHECKING:
+    from loraswap.adapters.base import Quant
 
 app = typer.Typer(
     help="One 4-bit base LLM, many LoRA adapters: train per-qtype adapters, evaluate them, manage the store.",
@@ -29,9 +32,23 @@ BaseOpt = Annotated[
         "folder, a local .gguf file (converted once to a cached safetensors folder), or a hub id 'org/name'.",
     ),
 ]
-NoQuantOpt = Annotated[
-    bool, typer.Option("--no-quant", help="Load the dense base instead of NF4 4-bit (double quantization).")
+QuantOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quant",
+        help="How the base is held in memory: nf4 (bitsandbytes 4-bit NormalFloat) [default], fp4 (4-bit "
+        "FloatPoint), int8 (LLM.int8: 8-bit weights, outlier features in 16/32 bit) or none (dense). Adapters "
+        "apply unchanged to every choice; docs/quant compares them on the embedded base.",
+    ),
 ]
+DoubleQuantOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--double-quant/--no-double-quant",
+        help="4-bit only: also quantize the 4-bit blocks' scales (about 0.4 bit per weight less) [default on].",
+    ),
+]
+NoQuantOpt = Annotated[bool, typer.Option("--no-quant", hidden=True, help="Same as --quant none.")]
 DataOpt = Annotated[
     str,
     typer.Option(
@@ -61,6 +78,20 @@ LoraImplOpt = Annotated[
 
 class UsageError(Exception):
     """An error the user can fix; printed as one line, exit status 2."""
+
+
+def pick_quant(quant: str | None, no_quant: bool = False, double_quant: bool | None = None) -> Quant:
+    """The checked `--quant` choice (nf4 when none is given); `--no-quant` is `--quant none`."""
+    from loraswap.adapters.base import QUANTS
+
+    if no_quant and quant not in (None, "none"):
+        raise UsageError(f"--no-quant and --quant {quant} contradict each other; --no-quant is --quant none")
+    chosen = "none" if no_quant else (quant or "nf4")
+    if chosen not in QUANTS:
+        raise UsageError(f"--quant {chosen!r}: choose one of {', '.join(QUANTS)}")
+    if double_quant is not None and chosen not in ("nf4", "fp4"):
+        raise UsageError(f"--double-quant/--no-double-quant apply to 4-bit bases (nf4, fp4), not --quant {chosen}")
+    return cast("Quant", chosen)
 
 
 def _quiet_libraries() -> None:
@@ -122,6 +153,8 @@ def train(
     num_virtual_tokens: Annotated[
         int, typer.Option("--num-virtual-tokens", help="Virtual tokens for prefix/prompt/ptuning.")
     ] = 20,
+    quant: QuantOpt = None,
+    double_quant: DoubleQuantOpt = None,
     no_quant: NoQuantOpt = False,
     heldout_fraction: Annotated[
         float, typer.Option("--heldout-fraction", help="Share of distinct questions held out for evaluation.")
@@ -165,7 +198,8 @@ def train(
         max_seq_len=max_seq_len,
         seed=seed,
         heldout_fraction=heldout_fraction,
-        quant="none" if no_quant else "nf4",
+        quant=pick_quant(quant, no_quant, double_quant),
+        double_quant=double_quant is not False,
         bucketing=not no_bucketing,
         gradient_checkpointing=gradient_checkpointing,
         eval_examples=eval_examples,
@@ -211,6 +245,8 @@ def eval_(
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Truncation for NLL, as in training.")] = 256,
     heldout_fraction: Annotated[float, typer.Option("--heldout-fraction", help="Must match training's split.")] = 0.1,
     base: BaseOpt = "embedded",
+    quant: QuantOpt = None,
+    double_quant: DoubleQuantOpt = None,
     no_quant: NoQuantOpt = False,
 ) -> None:
     """Evaluate the base and adapters on held-out questions: answer NLL and ROUGE-L of greedy answers."""
@@ -244,7 +280,7 @@ def eval_(
     rows = load_qa(data)
     check_qtypes(rows, qtypes)
     heldout = {q: split(rows, q, heldout_fraction).heldout[:limit] for q in qtypes}
-    loaded = load_base(ref, quant="none" if no_quant else "nf4")
+    loaded = load_base(ref, pick_quant(quant, no_quant, double_quant), double_quant=double_quant is not False)
     results = evaluate_adapters(loaded, chosen, heldout, wanted, max_seq_len, max_new_tokens)
 
     if matrix:
@@ -416,6 +452,22 @@ def export(
     print(f"exported {result.info['adapter']['name']} as {fmt} to {out}: {', '.join(result.files)}")
 
 
+def _settings(**given: Any) -> Any:
+    """Server settings from LORASWAP_* and the options given; a bad value is a usage error naming it."""
+    from pydantic import ValidationError
+
+    from loraswap.server.settings import Settings
+
+    try:
+        return Settings.from_env(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise UsageError(
+            f"setting {field} (LORASWAP_{field.upper()} or --{field.replace('_', '-')}): {err['msg']}"
+        ) from None
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on [default 127.0.0.1].")] = None,
@@ -426,22 +478,24 @@ def serve(
     max_batch_size: Annotated[
         int | None, typer.Option("--max-batch-size", help="Requests decoded together per worker [default 16].")
     ] = None,
+    quant: QuantOpt = None,
+    double_quant: DoubleQuantOpt = None,
     no_quant: NoQuantOpt = False,
     lora_impl: LoraImplOpt = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
-    from loraswap.server.app import Settings
     from loraswap.server.app import serve as run_server
 
     _quiet_libraries()
-    settings = Settings.from_env(
+    settings = _settings(
         host=host,
         port=port,
         adapters_dir=adapters_dir,
         base=base,
         workers=workers,
         max_batch_size=max_batch_size,
-        quant="none" if no_quant else None,
+        quant=pick_quant(quant, no_quant, double_quant) if quant or no_quant else None,
+        double_quant=double_quant,
         lora_impl=lora_impl,
     )
     code = run_server(settings)
@@ -476,6 +530,8 @@ def train_bench(
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per run (after one warm-up step).")] = 6,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds of (plain, loraswap).")] = 2,
     base: BaseOpt = "embedded",
+    quant: QuantOpt = None,
+    double_quant: DoubleQuantOpt = None,
     no_quant: NoQuantOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
@@ -484,7 +540,8 @@ def train_bench(
 
     _quiet_libraries()
     with contextlib.redirect_stdout(sys.stderr):  # progress goes to stderr; stdout holds the result only
-        result = compare(base, data, qtype, steps, rounds, quant="none" if no_quant else "nf4")
+        chosen = pick_quant(quant, no_quant, double_quant)
+        result = compare(base, data, qtype, steps, rounds, quant=chosen, double_quant=double_quant is not False)
     if as_json:
         print(json.dumps(result))
     else:
@@ -501,6 +558,8 @@ def bench(
         bool, typer.Option("--quick", help="Every scenario, small (under 3 minutes on 2 CPU cores).")
     ] = False,
     base: BaseOpt = "embedded",
+    quant: QuantOpt = None,
+    double_quant: DoubleQuantOpt = None,
     no_quant: NoQuantOpt = False,
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Batch of the server started here.")] = 16,
     lora_impl: LoraImplOpt = None,
@@ -540,7 +599,8 @@ def bench(
         import loraswap.bench.soak as soaking
 
         soak_cfg = soaking.SoakConfig(
-            url=url, base=base, quant="none" if no_quant else "nf4", max_batch_size=max_batch_size,
+            url=url, base=base, quant=pick_quant(quant, no_quant, double_quant),
+            double_quant=double_quant is not False, max_batch_size=max_batch_size,
             seconds=soak_seconds, clients=clients or 8, max_tokens=max_tokens or 16, adapters=adapters or 8,
             api_key=api_key, admin_key=admin_key,
         )  # fmt: skip
@@ -561,7 +621,8 @@ def bench(
     kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None} | {
         "url": url,
         "base": base,
-        "quant": "none" if no_quant else "nf4",
+        "quant": pick_quant(quant, no_quant, double_quant),
+        "double_quant": double_quant is not False,
         "max_batch_size": max_batch_size,
         "lora_impl": lora_impl,
         "adapters": adapters,
@@ -577,7 +638,8 @@ def bench(
     with contextlib.redirect_stdout(sys.stderr):
         collected = run_bench(cfg)
         result = summary(collected)
-        flags: dict[str, Any] = {"--quick": quick, "--no-quant": no_quant, "--url": url, "--lora-impl": lora_impl}
+        flags: dict[str, Any] = {"--quick": quick, "--quant": kw["quant"] if kw["quant"] != "nf4" else None}
+        flags |= {"--no-double-quant": double_quant is False, "--url": url, "--lora-impl": lora_impl}
         flags |= {"--clients": clients, "--max-tokens": max_tokens, "--rounds": rounds}
         flags |= {"--base": base if base != "embedded" else None, "--adapters": adapters if adapters != 64 else None}
         flags["--max-batch-size"] = max_batch_size if max_batch_size != 16 else None
@@ -587,6 +649,7 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from loraswap.adapters.arch import UnknownArchitectureError
     from loraswap.adapters.base import BaseModelError
     from loraswap.adapters.manifest import AdapterError
     from loraswap.train.data import DataError
@@ -595,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
         code = app(argv, standalone_mode=False)  # without standalone mode click returns exit codes
         if isinstance(code, int) and code:
             sys.exit(code)
-    except (UsageError, DataError, AdapterError, BaseModelError) as e:
+    except (UsageError, DataError, AdapterError, BaseModelError, UnknownArchitectureError) as e:
         print(f"loraswap: error: {e}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as e:

@@ -62,7 +62,8 @@ def report_store(settings: Settings) -> dict[str, str]:
             unusable[name] = "; ".join(problems)
     ours = [n for n in mine if n not in unusable]
     print(
-        f"loraswap: base {ref.base_id} ({ref.fingerprint}), {len(ours)} adapters: {', '.join(ours) or 'none'}",
+        f"loraswap: base {ref.base_id} ({ref.fingerprint}, {settings.quant}), {len(ours)} adapters: "
+        f"{', '.join(ours) or 'none'}",
         file=sys.stderr,
     )
     others = sorted(set(entries) - set(mine))

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 
 from loraswap.adapters.manifest import AdapterNotFound
-from loraswap.adapters.prompt import stop_token_ids
+from loraswap.adapters.prompt import generation_eos, stop_token_ids
 from loraswap.adapters.store import StoreEntry
 from loraswap.server.kvcache import concat_rows, keep_rows, new_cache
 from loraswap.server.kvcache import left_pad as _left_pad  # noqa: F401  # importable from here, as before
@@ -143,7 +143,7 @@ class Engine:
         # token would make the LM head most of a prefill's cost.
         takes = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.last_logits_only: dict[str, int] = {"logits_to_keep": 1} if takes else {}
-        self.stop_ids = set(stop_token_ids(tokenizer))
+        self.stop_ids = set(stop_token_ids(tokenizer, generation_eos(model)))
         self.device = next(model.parameters()).device
         self.waiting: list[GenRequest] = []
         self.rows: list[_Row] = []

@@ -21,6 +21,9 @@ class Settings(BaseModel):
     port: int = 8000
     base: str = "embedded"
     quant: Quant = "nf4"
+    """How the base is held: nf4 or fp4 (bitsandbytes 4-bit), int8 (LLM.int8) or none (dense)."""
+    double_quant: bool = True
+    """4-bit only: quantize the blocks' scales too."""
     adapters_dir: Path | None = None
     workers: int = 1
     max_batch_size: int = 16

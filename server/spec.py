@@ -442,7 +442,7 @@ class LoraswapSpec(LitSpec):
         from jinja2 import TemplateError
 
         try:
-            text = render_chat(self.tokenizer, messages)  # a base without a chat template: the plain one
+            text = render_chat(self.tokenizer, messages)
         except TemplateError as e:  # templates may refuse some role orders
             raise APIError(400, f"the base's chat template refuses these messages: {e}", param="messages") from None
         self._check_text_fits(len(text.encode()), "messages")  # many short messages add up in the template
@@ -568,11 +568,17 @@ class LoraswapSpec(LitSpec):
         except APIError as e:
             return e.response()
         base = self.ref.base_id
-        data = [{"id": base, "object": "model", "created": 0, "owned_by": "loraswap", "parent": None}]
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "loraswap", "parent": None, **self._quant}]
         for name, entry in sorted(self._entries().items()):
             created = int(entry.path.stat().st_mtime)
             data.append({"id": name, "object": "model", "created": created, "owned_by": "loraswap", "parent": base})
         return JSONResponse({"object": "list", "data": data})
+
+    @property
+    def _quant(self) -> dict[str, Any]:
+        """How the workers hold the base (reported with the base's entry of /v1/models)."""
+        s = self.settings
+        return {"quant": s.quant, "double_quant": s.double_quant if s.quant in ("nf4", "fp4") else None}
 
     async def list_adapters(self, request: Request) -> Response:
         try:

@@ -73,7 +73,8 @@ class LoraswapAPI(ls.LitAPI):
         if self.workers is not None:  # LitServe sets the index before setup; a restarted worker keeps it
             self.workers[int(os.environ.get("LITSERVE_WORKER_ID", "0"))] = os.getpid()
 
-        base = load_base(self.settings.base, quant=self.settings.quant, device=device)
+        s = self.settings
+        base = load_base(s.base, quant=s.quant, device=device, double_quant=s.double_quant)
         store = self.settings.store()
         engine_class = Seq2SeqEngine if base.ref.kind == "seq2seq" else Engine
         self.engine = engine_class(

@@ -230,20 +230,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def peft_reference(base_path: Path, adapter_path: Path | None, question: str, n: int) -> list[int]:
+def peft_reference(base_path: Path, adapter_path: Path | None, question: str, n: int, quant: str = "none") -> list[int]:
     """PEFT's plain path, the reference for parity: a fresh base with only this adapter, `generate`, greedy.
     Returns the generated token ids without the end-of-turn token."""
     import torch
     from peft import PeftModel
 
     from loraswap.adapters.base import load_base
-    from loraswap.adapters.prompt import prompt_ids, stop_token_ids
+    from loraswap.adapters.prompt import generation_eos, prompt_ids, stop_token_ids
 
-    base = load_base(str(base_path), quant="none")
+    base = load_base(str(base_path), quant=quant)  # type: ignore[arg-type]
     model = base.model if adapter_path is None else PeftModel.from_pretrained(base.model, str(adapter_path))
     model.eval()
     ids = torch.tensor([prompt_ids(base.tokenizer, question)])
-    stops = stop_token_ids(base.tokenizer)
+    stops = stop_token_ids(base.tokenizer, generation_eos(base.model))
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),

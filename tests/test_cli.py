@@ -66,7 +66,8 @@ def test_every_command_explains_its_options() -> None:
         "--rank",
         "--alpha",
         "--method",
-        "--no-quant",
+        "--quant",
+        "--double-quant",
     ):
         assert opt in r.stdout, opt
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from loraswap.adapters.prompt import build_example, normalize_answer, prompt_ids, stop_token_ids
+from loraswap.adapters.prompt import build_example, generation_eos, normalize_answer, prompt_ids, stop_token_ids
 from loraswap.train.data import QA
 
 BASE = "__base__"
@@ -75,7 +75,7 @@ def greedy_answers(
 
     device = next(model.parameters()).device
     out: list[str] = []
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, generation_eos(model))
     seq2seq = is_seq2seq(model)
     for i in tqdm(range(0, len(questions), batch_size), desc=desc, disable=desc is None, leave=False):
         chunk = [prompt_ids(tokenizer, q) for q in questions[i : i + batch_size]]

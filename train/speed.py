@@ -20,12 +20,14 @@ from loraswap.train.data import load_qa, split
 from loraswap.train.trainer import TrainConfig, attach_adapter, pick_rows, run_trainer, tokenize_rows
 
 
-def compare(base: str, data: str, qtype: str, steps: int, rounds: int, quant: Quant = "nf4") -> dict[str, Any]:
+def compare(
+    base: str, data: str, qtype: str, steps: int, rounds: int, quant: Quant = "nf4", double_quant: bool = True
+) -> dict[str, Any]:
     ref = resolve_base(base)
     rows = split(load_qa(data), qtype).train
     tokenizer = load_tokenizer(ref)
     examples = tokenize_rows(pick_rows(rows, 512, 0), tokenizer, 256, seq2seq=ref.kind == "seq2seq")
-    common = {"max_steps": steps, "quant": quant, "save_steps": 10**6, "eval_examples": 0}
+    common = {"max_steps": steps, "quant": quant, "double_quant": double_quant, "save_steps": 10**6, "eval_examples": 0}
     variants = {
         "plain": TrainConfig(bucketing=False, gradient_checkpointing=True, **common),  # type: ignore[arg-type]
         "loraswap": TrainConfig(**common),  # type: ignore[arg-type]
@@ -34,7 +36,7 @@ def compare(base: str, data: str, qtype: str, steps: int, rounds: int, quant: Qu
     padding: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for name, cfg in variants.items():
-            loaded = load_base(ref, quant=quant)
+            loaded = load_base(ref, quant=quant, double_quant=double_quant)
             model = attach_adapter(loaded, cfg)
             with tempfile.TemporaryDirectory() as tmp:
                 _, seconds, collated = run_trainer(

@@ -76,7 +76,9 @@ class TrainConfig:
     seed: int = 0
     heldout_fraction: float = 0.1
     quant: Quant = "nf4"
-    """nf4: QLoRA over the 4-bit base; none: the dense base."""
+    """nf4 or fp4: QLoRA over the 4-bit base; int8: over the LLM.int8 base; none: the dense base."""
+    double_quant: bool = True
+    """4-bit only: quantize the blocks' scales too (bitsandbytes double quantization)."""
     bucketing: bool = True
     """Batch examples of similar length together (HF LengthGroupedSampler)."""
     gradient_checkpointing: bool = False
@@ -369,7 +371,7 @@ def train_qtype(
             f"--method {cfg.method}: base {ref.base_id!r} is a seq2seq ({ref.model_type}) base, on which loraswap "
             "trains and serves LoRA only (its server places virtual tokens and prefixes for decoder-only bases)"
         )
-    base = load_base(ref, quant=cfg.quant)
+    base = load_base(ref, quant=cfg.quant, double_quant=cfg.double_quant)
     train_rows = pick_rows(sp.train, cfg.max_examples, cfg.seed)
     examples = tokenize_rows(train_rows, base.tokenizer, cfg.max_seq_len, seq2seq=ref.kind == "seq2seq")
     print(f"[{name}] {len(examples)} training examples, {len(sp.heldout)} held-out questions; base {ref.base_id}")
@@ -430,9 +432,11 @@ def train_qtype(
 def train_many(
     base_spec: str, data: str, qtypes: list[str], out: Path, cfg: TrainConfig, progress: bool = True
 ) -> list[TrainResult]:
+    ref = resolve_base(base_spec)
+    if cfg.method == "lora":  # an architecture without defaults fails now, before the data and the base load
+        architecture(ref.model_type, cfg.target_modules or None)
     rows = load_qa(data)
     check_qtypes(rows, qtypes)
-    ref = resolve_base(base_spec)
     return [
         train_qtype(
             ref, rows, q, out, cfg, data_source=Path(data).name if Path(data).exists() else data, progress=progress
