@@ -302,7 +302,8 @@ def test_gguf_export_of_a_gemma_base_is_refused_with_the_way_out(
 def test_unknown_architecture_names_itself_and_the_option(
     qa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """GPT-NeoX (Pythia) has no defaults here: the CLI says so, and --target-modules makes it trainable."""
+    """GPT-NeoX (Pythia) has no defaults here: the CLI says so, and --target-modules makes it trainable; prompt
+    tuning adapts no modules, so it needs none."""
     import torch
     from conftest import build_tiny_tokenizer
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -323,6 +324,13 @@ def test_unknown_architecture_names_itself_and_the_option(
     assert code == 0, err
     config_json = json.loads((tmp_path / "out" / "symptoms" / "adapter_config.json").read_text())
     assert config_json["target_modules"] == ["query_key_value"]
+    prompt_args = [a if a != str(tmp_path / "out") else str(tmp_path / "prompt") for a in args]
+    code, _, err = run_cli([*prompt_args, "--method", "prompt"], capsys)
+    assert code == 0, err
+    assert (
+        json.loads((tmp_path / "prompt" / "symptoms" / "adapter_config.json").read_text())["peft_type"]
+        == "PROMPT_TUNING"
+    )
 
 
 @pytest.mark.parametrize(

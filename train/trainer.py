@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loraswap.adapters.arch import Architecture, architecture
+from loraswap.adapters.arch import Architecture, architecture, kind_of
 from loraswap.adapters.base import BaseModelError, BaseRef, LoadedBase, Quant, load_base, resolve_base
 from loraswap.adapters.manifest import (
     WEIGHTS_FILE,
@@ -220,7 +220,11 @@ def attach_adapter(base: LoadedBase, cfg: TrainConfig) -> Any:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    arch = architecture(base.ref.model_type, cfg.target_modules or None)
+    model_type = base.ref.model_type
+    if cfg.method == "lora":
+        arch = architecture(model_type, cfg.target_modules or None)
+    else:  # prompt-learning methods adapt no modules: only the base's kind matters, known architecture or not
+        arch = Architecture(model_type, kind_of(model_type), ())
     peft_model = get_peft_model(model, peft_config(cfg, base.tokenizer, arch))
     peft_model.print_trainable_parameters()
     return peft_model
