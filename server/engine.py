@@ -511,7 +511,9 @@ class Engine:
         concat_rows(self.cache, joining, width)
         self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(new_mask, width)], dim=0)
 
-    def _retire(self, finished: list[_Row]) -> None:
+    def _drop_rows(self, finished: list[_Row]) -> torch.Tensor | None:
+        """Release the finished rows' adapters and drop them from `rows`; returns the remaining rows' old
+        indices, or None (and no batch state) when none remain."""
         gone = {id(r) for r in finished}
         keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         for r in finished:
@@ -519,9 +521,14 @@ class Engine:
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self.cache, self.mask = None, None
+            return None
+        return torch.tensor(keep, dtype=torch.long)
+
+    def _retire(self, finished: list[_Row]) -> None:
+        index = self._drop_rows(finished)
+        if index is None:
             return
         assert self.mask is not None
-        index = torch.tensor(keep, dtype=torch.long)
         self.mask = self.mask[index]
         # Columns that are padding in every remaining row are dropped.
         first = int(self.mask.any(dim=0).long().argmax())

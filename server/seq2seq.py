@@ -110,16 +110,11 @@ class Seq2SeqEngine(Engine):
         self.mask = torch.cat([_pad_left(self.mask, dec, 1), _pad_left(mask, dec, 1)])
 
     def _retire(self, finished: list[_Row]) -> None:
-        gone = {id(r) for r in finished}
-        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
-        for r in finished:
-            self._release(r)
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.mask = self.encoded = self.encoder_mask = None
+        index = self._drop_rows(finished)
+        if index is None:
+            self.encoded = self.encoder_mask = None
             return
         assert self.mask is not None and self.encoded is not None and self.encoder_mask is not None
-        index = torch.tensor(keep, dtype=torch.long)
         # Columns that are padding in every remaining row are dropped, on both sides.
         self.mask = self.mask[index]
         dec0 = int(self.mask.any(dim=0).long().argmax())
