@@ -16,6 +16,14 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Questions of the parity tests: prompts of different lengths in one batch.
+PARITY_QUESTIONS = [
+    "What are the symptoms of carditis ?",
+    "What are the treatments for hepatitis ?",
+    "What is osteitis ?",
+    "How to prevent dermitis ?",
+]
+
 # Small templated answers: a tiny model learns them in a few steps, so training tests can check that
 # loss and held-out NLL go down.
 SYMPTOMS = "The signs and symptoms of {d} include fever, cough and tiredness. See a doctor if they last."

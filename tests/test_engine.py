@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import PARITY_QUESTIONS as QUESTIONS
 from conftest import peft_reference, random_lora_adapter
 
 from loraswap.adapters.base import load_base
@@ -14,13 +15,6 @@ from loraswap.adapters.store import AdapterStore
 from loraswap.server.engine import Engine, Event, GenRequest
 from loraswap.server.lru import AdapterLRU, CacheFull
 from loraswap.server.settings import LoraImpl
-
-QUESTIONS = [
-    "What are the symptoms of carditis ?",
-    "What are the treatments for hepatitis ?",
-    "What is osteitis ?",
-    "How to prevent dermitis ?",
-]
 
 
 @pytest.fixture(scope="module")

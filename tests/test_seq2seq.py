@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from conftest import PARITY_QUESTIONS as QUESTIONS
 from conftest import build_tiny_t5, peft_reference, random_lora_adapter, run_cli
 
 from loraswap.adapters.base import load_base, resolve_base
@@ -26,13 +27,6 @@ from loraswap.server.seq2seq import Seq2SeqEngine
 from loraswap.server.settings import LoraImpl
 from loraswap.train.data import load_qa
 from loraswap.train.trainer import TrainConfig, train_qtype
-
-QUESTIONS = [
-    "What are the symptoms of carditis ?",
-    "What are the treatments for hepatitis ?",
-    "What is osteitis ?",
-    "How to prevent dermitis ?",
-]
 
 
 @pytest.fixture(scope="module")
