@@ -1,7 +1,7 @@
 """Time the engine's steps in this process, without HTTP: prefill and decoding step at a given batch.
 
     python -m loraswap.bench.steps --batch 16 --adapters 16 [--impl batched|peft] [--tokens 32]
-        [--no-prefix-cache] [--closed SECONDS] [--profile]
+        [--no-prefix-cache] [--closed SECONDS] [--lm-head auto|float32|bfloat16] [--no-fast-paths] [--profile]
 
 Synthetic rank-8 adapters (as `loraswap bench` makes them) fill a temporary store; `--profile`
 prints cProfile's top functions of the timed part; `--closed` then keeps `--batch` requests in flight
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--no-prefix-cache", action="store_true", help="prefill whole prompts every time")
     ap.add_argument("--closed", type=float, default=0, help="then a closed loop of this many seconds")
+    ap.add_argument("--lm-head", choices=["auto", "float32", "bfloat16"], default="auto", help="as serve's --lm-head")
+    ap.add_argument("--no-fast-paths", action="store_true", help="the base as loaded, as before `fastpath.py`")
+    ap.add_argument(
+        "--head-agreement", action="store_true", help="instead: greedy answers with the float32 and the bf16 LM head"
+    )
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from loraswap.adapters.store import AdapterStore
     from loraswap.bench.load import QUESTIONS
     from loraswap.bench.synth import archive, synth_lora
+    from loraswap.server import fastpath
     from loraswap.server.engine import Engine, GenRequest
 
     ref = resolve_base(args.base)
@@ -54,6 +60,11 @@ def main(argv: list[str] | None = None) -> None:
             folder = synth_lora(ref, Path(tmp) / "synth" / str(i), seed=i + 1)
             install_archive(archive(folder), f"a{i:02d}", store_dir, ref)
         base = load_base(ref, quant="none" if args.no_quant else args.quant, double_quant=not args.no_double_quant)
+        if args.head_agreement:
+            head_agreement(base, AdapterStore(store_dir, shipped_dir=None), args)
+            return
+        if not args.no_fast_paths:
+            print(fastpath.describe(fastpath.apply(base.model, args.lm_head)))
         engine = Engine(
             base.model,
             base.tokenizer,
@@ -94,6 +105,44 @@ def main(argv: list[str] | None = None) -> None:
     )
     if tokens_s is not None:
         print(f"closed loop of {args.batch} requests of {args.tokens} tokens: {tokens_s:.1f} tokens/s")
+
+
+def head_agreement(base: Any, store: Any, args: argparse.Namespace) -> None:
+    """Every question of the load pool (over the shipped adapters, or `--adapters` synthetic ones, and the base),
+    greedy, `--tokens` tokens, with the float32 head and then the bf16 head; prefix caching off, so both passes
+    compute the same prompts the same way. Prints how many answers are identical."""
+    from loraswap.adapters.prompt import prompt_ids
+    from loraswap.adapters.store import SHIPPED_DIR, AdapterStore
+    from loraswap.bench.load import QUESTIONS
+    from loraswap.server import fastpath
+    from loraswap.server.engine import Engine, GenRequest
+
+    if not args.adapters:
+        store = AdapterStore(store.user_dir, shipped_dir=SHIPPED_DIR)
+    names: list[str | None] = [None, *sorted(store.entries())]
+    engine = Engine(base.model, base.tokenizer, store.get, max_batch_size=args.batch, max_loaded=len(names),
+                    prefix_cache_bytes=0)  # fmt: skip
+    fastpath.lean_4bit(base.model)  # bit for bit bitsandbytes' own: only the head differs between the passes
+
+    def answers(tag: str) -> dict[int, str]:
+        for i, q in enumerate(QUESTIONS):
+            ids = prompt_ids(base.tokenizer, q)
+            engine.submit(GenRequest(f"{tag}{i}", ids, names[i % len(names)], max_tokens=args.tokens, ignore_eos=True))
+        text: dict[int, str] = {}
+        while engine.has_work():
+            for e in engine.step():
+                key = int(e.uid.removeprefix(tag))
+                text[key] = text.get(key, "") + e.text
+        return text
+
+    exact = answers("f")
+    if not fastpath.bf16_head(base.model):
+        raise SystemExit("the base's LM head is not a float32 linear layer")
+    fast = answers("b")
+    same = sum(exact[i] == fast[i] for i in exact)
+    print(
+        f"greedy answers of {args.tokens} tokens identical with the float32 and the bf16 head: {same} of {len(exact)}"
+    )
 
 
 def closed_loop(engine: Any, tokenizer: Any, args: argparse.Namespace) -> float:

@@ -482,6 +482,14 @@ def serve(
     double_quant: DoubleQuantOpt = None,
     no_quant: NoQuantOpt = False,
     lora_impl: LoraImplOpt = None,
+    lm_head: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-head",
+            help="Output projection on CPU: 'auto' (bf16 where the CPU has native bf16, top logits recomputed in "
+            "float32) [default], 'float32' or 'bfloat16'.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
     from loraswap.server.app import serve as run_server
@@ -497,6 +505,7 @@ def serve(
         quant=pick_quant(quant, no_quant, double_quant) if quant or no_quant else None,
         double_quant=double_quant,
         lora_impl=lora_impl,
+        lm_head=lm_head,
     )
     code = run_server(settings)
     if code:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, SecretStr
 
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
+from loraswap.server.fastpath import LmHead
 
 LoraImpl = Literal["batched", "peft"]
 
@@ -44,6 +45,9 @@ class Settings(BaseModel):
     admin_key: SecretStr | None = None
     lora_impl: LoraImpl = "batched"
     """How LoRA rows are computed: "batched" (adapter slots, gathered matmuls) or "peft" (PEFT's reference path)."""
+    lm_head: LmHead = "auto"
+    """The output projection's compute dtype on CPU: "auto" (bf16 where the CPU has native bf16 dot products,
+    with each position's top logits recomputed in float32), "float32" or "bfloat16" (`fastpath.py`)."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
 

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -67,6 +68,7 @@ class LoraswapAPI(ls.LitAPI):
         self.workers = workers
 
     def setup(self, device: str) -> None:
+        from loraswap.server import fastpath
         from loraswap.server.engine import Engine
         from loraswap.server.seq2seq import Seq2SeqEngine
 
@@ -75,6 +77,8 @@ class LoraswapAPI(ls.LitAPI):
 
         s = self.settings
         base = load_base(s.base, quant=s.quant, device=device, double_quant=s.double_quant)
+        fast = fastpath.apply(base.model, s.lm_head)
+        print(f"loraswap: worker {os.getpid()}: {fastpath.describe(fast)}", file=sys.stderr, flush=True)
         store = self.settings.store()
         engine_class = Seq2SeqEngine if base.ref.kind == "seq2seq" else Engine
         self.engine = engine_class(

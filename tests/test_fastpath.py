@@ -1,0 +1,127 @@
+"""The serving fast paths (`server/fastpath.py`): the direct 4-bit kernel is bit for bit bitsandbytes' own, the
+bf16 LM head keeps the float32 head's greedy choice and top logits, and an engine on them matches PEFT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PARITY_QUESTIONS as QUESTIONS
+from conftest import peft_reference, random_lora_adapter
+from pydantic import ValidationError
+
+from loraswap.adapters.base import load_base
+from loraswap.adapters.prompt import prompt_ids
+from loraswap.adapters.store import AdapterStore
+from loraswap.server import fastpath
+from loraswap.server.engine import Engine, Event, GenRequest
+from loraswap.server.settings import Settings
+
+needs_native_bf16 = pytest.mark.skipif(
+    not fastpath.native_bf16_cpu(), reason="bitsandbytes' fused kernel needs a CPU with AVX512-BF16"
+)
+
+
+def prompts(tokenizer: object, n: int = 4) -> list[torch.Tensor]:
+    return [torch.tensor([prompt_ids(tokenizer, q)]) for q in QUESTIONS[:n]]
+
+
+@needs_native_bf16
+def test_the_direct_4bit_kernel_gives_bitsandbytes_own_output_bit_for_bit(lively_base: Path) -> None:
+    from bitsandbytes.nn import Linear4bit
+
+    for quant in ("nf4", "fp4"):
+        base = load_base(str(lively_base), quant=quant)  # type: ignore[arg-type]
+        model = base.model
+        with torch.inference_mode():
+            before = [model(input_ids=ids).logits for ids in prompts(base.tokenizer)]
+        layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        assert fastpath.lean_4bit(model) == len(layers) > 0
+        assert all("forward" in m.__dict__ for m in layers)
+        with torch.inference_mode():
+            after = [model(input_ids=ids).logits for ids in prompts(base.tokenizer)]
+        for a, b in zip(before, after, strict=True):
+            assert torch.equal(a, b), quant
+
+
+def test_the_bf16_head_keeps_the_float32_greedy_choice_and_top_logits(lively_base: Path) -> None:
+    base = load_base(str(lively_base), quant="none")
+    model = base.model
+    with torch.inference_mode():
+        exact = torch.cat([model(input_ids=ids).logits[0] for ids in prompts(base.tokenizer)])
+    assert fastpath.bf16_head(model)
+    assert fastpath.bf16_head(model)  # a second call leaves the patched head as it is
+    with torch.inference_mode():
+        fast = torch.cat([model(input_ids=ids).logits[0] for ids in prompts(base.tokenizer)])
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape
+    assert not torch.equal(fast, exact)  # the bf16 pass did run: the tail's logits moved
+    assert torch.equal(fast.argmax(-1), exact.argmax(-1))
+    # The float32 head's best few are among the bf16 pass's top RESCORED, so they come back exact.
+    top = exact.topk(fastpath.RESCORED // 2, dim=-1)
+    torch.testing.assert_close(fast.gather(-1, top.indices), top.values, rtol=1e-5, atol=1e-4)
+    scale = exact.abs().max()
+    assert (fast - exact).abs().max() < 0.02 * scale  # the rest: within a bf16 dot product's rounding
+
+
+def test_a_strided_single_position_goes_through_the_bf16_head() -> None:
+    """A prefill hands the head a [1, 1, hidden] slice that keeps its parent's strides."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(32, 100, bias=True)
+
+        def get_output_embeddings(self) -> torch.nn.Module:
+            return self.head
+
+    torch.manual_seed(0)
+    model = Tiny()
+    hidden = torch.randn(1, 5, 32)[:, -1:, :]
+    exact = model.head(hidden)
+    assert fastpath.bf16_head(model)
+    fast = model.head(hidden)
+    assert fast.shape == (1, 1, 100)
+    assert int(fast.argmax()) == int(exact.argmax())
+    torch.testing.assert_close(fast.max(), exact.max(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_head_choice_follows_the_setting_and_the_cpu(monkeypatch: pytest.MonkeyPatch, lively_base: Path) -> None:
+    model = load_base(str(lively_base), quant="none").model
+    monkeypatch.setattr(fastpath, "native_bf16_cpu", lambda: False)
+    assert fastpath.head_dtype(model, "auto") is None
+    assert fastpath.head_dtype(model, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(fastpath, "native_bf16_cpu", lambda: True)
+    assert fastpath.head_dtype(model, "auto") == torch.bfloat16
+    assert fastpath.head_dtype(model, "float32") is None
+    done = fastpath.apply(model, "float32")
+    assert done["lm_head"] == "float32" and done["rescored"] == 0
+    assert "LM head in float32" in fastpath.describe(done)
+    with pytest.raises(ValidationError):
+        Settings(lm_head="float16")  # type: ignore[arg-type]
+
+
+def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(lively_base: Path, tmp_path: Path) -> None:
+    random_lora_adapter(lively_base, tmp_path, "symptoms", seed=1)
+    random_lora_adapter(lively_base, tmp_path, "treatment", seed=2)
+    store = AdapterStore(tmp_path, shipped_dir=None)
+    base = load_base(str(lively_base), quant="nf4")
+    done = fastpath.apply(base.model, "bfloat16")  # the bf16 head on any CPU; the direct kernel where it applies
+    assert done["lm_head"] == "bfloat16" and done["rescored"] == fastpath.RESCORED
+    engine = Engine(base.model, base.tokenizer, store.get)
+    tok = base.tokenizer
+    plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2]), ("symptoms", QUESTIONS[3])]
+    for i, (adapter, q) in enumerate(plan):
+        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=12))
+    events: dict[str, list[Event]] = {}
+    while engine.has_work():
+        for e in engine.step():
+            events.setdefault(e.uid, []).append(e)
+    texts = set()
+    for i, (adapter, q) in enumerate(plan):
+        path = None if adapter is None else store.get(adapter).path
+        ref = peft_reference(lively_base, path, q, 12, quant="nf4")
+        text = "".join(e.text for e in events[f"r{i}"])
+        assert text == tok.decode(ref, skip_special_tokens=True), (adapter, q)
+        texts.add(text)
+    assert len(texts) == len(plan)  # the adapters change the answers: the parity could fail
