@@ -117,6 +117,17 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
                 f"{_fmt(mem['prompt_cache_mb_per_loaded_adapter'])} MiB per adapter; the rest, "
                 f"{_fmt(mem['adapter_mb_per_loaded_adapter'])} MiB, is {_fmt(mem['adapter_vs_file'])}x the file."
             )
+        spans = mem.get("intervals") or []
+        if spans:
+            lines += [
+                "",
+                "| adapters loaded | " + " | ".join(f"{i['from']} -> {i['to']}" for i in spans) + " |",
+                "|---" * (len(spans) + 1) + "|",
+                "| MiB per adapter | " + " | ".join(_fmt(i["mb_per_adapter"]) for i in spans) + " |",
+                "| of which cached prompt blocks | "
+                + " | ".join(_fmt(i["prompt_cache_mb_per_adapter"]) for i in spans)
+                + " |",
+            ]
     churn = s.get("churn") or {}
     if churn:
         lines += [
@@ -126,6 +137,13 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
             f"{_fmt(churn['rss_end_mb'])} MiB at the end ({churn['rss_growth_mb']:+.1f} MiB); load p50 "
             f"{_fmt(churn['load_ms_p50'])} ms, p95 {_fmt(churn['load_ms_p95'])} ms.",
         ]
+        if "slots_mb_per_adapter" in churn:
+            lines += [
+                "",
+                f"**Adapters in the slots** (in the bench process, {churn['slots_loaded']} adapters loaded one after "
+                f"another, nothing else running): {_fmt(churn['slots_mb_per_adapter'])} MiB resident per adapter "
+                f"({_fmt(churn['slots_vs_file'])}x the file), from the 2nd to the last.",
+            ]
     if charts:
         lines += ["", "## Charts", ""] + [f"![{c}]({c})" for c in charts]
     return "\n".join(lines) + "\n"
