@@ -137,13 +137,6 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
             f"{_fmt(churn['rss_end_mb'])} MiB at the end ({churn['rss_growth_mb']:+.1f} MiB); load p50 "
             f"{_fmt(churn['load_ms_p50'])} ms, p95 {_fmt(churn['load_ms_p95'])} ms.",
         ]
-        if "slots_mb_per_adapter" in churn:
-            lines += [
-                "",
-                f"**Adapters in the slots** (in the bench process, {churn['slots_loaded']} adapters loaded one after "
-                f"another, nothing else running): {_fmt(churn['slots_mb_per_adapter'])} MiB resident per adapter "
-                f"({_fmt(churn['slots_vs_file'])}x the file), from the 2nd to the last.",
-            ]
     if charts:
         lines += ["", "## Charts", ""] + [f"![{c}]({c})" for c in charts]
     return "\n".join(lines) + "\n"

@@ -175,7 +175,7 @@ def run_bench(cfg: BenchConfig) -> Collected:
             if cfg.reference:
                 _llama_cpp(cfg, ref, out)
             if cfg.churn_cycles:
-                _churn(cfg, [folders[n] for n in names], out)
+                _churn(cfg, [folders[n] for n in names[:16]], out)
         finally:
             if proc is not None:
                 stop(proc, graceful=True)
@@ -339,9 +339,8 @@ def _uploads(
 
 
 def _churn(cfg: BenchConfig, folders: list[Path], out: Collected) -> None:
-    """In this process, on a fresh base: the resident memory each adapter adds when loaded into the batched LoRA
-    slots (every folder once, nothing else allocating meanwhile); then `churn_cycles` load/evict cycles through
-    8 of the slots, with resident memory after the first 1% of cycles and at the end, and the load times."""
+    """Load and evict adapters `churn_cycles` times through the batched LoRA slots (in this process, on a
+    fresh base): resident memory after the first 1% of cycles and at the end, and the load times."""
     import gc
 
     import psutil
@@ -349,22 +348,10 @@ def _churn(cfg: BenchConfig, folders: list[Path], out: Collected) -> None:
     from loraswap.adapters.base import load_base
     from loraswap.server.slots import LoraSlots
 
-    say(f"churn: memory of {len(folders)} adapters in the LoRA slots, then {cfg.churn_cycles} load/evict cycles")
+    say(f"churn: {cfg.churn_cycles} adapter load/evict cycles through the LoRA slots, in this process")
     base = load_base(cfg.base, quant=cfg.quant, double_quant=cfg.double_quant)  # type: ignore[arg-type]
-    slots = LoraSlots(base.model, capacity=max(8, len(folders) + 1))
+    slots = LoraSlots(base.model, capacity=8)
     me = psutil.Process()
-
-    def rss() -> float:
-        gc.collect()
-        return float(me.memory_info().rss / 2**20)
-
-    slots.load("m0", folders[0])  # the first load makes the slot layers: once, not per adapter
-    rss_one = rss()
-    for i, folder in enumerate(folders[1:], start=1):
-        slots.load(f"m{i}", folder)
-    rss_all = rss()
-    for i in range(len(folders)):
-        slots.unload(f"m{i}")
     times: list[float] = []
     warm = max(1, cfg.churn_cycles // 100)
     rss_warm = 0.0
@@ -375,8 +362,10 @@ def _churn(cfg: BenchConfig, folders: list[Path], out: Collected) -> None:
         if len(slots) >= 8:
             slots.unload(f"c{i - 7}")
         if i + 1 == warm:
-            rss_warm = rss()
-    rss_end = rss()
+            gc.collect()
+            rss_warm = me.memory_info().rss / 2**20
+    gc.collect()
+    rss_end = me.memory_info().rss / 2**20
 
     out.churn = {
         "cycles": cfg.churn_cycles,
@@ -386,14 +375,6 @@ def _churn(cfg: BenchConfig, folders: list[Path], out: Collected) -> None:
         "load_ms_p50": load.percentile(times, 50, 2),
         "load_ms_p95": load.percentile(times, 95, 2),
     }
-    if len(folders) > 1:
-        per = (rss_all - rss_one) / (len(folders) - 1)
-        out.churn |= {
-            "slots_loaded": len(folders),
-            "slots_rss_mb": [round(rss_one, 1), round(rss_all, 1)],
-            "slots_mb_per_adapter": round(per, 2),
-            "slots_vs_file": round(per / out.adapter_mb, 2) if out.adapter_mb else None,
-        }
 
 
 def _load_times(cfg: BenchConfig, url: str, out: Collected) -> None:

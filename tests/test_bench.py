@@ -103,8 +103,6 @@ def test_quick_bench_measures_every_scenario_without_errors(quick_run: tuple[dic
     assert result["machine"]["cores"] >= 1
     assert result["rounds"]["single"] == [scen["single"]["tok_s"]]  # one round: its slice is the scenario
     assert result["churn"]["cycles"] == 500 and result["churn"]["load_ms_p50"] > 0
-    # Every adapter once into the slots, in the bench process: its resident memory per adapter.
-    assert result["churn"]["slots_loaded"] == 4 and result["churn"]["slots_mb_per_adapter"] is not None
     spans = mem["intervals"]
     assert [(i["from"], i["to"]) for i in spans] == [(1, 4)]
     assert spans[0]["mb_per_adapter"] == pytest.approx(mem["mb_per_loaded_adapter"], abs=0.01)
