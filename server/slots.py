@@ -8,8 +8,11 @@ already loaded). Here each adapted layer holds, for S slots,
     A: [S, R, in]   B: [S, out, R]   scale: [S]
 
 where R is the largest rank loaded (smaller ranks are zero-padded, which changes no sum). A forward
-over rows that use slots `idx` adds `bmm(bmm(x, A[idx]^T), B[idx]^T) * scale[idx]`: the same number of
-operations whatever the mix of adapters. A batch of one adapter takes PEFT's own two matmuls. Slot 0
+over rows that use slots `idx` adds `bmm(bmm(x, A[idx]^T) * scale[idx], B[idx]^T)` into the base layer's
+output in place: the same number of operations whatever the mix of adapters. The gathered `A[idx]`,
+`B[idx]^T` and scales are kept until the rows change, so decoding steps between joins and leaves gather
+nothing (at most a batch's worth of adapters, one copy). A batch of one adapter takes PEFT's own two
+matmuls. Slot 0
 is all zeros: rows on the base, or on a prompt-learning adapter, use it.
 
 Loading an adapter reads its safetensors file straight into a free slot (no module surgery); freeing
@@ -61,6 +64,9 @@ class SlotLinear(nn.Module):
         self.scales = [0.0] * capacity  # the same, as Python floats (a kernel argument, no tensor op)
         self.A[0].zero_()
         self.B[0].zero_()
+        # The rows' A, B^T and scales as gathered for `slots.batch` (a mixed batch keeps its rows for several
+        # steps: a decoding step whose rows are the last step's reuses them instead of gathering again).
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def grow_rank(self, rank: int, used: list[int]) -> None:
         """Pad every slot to `rank`; only the slots in use (and slot 0) are copied, so the others stay
@@ -76,6 +82,7 @@ class SlotLinear(nn.Module):
             b[s, :, :old].copy_(self.B[s])
             b[s, :, old:].zero_()
         self.A, self.B = a, b
+        self._gathered = None
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         """Put one adapter's A [r, in] and B [out, r] in `slot` (None: this adapter leaves the layer alone)."""
@@ -92,6 +99,7 @@ class SlotLinear(nn.Module):
         self.B[slot, :, r:].zero_()
         self.scale[slot] = scale
         self.scales[slot] = float(self.scale[slot])
+        self._gathered = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -109,15 +117,28 @@ class SlotLinear(nn.Module):
         if slots.uniform is not None:
             s = slots.uniform
             delta = nn.functional.linear(nn.functional.linear(xd, self.A[s]), self.B[s]) * self.scale[s]
-        else:
-            idx = slots.rows
-            shape = xd.shape
-            x3 = xd.reshape(shape[0], -1, shape[-1])  # [rows, tokens, in]
-            a = self.A.index_select(0, idx)  # [rows, R, in]
-            b = self.B.index_select(0, idx)  # [rows, out, R]
-            delta = torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))
-            delta = (delta * self.scale.index_select(0, idx).view(-1, 1, 1)).reshape(*shape[:-1], -1)
-        return out + delta.to(out.dtype)
+            return out + delta.to(out.dtype)
+        a, bt, scale = self._rows_weights(slots)
+        shape = xd.shape
+        # Rows x (the scaled rank-R product) x B^T, added into the base's output in place when it can take it.
+        u = torch.bmm(xd.reshape(shape[0], -1, shape[-1]), a.transpose(1, 2)).mul_(scale)  # [rows, tokens, R]
+        if out.dtype == u.dtype and out.is_contiguous():
+            out.view(shape[0], -1, self.out_features).baddbmm_(u, bt)
+            return out
+        return out + torch.bmm(u, bt).reshape(*shape[:-1], -1).to(out.dtype)
+
+    def _rows_weights(self, slots: LoraSlots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's A [rows, R, in], B^T [rows, R, out] and scale [rows, 1, 1], gathered once per batch."""
+        cached = self._gathered
+        if cached is not None and cached[0] == slots.batch:
+            return cached[1], cached[2], cached[3]
+        assert slots.rows is not None
+        idx = slots.rows
+        a = self.A.index_select(0, idx)
+        bt = self.B.index_select(0, idx).transpose(1, 2).contiguous()
+        scale = self.scale.index_select(0, idx).view(-1, 1, 1)
+        self._gathered = (slots.batch, a, bt, scale)
+        return a, bt, scale
 
 
 class LoraSlots:
@@ -138,6 +159,9 @@ class LoraSlots:
         """Slot of each row for the next forward; None when no row uses an adapter."""
         self.uniform: int | None = None
         """The slot, when every row uses the same one."""
+        self.batch = 0
+        """Counts the distinct row assignments (`use`): layers regather their rows' weights when it moves."""
+        self._last: list[int] = []
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -227,6 +251,9 @@ class LoraSlots:
             return
         self.uniform = slots[0] if all(s == slots[0] for s in slots) else None
         self.rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if slots != self._last:
+            self._last = slots
+            self.batch += 1
 
     def clear(self) -> None:
         self.rows, self.uniform = None, None
