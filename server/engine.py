@@ -508,21 +508,27 @@ class Engine:
         assert self.mask is not None
         old_len, new_len = self.mask.shape[1], new_mask.shape[1]
         width = max(old_len, new_len)
-        concat_rows(self.cache, joining, width)
+        concat_rows(self.cache, joining, width, capacity=self.max_batch_size)
         self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(new_mask, width)], dim=0)
 
     def _drop_rows(self, finished: list[_Row]) -> torch.Tensor | None:
-        """Release the finished rows' adapters and drop them from `rows`; returns the remaining rows' old
-        indices, or None (and no batch state) when none remain."""
+        """Release the finished rows' adapters and drop them from `rows`; returns the old index of each
+        remaining row in its new place, or None (and no batch state) when none remain. Each gap a finished row
+        leaves is filled by a remaining row from the end, so the cache copies only the rows that move."""
         gone = {id(r) for r in finished}
-        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
         for r in finished:
             self._release(r)
-        self.rows = [self.rows[i] for i in keep]
+        left = len(self.rows) - len(gone)
+        order = list(range(left))
+        gaps = [i for i in range(left) if id(self.rows[i]) in gone]
+        tail = [j for j in range(left, len(self.rows)) if id(self.rows[j]) not in gone]
+        for i, j in zip(gaps, tail, strict=True):
+            order[i] = j
+        self.rows = [self.rows[i] for i in order]
         if not self.rows:
             self.cache, self.mask = None, None
             return None
-        return torch.tensor(keep, dtype=torch.long)
+        return torch.tensor(order, dtype=torch.long)
 
     def _retire(self, finished: list[_Row]) -> None:
         index = self._drop_rows(finished)

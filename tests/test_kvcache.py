@@ -46,22 +46,47 @@ def test_appends_joins_and_leaves_match_the_plain_cache() -> None:
     fill(joining_roomy, 2, 4, seed=99)
     fill(joining_plain, 2, 4, seed=99)
     width = roomy.layers[0].keys.shape[2]
-    concat_rows(roomy, joining_roomy, width)
+    concat_rows(roomy, joining_roomy, width, capacity=8)  # room for 8 rows from now on
     for a, b in zip(plain.layers, joining_plain.layers, strict=True):
         a.keys = torch.cat([a.keys, kvcache.left_pad(b.keys, width)])
         a.values = torch.cat([a.values, kvcache.left_pad(b.values, width)])
     same(roomy, plain)
     assert torch.count_nonzero(roomy.layers[0].keys[3:, :, : width - 4]) == 0
 
-    index = torch.tensor([0, 2, 4])
+    # Another row joins, wider than the batch (the others get padding in front), into the spare rows.
+    joining_roomy, joining_plain = new_cache(CONFIG), DynamicCache(config=CONFIG)
+    fill(joining_roomy, 1, width + 2, seed=77)
+    fill(joining_plain, 1, width + 2, seed=77)
+    concat_rows(roomy, joining_roomy, width + 2, capacity=8)
+    for a, b in zip(plain.layers, joining_plain.layers, strict=True):
+        a.keys = torch.cat([kvcache.left_pad(a.keys, width + 2), b.keys])
+        a.values = torch.cat([kvcache.left_pad(a.values, width + 2), b.values])
+    same(roomy, plain)
+    buffers = [layer._kbuf for layer in roomy.layers]  # type: ignore[attr-defined]
+
+    # Rows 1 and 3 leave: the last row fills the first gap, the leading column goes.
+    index = torch.tensor([0, 5, 2, 4])
     keep_rows(roomy, index, 1)
     for layer in plain.layers:
         layer.keys, layer.values = layer.keys[index][:, :, 1:], layer.values[index][:, :, 1:]
     same(roomy, plain)
-    for step in range(3):  # and decoding goes on in place
-        fill(roomy, 3, 1, seed=500 + 2 * step)
-        fill(plain, 3, 1, seed=500 + 2 * step)
+
+    # A narrower row joins into a spare row.
+    joining_roomy, joining_plain = new_cache(CONFIG), DynamicCache(config=CONFIG)
+    fill(joining_roomy, 1, 3, seed=55)
+    fill(joining_plain, 1, 3, seed=55)
+    width = plain.layers[0].keys.shape[2]
+    concat_rows(roomy, joining_roomy, width, capacity=8)
+    for a, b in zip(plain.layers, joining_plain.layers, strict=True):
+        a.keys = torch.cat([a.keys, kvcache.left_pad(b.keys, width)])
+        a.values = torch.cat([a.values, kvcache.left_pad(b.values, width)])
     same(roomy, plain)
+    for step in range(3):  # and decoding goes on in place
+        fill(roomy, 5, 1, seed=500 + 2 * step)
+        fill(plain, 5, 1, seed=500 + 2 * step)
+    same(roomy, plain)
+    # The leave, the narrower join and the decoding steps wrote into the same buffers.
+    assert all(layer._kbuf is buf for layer, buf in zip(roomy.layers, buffers, strict=True))  # type: ignore[attr-defined]
 
 
 def test_tensors_assigned_from_outside_are_taken_over() -> None:
