@@ -65,9 +65,10 @@ class RoomyLayer(DynamicLayer):
             self._set(kbuf, vbuf, key_states.shape[0], 0, length)
         elif self._end + n > self._kbuf.shape[-2]:
             width = self._end - self._start
+            keys, values = _kv(self)
             kbuf, vbuf = _buffers(key_states, self._kbuf.shape[0], width + n + ROOM)
-            kbuf[: self._rows, :, :width].copy_(self.keys)
-            vbuf[: self._rows, :, :width].copy_(self.values)
+            kbuf[: self._rows, :, :width].copy_(keys)
+            vbuf[: self._rows, :, :width].copy_(values)
             self._set(kbuf, vbuf, self._rows, 0, width)
         end = self._end
         self._kbuf[: self._rows, :, end : end + n].copy_(key_states)
@@ -112,7 +113,7 @@ def _concat_rows(old: Any, new: Any, width: int, capacity: int) -> None:
             extra = width - (a._end - a._start)  # padding columns the running rows get in front
             if a._kbuf.shape[0] < rows + joining or a._start < extra:
                 kbuf, vbuf = _buffers(kb, max(capacity, rows + joining), width + ROOM)
-                for buf, view in ((kbuf, a.keys), (vbuf, a.values)):
+                for buf, view in zip((kbuf, vbuf), _kv(a), strict=True):
                     buf[:rows, :, :extra].zero_()
                     buf[:rows, :, extra:width].copy_(view)
                 a._set(kbuf, vbuf, rows, 0, width)
