@@ -30,16 +30,15 @@ log = logging.getLogger(__name__)
 
 class EngineLoop(ContinuousBatchingLoop):
     """LitServe's continuous-batching loop, without its busy wait when no request is running, and with every
-    engine step on one thread.
+    engine step on the worker's one engine thread (`LoraswapAPI.engine_thread`).
 
     LitServe runs each step with `asyncio.to_thread`, so consecutive steps land on whichever thread of the
-    default pool is free (it also runs the request-queue reads there). Each thread that calls into torch gets
-    an OpenMP team of its own, and the idle teams' threads spin-wait on the cores the working one needs:
-    with steps spread over three pool threads, a 2-core server decoded no faster with 2 compute threads than
-    with 1 (148 tokens/s under 16 clients either way; 155-168 with one engine thread). One thread owns the model.
+    default pool is free. Each thread that calls into torch gets an OpenMP team of its own, and once libgomp
+    manages more threads than there are cores it stops spin-waiting between parallel regions (its "throttled"
+    spin count), so every one of a step's hundreds of small parallel regions wakes its team through the kernel:
+    a 16-row decoding step of the embedded base took 63 ms on the first thread that ran torch and 87-93 ms on
+    either thread once a second one had (2 cores). One thread owns the model, from loading it to every step.
     """
-
-    _engine_thread: ThreadPoolExecutor | None = None  # made in the worker process (the loop is pickled to it)
 
     async def run(self, lit_api: Any, *args: Any, **kwargs: Any) -> None:
         if not lit_api.has_active_requests():
@@ -48,9 +47,7 @@ class EngineLoop(ContinuousBatchingLoop):
         await super().run(lit_api, *args, **kwargs)
 
     async def step(self, prev_outputs: Any, lit_api: Any, lit_spec: Any) -> Any:
-        if self._engine_thread is None:
-            self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, lit_api.step, prev_outputs)
+        return await asyncio.get_running_loop().run_in_executor(lit_api.engine_thread, lit_api.step, prev_outputs)
 
 
 class LoraswapAPI(ls.LitAPI):
@@ -68,12 +65,17 @@ class LoraswapAPI(ls.LitAPI):
         self.workers = workers
 
     def setup(self, device: str) -> None:
+        if self.workers is not None:  # LitServe sets the index before setup; a restarted worker keeps it
+            self.workers[int(os.environ.get("LITSERVE_WORKER_ID", "0"))] = os.getpid()
+        # Made here, in the worker process: the API object is pickled to it. The model is loaded on the thread
+        # that will run every step (see EngineLoop).
+        self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.engine_thread.submit(self._load, device).result()
+
+    def _load(self, device: str) -> None:
         from loraswap.server import fastpath
         from loraswap.server.engine import Engine
         from loraswap.server.seq2seq import Seq2SeqEngine
-
-        if self.workers is not None:  # LitServe sets the index before setup; a restarted worker keeps it
-            self.workers[int(os.environ.get("LITSERVE_WORKER_ID", "0"))] = os.getpid()
 
         s = self.settings
         base = load_base(s.base, quant=s.quant, device=device, double_quant=s.double_quant)
