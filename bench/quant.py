@@ -12,9 +12,9 @@ base and measures, in this order:
   safetensors file as the loader mapped it: page cache the kernel can reclaim); and the RSS again after the
   warm-up answer (serving), when every weight has been read (a dense load maps the file lazily, so right
   after loading little of it is resident yet);
-- decoding speed: generated tokens/s of one stream, greedy, through the server's engine with the adapter in
-  its slot: the same questions, each answered with exactly `--tokens` tokens (end-of-turn ignored), after
-  one warm-up answer;
+- decoding speed: generated tokens/s of one stream, greedy, through the server's engine (with its CPU fast
+  paths, `server/fastpath.py`) with the adapter in its slot: the same questions, each answered with exactly
+  `--tokens` tokens (end-of-turn ignored), after one warm-up answer;
 - quality: the adapter's held-out answer NLL (per answer token, as `loraswap eval` scores it) on the first
   `--questions` held-out questions of its qtype, the split its training used.
 A fresh process per choice keeps one load's memory out of the next's figures. Results go to OUT/quant.json
@@ -54,6 +54,7 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
     from loraswap.adapters.prompt import prompt_ids
     from loraswap.adapters.store import AdapterStore
     from loraswap.bench.load import QUESTIONS
+    from loraswap.server import fastpath
     from loraswap.server.engine import Engine, GenRequest
     from loraswap.train.data import load_qa, split
     from loraswap.train.evaluate import answer_nll
@@ -66,6 +67,7 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
     loaded = _settled_rss()
     footprint = tensor_bytes(base.model)
 
+    fastpath.apply(base.model)  # as a server worker does
     engine = Engine(base.model, base.tokenizer, AdapterStore.default(None).get, max_batch_size=1)
     questions = [QUESTIONS[i * 7 % len(QUESTIONS)] for i in range(args.prompts + 1)]
     seconds, tokens = 0.0, 0
