@@ -140,14 +140,13 @@ def _settled_rss() -> dict[str, int]:
     """Resident memory in bytes after garbage collection and glibc's `malloc_trim` (freed heap pages back to the
     system): all of it (rss), anonymous memory (anon: what the process allocated) and file-backed pages
     (file: mapped files, such as safetensors weights the loader maps; shared with the page cache)."""
-    import contextlib
-    import ctypes
     import gc
     import re
 
+    from loraswap.server.engine import return_freed_memory
+
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: as it is
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return_freed_memory()
     status = Path("/proc/self/status").read_text()
     kib = {k: int(m[1]) for k in ("VmRSS", "RssAnon", "RssFile") if (m := re.search(rf"{k}:\s+(\d+)", status))}
     return {"rss": kib["VmRSS"] << 10, "anon": kib.get("RssAnon", 0) << 10, "file": kib.get("RssFile", 0) << 10}

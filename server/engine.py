@@ -22,6 +22,7 @@ requests already running on the old weights finish on them.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import inspect
 import logging
@@ -130,7 +131,7 @@ class Engine:
         self.base_model = model
         self.peft: Any = None  # the PeftModel, created with the first adapter (lora_impl "peft")
         # Loads happen before evictions, so one slot more than the LRU holds.
-        self.slots = LoraSlots(model, max_loaded + 1) if lora_impl == "batched" else None
+        self.slots = LoraSlots(model, max_loaded + 1, max_rows=max_batch_size) if lora_impl == "batched" else None
         self.tokenizer = tokenizer
         self.resolve = resolve
         self.max_batch_size = max_batch_size
@@ -142,7 +143,7 @@ class Engine:
         # Only the last position's logits are sampled: computing the vocabulary projection for every prompt
         # token would make the LM head most of a prefill's cost.
         takes = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.last_logits_only: dict[str, int] = {"logits_to_keep": 1} if takes else {}
+        self.last_logits_only: dict[str, Any] = {"logits_to_keep": 1} if takes else {}
         self.stop_ids = set(stop_token_ids(tokenizer, generation_eos(model)))
         self.device = next(model.parameters()).device
         self.waiting: list[GenRequest] = []
@@ -153,6 +154,8 @@ class Engine:
         self.virtual: dict[str, torch.Tensor] = {}  # loaded prompt/P-tuning adapters: key -> virtual tokens
         self.prefixes: dict[str, KV] = {}  # loaded prefix-tuning adapters: key -> their keys and values
         self.prompt_cache = PrefixCache(prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.idle = True
+        """No request has run since the last step that ended with none (when freed memory was handed back)."""
         if self.prompt_cache is not None and not _plain_cache(model):
             self.prompt_cache = None  # sliding-window or recurrent layers: cached blocks would not be exact
 
@@ -234,6 +237,8 @@ class Engine:
     # ---- the step -------------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
+        if self.has_work():
+            self.idle = False
         events: list[Event] = []
         events += self._drop_cancelled()
         events += self._admit()
@@ -243,12 +248,17 @@ class Engine:
             except Exception as e:  # one failed forward fails the running rows, not the engine
                 log.exception("decode step failed")
                 events += self.fail_running(f"generation failed: {type(e).__name__}")
+        if not self.idle and not self.has_work():  # the last request just left
+            self.idle = True
+            return_freed_memory()
         return events
 
-    def _forward(self, **kwargs: Any) -> Any:
+    def _forward(self, running: bool = False, **kwargs: Any) -> Any:
+        """One forward of the base over rows that each name their adapter (`adapter_names`); `running`: the rows are
+        the running batch's, in its order (a decoding step), so the LoRA slots keep them gathered between steps."""
         names = kwargs.pop("adapter_names")
         if self.slots is not None:
-            self.slots.use([None if n == BASE else n for n in names])
+            self.slots.use([None if n == BASE else n for n in names], running=running)
             try:
                 with torch.inference_mode():
                     return self.base_model(**kwargs, use_cache=True)
@@ -429,6 +439,7 @@ class Engine:
             position_ids=positions.to(self.device),
             past_key_values=self.cache,
             adapter_names=[self._lora_name(r) for r in self.rows],
+            running=True,
         )
         self.cache = out.past_key_values
         return self._sample_and_emit(list(self.rows), out.logits[:, -1, :])
@@ -565,6 +576,24 @@ class Engine:
             self._release(r)
         self.rows, self.cache, self.mask = [], None, None
         return events
+
+
+def return_freed_memory() -> None:
+    """Hand the pages of freed heap memory back to the system (glibc's `malloc_trim`; nothing elsewhere). A batch's
+    activations, adapter load buffers and evicted prompt blocks are freed into the allocator's free lists, which
+    keep their pages resident: without this, a worker's resident memory follows the most it ever held, not what
+    it holds. A few ms; the engine calls it when its last request leaves, never between steps of a batch."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
 
 
 def _plain_cache(model: Any) -> bool:

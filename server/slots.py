@@ -9,11 +9,14 @@ already loaded). Here each adapted layer holds, for S slots,
 
 where R is the largest rank loaded (smaller ranks are zero-padded, which changes no sum). A forward
 over rows that use slots `idx` adds `bmm(bmm(x, A[idx]^T) * scale[idx], B[idx]^T)` into the base layer's
-output in place: the same number of operations whatever the mix of adapters. The gathered `A[idx]`,
-`B[idx]^T` and scales are kept until the rows change, so decoding steps between joins and leaves gather
-nothing (at most a batch's worth of adapters, one copy). A batch of one adapter takes PEFT's own two
-matmuls. Slot 0
-is all zeros: rows on the base, or on a prompt-learning adapter, use it.
+output in place: the same number of operations whatever the mix of adapters. A batch of one adapter takes
+PEFT's own two matmuls. Slot 0 is all zeros: rows on the base, or on a prompt-learning adapter, use it.
+
+The running batch's rows keep their gathered `A[idx]`, `B[idx]^T` and scales in per-layer row buffers
+(`[rows, R, in]`, `[rows, R, out]`, `[rows]`) from one decoding step to the next, and a step rewrites only the
+rows whose adapter changed: a request joining or leaving the batch costs one row's copy, not a regather of
+every row in every layer. The row buffers are a fixed cost sized by the batch (allocated and touched with
+the layers), not by the adapters loaded. A one-off forward (a prefill) gathers its rows for itself.
 
 Loading an adapter reads its safetensors file straight into a free slot (no module surgery); freeing
 one returns the slot, so memory stays flat however many adapters come and go. Slot tensors are
@@ -51,7 +54,7 @@ _UNSUPPORTED = {
 class SlotLinear(nn.Module):
     """A linear layer of the base (dense or 4-bit) plus the LoRA deltas of every slot."""
 
-    def __init__(self, base_layer: nn.Module, slots: LoraSlots, capacity: int, rank: int) -> None:
+    def __init__(self, base_layer: nn.Module, slots: LoraSlots, capacity: int, rank: int, rows: int) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.slots = slots
@@ -64,9 +67,15 @@ class SlotLinear(nn.Module):
         self.scales = [0.0] * capacity  # the same, as Python floats (a kernel argument, no tensor op)
         self.A[0].zero_()
         self.B[0].zero_()
-        # The rows' A, B^T and scales as gathered for `slots.batch` (a mixed batch keeps its rows for several
-        # steps: a decoding step whose rows are the last step's reuses them instead of gathering again).
-        self._gathered: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._make_row_buffers(rows)
+
+    def _make_row_buffers(self, rows: int) -> None:
+        """The running rows' A [rows, R, in], B^T [rows, R, out] and scale [rows, 1, 1], as `LoraSlots.use` gathers
+        them; zeroed, so their pages are resident from the start rather than as mixed batches first fill them."""
+        rank, dev, dt = self.A.shape[1], self.A.device, self.A.dtype
+        self.row_a = torch.zeros(rows, rank, self.in_features, device=dev, dtype=dt)
+        self.row_bt = torch.zeros(rows, rank, self.out_features, device=dev, dtype=dt)
+        self.row_scale = torch.zeros(rows, 1, 1, device=dev, dtype=dt)
 
     def grow_rank(self, rank: int, used: list[int]) -> None:
         """Pad every slot to `rank`; only the slots in use (and slot 0) are copied, so the others stay
@@ -82,7 +91,7 @@ class SlotLinear(nn.Module):
             b[s, :, :old].copy_(self.B[s])
             b[s, :, old:].zero_()
         self.A, self.B = a, b
-        self._gathered = None
+        self._make_row_buffers(self.row_a.shape[0])  # `LoraSlots` regathers every row
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         """Put one adapter's A [r, in] and B [out, r] in `slot` (None: this adapter leaves the layer alone)."""
@@ -99,7 +108,12 @@ class SlotLinear(nn.Module):
         self.B[slot, :, r:].zero_()
         self.scale[slot] = scale
         self.scales[slot] = float(self.scale[slot])
-        self._gathered = None
+
+    def gather_rows(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Row buffer positions `rows` take the weights of `slots` (index tensors of the same length)."""
+        self.row_a.index_copy_(0, rows, self.A.index_select(0, slots))
+        self.row_bt.index_copy_(0, rows, self.B.index_select(0, slots).transpose(1, 2))
+        self.row_scale.index_copy_(0, rows, self.scale.index_select(0, slots).view(-1, 1, 1))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -118,7 +132,14 @@ class SlotLinear(nn.Module):
             s = slots.uniform
             delta = nn.functional.linear(nn.functional.linear(xd, self.A[s]), self.B[s]) * self.scale[s]
             return out + delta.to(out.dtype)
-        a, bt, scale = self._rows_weights(slots)
+        assert slots.rows is not None
+        if slots.kept:  # the running batch: its rows' weights are in the row buffers, in row order
+            n = len(slots.rows)
+            a, bt, scale = self.row_a[:n], self.row_bt[:n], self.row_scale[:n]
+        else:
+            a = self.A.index_select(0, slots.rows)
+            bt = self.B.index_select(0, slots.rows).transpose(1, 2)
+            scale = self.scale.index_select(0, slots.rows).view(-1, 1, 1)
         shape = xd.shape
         # Rows x (the scaled rank-R product) x B^T, added into the base's output in place when it can take it.
         u = torch.bmm(xd.reshape(shape[0], -1, shape[-1]), a.transpose(1, 2)).mul_(scale)  # [rows, tokens, R]
@@ -127,25 +148,15 @@ class SlotLinear(nn.Module):
             return out
         return out + torch.bmm(u, bt).reshape(*shape[:-1], -1).to(out.dtype)
 
-    def _rows_weights(self, slots: LoraSlots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each row's A [rows, R, in], B^T [rows, R, out] and scale [rows, 1, 1], gathered once per batch."""
-        cached = self._gathered
-        if cached is not None and cached[0] == slots.batch:
-            return cached[1], cached[2], cached[3]
-        assert slots.rows is not None
-        idx = slots.rows
-        a = self.A.index_select(0, idx)
-        bt = self.B.index_select(0, idx).transpose(1, 2).contiguous()
-        scale = self.scale.index_select(0, idx).view(-1, 1, 1)
-        self._gathered = (slots.batch, a, bt, scale)
-        return a, bt, scale
-
 
 class LoraSlots:
     """The slots of one model: which adapter is where, and the rows of the next forward."""
 
-    def __init__(self, model: nn.Module, capacity: int, device: Any = None, dtype: Any = None) -> None:
-        """`capacity` adapters can be loaded at once (slot 0, the zero adapter, comes on top)."""
+    def __init__(
+        self, model: nn.Module, capacity: int, device: Any = None, dtype: Any = None, max_rows: int = 16
+    ) -> None:
+        """`capacity` adapters can be loaded at once (slot 0, the zero adapter, comes on top); a running batch of up
+        to `max_rows` rows keeps its rows' weights gathered between decoding steps."""
         self.model = model
         self.device = device or next(model.parameters()).device
         # float32, as PEFT computes LoRA (it upcasts half-precision adapter weights): the same results.
@@ -159,9 +170,11 @@ class LoraSlots:
         """Slot of each row for the next forward; None when no row uses an adapter."""
         self.uniform: int | None = None
         """The slot, when every row uses the same one."""
-        self.batch = 0
-        """Counts the distinct row assignments (`use`): layers regather their rows' weights when it moves."""
-        self._last: list[int] = []
+        self.kept = False
+        """Whether the layers read the rows' weights from their row buffers (a mixed running batch)."""
+        self.max_rows = max_rows
+        self._held = [-1] * max_rows
+        """The slot whose weights each row buffer position holds in every layer (-1: none, or stale)."""
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -192,6 +205,7 @@ class LoraSlots:
             self.rank = top
             for layer in self.layers.values():
                 layer.grow_rank(top, list(self.slot_of.values()))
+            self._held = [-1] * self.max_rows
         for module in weights:
             self._layer(module)
         slot = self.free.pop()
@@ -207,6 +221,8 @@ class LoraSlots:
         except BaseException:
             self.free.append(slot)
             raise
+        finally:  # the slot's weights changed (a freed slot may be reused): rows holding it regather
+            self._held = [-1 if s == slot else s for s in self._held]
         self.slot_of[key] = slot
         return slot
 
@@ -220,9 +236,10 @@ class LoraSlots:
         layer = self.layers.get(module)
         if layer is not None:
             return layer
-        layer = SlotLinear(self._base_linear(module), self, self.capacity, self.rank)
+        layer = SlotLinear(self._base_linear(module), self, self.capacity, self.rank, self.max_rows)
         for slot in self.slot_of.values():  # adapters loaded before this layer existed leave it alone
             layer.write(slot, None, None, 0.0)
+        self._held = [-1] * self.max_rows
         parent, _, child = module.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, layer)
         self.layers[module] = layer
@@ -243,20 +260,30 @@ class LoraSlots:
 
     # ---- the rows of a forward ------------------------------------------------------------------
 
-    def use(self, keys: list[str | None]) -> None:
-        """Set the adapter of each row (None: no LoRA) for the next forward."""
+    def use(self, keys: list[str | None], running: bool = False) -> None:
+        """Set the adapter of each row (None: no LoRA) for the next forward. `running`: these are the running
+        batch's rows, in the order they keep from step to step (a decoding step); their weights stay gathered in
+        the layers' row buffers, and only rows whose adapter changed since the last such call are gathered."""
         slots = [0 if k is None else self.slot_of[k] for k in keys]
+        self.kept = False
         if not any(slots):
             self.rows, self.uniform = None, None
             return
         self.uniform = slots[0] if all(s == slots[0] for s in slots) else None
         self.rows = torch.tensor(slots, dtype=torch.long, device=self.device)
-        if slots != self._last:
-            self._last = slots
-            self.batch += 1
+        if running and self.uniform is None and len(slots) <= self.max_rows:
+            changed = [i for i, s in enumerate(slots) if self._held[i] != s]
+            if changed:
+                rows = torch.tensor(changed, dtype=torch.long, device=self.device)
+                sources = self.rows.index_select(0, rows)
+                for layer in self.layers.values():
+                    layer.gather_rows(rows, sources)
+                for i in changed:
+                    self._held[i] = slots[i]
+            self.kept = True
 
     def clear(self) -> None:
-        self.rows, self.uniform = None, None
+        self.rows, self.uniform, self.kept = None, None, False
 
 
 def _check_supported(config: dict[str, Any]) -> None:

@@ -424,26 +424,25 @@ def test_prefix_cache_bookkeeping() -> None:
     assert cache.hit_tokens == 12 + 4 + 8 + 4 + 8 and cache.prompt_tokens > cache.hit_tokens
 
 
-def test_the_server_loop_runs_every_engine_step_on_one_thread() -> None:
-    """Each thread calling into torch gets its own OpenMP team; steps spread over a pool's threads left idle
-    teams spinning on the cores the working one needed (server/worker.py)."""
-    import asyncio
-    import threading
+def test_freed_memory_is_handed_back_when_the_last_request_leaves(
+    lively_base: Path, store: AdapterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraswap.server import engine as engine_module
 
-    from loraswap.server.worker import EngineLoop
-
-    class Steps:
-        def __init__(self) -> None:
-            self.threads: set[int] = set()
-
-        def step(self, prev: object) -> list[object]:
-            self.threads.add(threading.get_ident())
-            return []
-
-    async def many(loop: EngineLoop, api: Steps) -> None:
-        for _ in range(20):
-            await asyncio.gather(asyncio.to_thread(threading.get_ident), loop.step(None, api, None))
-
-    api, loop = Steps(), EngineLoop()
-    asyncio.run(many(loop, api))
-    assert len(api.threads) == 1 and threading.get_ident() not in api.threads
+    engine = make_engine(lively_base, store)
+    trims: list[tuple[int, int]] = []  # (step, rows running) at each hand-back
+    step = 0
+    monkeypatch.setattr(engine_module, "return_freed_memory", lambda: trims.append((step, engine.running)))
+    tok = engine.tokenizer
+    for uid, n in (("a", 3), ("b", 6)):
+        engine.submit(GenRequest(uid, prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=n, ignore_eos=True))
+    finished: dict[str, int] = {}
+    for step in range(20):
+        for e in engine.step():
+            if e.finish_reason:
+                finished[e.uid] = step
+        if step == 10:  # the engine has been idle for a few steps: one more request, one more hand-back
+            engine.submit(GenRequest("c", prompt_ids(tok, QUESTIONS[1]), None, max_tokens=2))
+    assert finished["a"] < finished["b"] < finished["c"]
+    assert trims == [(finished["b"], 0), (finished["c"], 0)]  # never while a request runs, once per idle spell
+    engine_module.return_freed_memory()  # the real one runs here (glibc) or does nothing

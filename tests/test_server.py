@@ -339,6 +339,48 @@ def test_each_worker_takes_the_cancels_of_its_own_requests(lively_base: Path, st
     assert set(cancels) == {"elsewhere"}  # another worker's request; the stale one is forgotten
 
 
+def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
+    lively_base: Path, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each thread that calls into torch gets an OpenMP team of its own, and with more of them than cores libgomp
+    stops spin-waiting between parallel regions (server/worker.py): the model is loaded on the thread that then
+    runs every step, however busy the event loop's default pool is."""
+    import asyncio
+    import threading
+
+    from loraswap.server import worker
+    from loraswap.server.app import Settings
+
+    seen: dict[str, set[int]] = {"load": set(), "step": set()}
+    real_load = worker.load_base
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        seen["load"].add(threading.get_ident())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "load_base", load)
+    api = worker.LoraswapAPI(Settings(base=str(lively_base), quant="none", adapters_dir=store), {})
+    api.setup("cpu")
+    real_step = api.step
+
+    def step(prev: Any) -> Any:
+        seen["step"].add(threading.get_ident())
+        return real_step(prev)
+
+    api.step = step  # type: ignore[method-assign]
+    ids = prompt_ids(api.engine.tokenizer, QUESTIONS[0])
+    api.add_request("q", {"prompt_ids": ids, "adapter": "symptoms", "max_tokens": 8})
+
+    async def many(loop: worker.EngineLoop) -> None:
+        for _ in range(20):  # the default pool's threads kept busy beside each step
+            await asyncio.gather(asyncio.to_thread(threading.get_ident), loop.step(None, api, None))
+
+    asyncio.run(many(worker.EngineLoop()))
+    assert not api.engine.has_work()  # the request ran to its end on those steps
+    assert len(seen["load"]) == 1 and seen["step"] == seen["load"]
+    assert threading.get_ident() not in seen["step"]
+
+
 def test_sigterm_lets_running_requests_finish_then_exits(lively_base: Path, store: Path) -> None:
     proc, url = start_server(lively_base, store)
     try:

@@ -103,3 +103,76 @@ def test_slots_are_reused_without_new_memory(lively_base: Path, adapters: dict[s
     with pytest.raises(AdapterError, match="slots are in use"):
         slots.load("a", adapters["qv4"])
         slots.load("b", adapters["qv4"])
+
+
+def test_running_rows_stay_gathered_through_joins_leaves_and_reused_slots(
+    lively_base: Path, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running batch keeps its rows' weights gathered from step to step: each step gathers only the rows whose
+    adapter changed, and a slot whose weights change (an adapter loaded into a freed slot, a rank grown) is
+    gathered again, so every row still gets its own adapter's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from loraswap.server.slots import SlotLinear
+
+    refs: dict[str | None, torch.Tensor] = {None: reference_logits(lively_base, None, PROMPTS)}
+    refs.update({name: reference_logits(lively_base, path, PROMPTS) for name, path in adapters.items()})
+    gathered: list[int] = []
+    real_gather = SlotLinear.gather_rows
+
+    def gather_rows(self: SlotLinear, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        gathered.append(len(rows))
+        real_gather(self, rows, slots)
+
+    monkeypatch.setattr(SlotLinear, "gather_rows", gather_rows)
+    model = AutoModelForCausalLM.from_pretrained(lively_base)
+    slots = LoraSlots(model, capacity=3, max_rows=4)
+    slots.load("qv8", adapters["qv8"])
+    slots.load("qv4", adapters["qv4"])
+
+    def step(rows: list[str | None]) -> set[int]:
+        """One forward of the running rows, each row checked against PEFT; the row counts gathered per layer."""
+        gathered.clear()
+        slots.use(rows, running=True)
+        assert slots.kept
+        with torch.inference_mode():
+            out = model(PROMPTS[: len(rows)]).logits
+        slots.clear()
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(out[i], refs[name][i], atol=2e-5, rtol=1e-4)
+        return set(gathered)
+
+    layers = len(slots.layers)
+    assert step(["qv8", "qv4", None, "qv8"]) == {4} and len(gathered) == layers  # first step: every row
+    assert step(["qv8", "qv4", None, "qv8"]) == set()  # the same rows: nothing gathered
+    assert step(["qv8", "qv8", None]) == {1}  # row 1 left, the last row moved into its place
+    assert step(["qv8", "qv8", None, "qv4"]) == {1}  # a row joined
+    slots.unload("qv4")
+    slots.load("all16rs", adapters["all16rs"])  # qv4's freed slot, a higher rank and new layers
+    assert step(["qv8", "all16rs", "qv8", None]) == {4}
+    slots.unload("all16rs")
+    slots.load("pattern", adapters["pattern"])  # the same slot again, held by row 1
+    assert step(["qv8", "pattern", "qv8", None]) == {1}
+    assert step(["pattern", "pattern", "qv8", "qv8"]) == {2}  # rows 0 and 3 change their adapters
+
+
+def test_a_running_batch_of_one_adapter_or_larger_than_the_row_buffers_gathers_nothing_to_keep(
+    lively_base: Path, adapters: dict[str, Path]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(lively_base)
+    slots = LoraSlots(model, capacity=2, max_rows=2)
+    slots.load("qv8", adapters["qv8"])
+    slots.load("qv4", adapters["qv4"])
+    slots.use(["qv8"] * 4, running=True)
+    assert slots.uniform is not None and not slots.kept  # PEFT's two matmuls, no gathering
+    slots.use(["qv8", "qv4", "qv8"], running=True)
+    assert slots.uniform is None and not slots.kept  # more rows than buffers: gathered for this forward alone
+    with torch.inference_mode():
+        out = model(PROMPTS[:3]).logits
+    slots.clear()
+    for i, name in enumerate(["qv8", "qv4", "qv8"]):
+        torch.testing.assert_close(
+            out[i], reference_logits(lively_base, adapters[name], PROMPTS)[i], atol=2e-5, rtol=1e-4
+        )
