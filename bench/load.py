@@ -59,6 +59,8 @@ class Result:
     """Seconds from sending to the last event."""
     tokens: int = 0
     error: str | None = None
+    streamed: int = 0
+    """Events with text received so far (about one per generated token: text is held back only mid-character)."""
 
 
 def jobs(
@@ -80,9 +82,9 @@ def zipf_weights(n: int, s: float = 1.1) -> list[float]:
     return [1.0 / (k**s) for k in range(1, n + 1)]
 
 
-async def send(client: httpx.AsyncClient, job: Job) -> Result:
-    """One streamed /v1/answer request, timed."""
-    res = Result(job, time.perf_counter())
+async def send(client: httpx.AsyncClient, job: Job, res: Result | None = None) -> Result:
+    """One streamed /v1/answer request, timed (into `res`, which a caller may read while it streams)."""
+    res = res or Result(job, time.perf_counter())
     body = {
         "adapter": job.adapter,
         "question": job.question,
@@ -108,6 +110,8 @@ async def send(client: httpx.AsyncClient, job: Job) -> Result:
                 if "error" in event:
                     res.error = str(event["error"].get("message", event["error"]))
                     return res
+                if event.get("delta"):
+                    res.streamed += 1
                 if "usage" in event:
                     res.tokens = int(event["usage"]["completion_tokens"])
         res.latency = time.perf_counter() - res.start
@@ -124,6 +128,8 @@ class Run:
 
     results: list[Result]
     wall: float
+    background_streamed: int = 0
+    """`with_background`: text events the background requests streamed while the foreground ran."""
 
 
 def auth_headers(key: str | None) -> dict[str, str]:
@@ -179,8 +185,10 @@ async def with_background(
 ) -> Run:
     """`work` through `clients` closed-loop clients while `background_clients` more keep sending
     `background(i)` jobs until `work` is done (then their requests in flight are dropped). The Run holds
-    both kinds of result (tell them apart by `Job.tag`); its wall time is the foreground's."""
+    both kinds of result (tell them apart by `Job.tag`), and what the background streamed meanwhile, finished
+    or not; its wall time is the foreground's."""
     results: list[Result] = []
+    behind: list[Result] = []  # every background request, in flight or done
     done = asyncio.Event()
     counter = iter(range(1 << 30))
 
@@ -192,19 +200,23 @@ async def with_background(
 
         async def bg() -> None:
             while not done.is_set():
-                results.append(await send(client, background(next(counter))))
+                job = background(next(counter))
+                res = Result(job, time.perf_counter())
+                behind.append(res)
+                results.append(await send(client, job, res))
 
         bgs = [asyncio.create_task(bg()) for _ in range(background_clients)]
         await asyncio.sleep(0.5)  # the long requests are running before the short ones start
-        start = time.perf_counter()
+        start, streamed = time.perf_counter(), sum(r.streamed for r in behind)
         queue = iter(work)
         await asyncio.gather(*(fg(queue) for _ in range(clients)))
         wall = time.perf_counter() - start
+        streamed = sum(r.streamed for r in behind) - streamed
         done.set()
         for task in bgs:
             task.cancel()
         await asyncio.gather(*bgs, return_exceptions=True)
-    return Run(results, wall)
+    return Run(results, wall, streamed)
 
 
 def percentile(values: Sequence[float], q: float, digits: int | None = None) -> float | None:

@@ -82,7 +82,14 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
         if "offered_req_s" in row:
             label = f"{name} (Poisson arrivals at {row['offered_req_s']} req/s, 16 adapters)"
         lines.append(f"| {label} | " + " | ".join(_fmt(row.get(k)) for k in COLUMNS) + " |")
-    load, cold, up = s["cold_load_ms"], s["cold_extra_ttft_ms"], s["upload_to_first_token_ms"]
+    beside = s["scenarios"].get("short_with_long", {}).get("long_streamed_tok_s")
+    if beside is not None:
+        lines += [
+            "",
+            f"While the short requests ran beside the long ones, the long ones streamed {_fmt(beside)} tokens/s "
+            "(text events, about one per token; most of them were still running when the short ones were done).",
+        ]
+        load, cold, up = s["cold_load_ms"], s["cold_extra_ttft_ms"], s["upload_to_first_token_ms"]
     lines += [
         "",
         "## Adapter cold load",

@@ -478,7 +478,13 @@ def summary(c: Collected) -> dict[str, Any]:
     """The report's numbers: the JSON object `loraswap bench --json` prints."""
     scen: dict[str, Any] = {name: load.summarize(runs) for name, runs in c.runs.items() if name != "short_with_long"}
     if "short_with_long" in c.runs:
-        scen["short_with_long"] = load.summarize(c.runs["short_with_long"], tag="short")
+        runs = c.runs["short_with_long"]
+        scen["short_with_long"] = load.summarize(runs, tag="short")
+        # What the long requests streamed while the short ones ran (most are still running when they are done).
+        wall = sum(run.wall for run in runs)
+        scen["short_with_long"]["long_streamed_tok_s"] = (
+            round(sum(run.background_streamed for run in runs) / wall, 2) if wall else None
+        )
         longs = load.summarize(c.runs["short_with_long"], tag="long")
         if longs["requests"]:  # long requests still running when the short ones were done are not counted
             scen["long_with_short"] = longs

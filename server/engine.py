@@ -14,6 +14,12 @@ length and concatenated, rows leaving are dropped, and columns that are padding 
 trimmed; its layers keep spare columns, so a decoding step writes in place (`kvcache.py`).
 Positions are tracked per row, so padding never shifts a row's rotary positions.
 
+Short requests go first: a request whose `max_tokens` is at most a quarter of the largest running one's sits
+in front of the batch, and while such rows run, up to `short_first_steps` decoding steps in a row run them alone
+(the rows behind wait those steps out, with a masked column); then one step runs every row. On a CPU a step's
+cost grows with its rows, so a short answer beside long ones would otherwise take each of its steps at the full
+batch's pace. Requests of similar sizes all decode at every step.
+
 Adapters load lazily from the store on first use into an LRU bounded by count and bytes
 (`lru.AdapterLRU`); an adapter with running requests is never evicted. Loaded adapters are keyed by
 their weights' sha256, so an adapter replaced on disk under the same name is a new entry, and
@@ -47,6 +53,8 @@ from loraswap.server.slots import LoraSlots, load_tensors
 log = logging.getLogger(__name__)
 
 BASE = "__base__"
+SHORT_RATIO = 4
+"""A request is short, and goes first, when its max_tokens times this is at most the largest running one's."""
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -121,13 +129,15 @@ class Engine:
         max_prefill_tokens: int = 1024,
         prefix_cache_bytes: int = 64 << 20,
         prefix_block: int = 8,
+        short_first_steps: int = 3,
     ) -> None:
         """`model` is the base (a transformers causal LM); `resolve` maps an adapter name to its store entry
         (raising AdapterNotFound for unknown names). `lora_impl` picks how LoRA rows are computed:
         "batched" (slots and gathered matmuls, `slots.py`) or "peft" (PEFT's `adapter_names`, the reference).
         `max_prefill_tokens` bounds the prompt tokens admitted in one step (one request is always admitted).
         `prefix_cache_bytes` bounds the prompt blocks of `prefix_block` tokens kept for reuse (`prefix.py`;
-        0 turns prefix caching off)."""
+        0 turns prefix caching off). `short_first_steps`: decoding steps in a row that short requests may run
+        without the longer ones (0: every step runs every row)."""
         self.base_model = model
         self.peft: Any = None  # the PeftModel, created with the first adapter (lora_impl "peft")
         # Loads happen before evictions, so one slot more than the LRU holds.
@@ -154,10 +164,17 @@ class Engine:
         self.virtual: dict[str, torch.Tensor] = {}  # loaded prompt/P-tuning adapters: key -> virtual tokens
         self.prefixes: dict[str, KV] = {}  # loaded prefix-tuning adapters: key -> their keys and values
         self.prompt_cache = PrefixCache(prefix_block, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        plain = _plain_cache(model)
+        if self.prompt_cache is not None and not plain:
+            self.prompt_cache = None  # sliding-window or recurrent layers: cached blocks would not be exact
+        # Steps over the first rows only need every cache layer to be a roomy one (`kvcache.py`).
+        self.short_first_steps = short_first_steps if plain else 0
+        self.front = 0
+        """Rows in front that are short requests (`rows[:front]`)."""
+        self.held = 0
+        """Decoding steps in a row that the rows behind `front` have waited out."""
         self.idle = True
         """No request has run since the last step that ended with none (when freed memory was handed back)."""
-        if self.prompt_cache is not None and not _plain_cache(model):
-            self.prompt_cache = None  # sliding-window or recurrent layers: cached blocks would not be exact
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -404,6 +421,7 @@ class Engine:
             self._keep_blocks(new, cacheable, out.past_key_values, mask.shape[1])
         self._merge(out.past_key_values, mask)
         self.rows += new
+        self._arrange()
         return self._sample_and_emit(new, out.logits[:, -1, :])
 
     def _keep_blocks(self, new: list[_Row], cacheable: list[bool], cache: Any, columns: int) -> None:
@@ -428,21 +446,49 @@ class Engine:
 
     def _decode(self) -> list[Event]:
         assert self.mask is not None
-        ids = torch.tensor([[r.next_token] for r in self.rows], dtype=torch.long)
-        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
-        positions = torch.tensor([[r.real_len] for r in self.rows], dtype=torch.long)
-        for r in self.rows:
+        rows = self.rows[: self._decoding_rows()]  # the rows behind wait this step out
+        ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
+        column = torch.zeros((len(self.rows), 1), dtype=torch.long)
+        column[: len(rows)] = 1
+        self.mask = torch.cat([self.mask, column], dim=1)
+        positions = torch.tensor([[r.real_len] for r in rows], dtype=torch.long)
+        for r in rows:
             r.real_len += 1
         out = self._forward(
             input_ids=ids.to(self.device),
-            attention_mask=self.mask.to(self.device),
+            attention_mask=self.mask[: len(rows)].to(self.device),
             position_ids=positions.to(self.device),
             past_key_values=self.cache,
-            adapter_names=[self._lora_name(r) for r in self.rows],
+            adapter_names=[self._lora_name(r) for r in rows],
             running=True,
         )
         self.cache = out.past_key_values
-        return self._sample_and_emit(list(self.rows), out.logits[:, -1, :])
+        return self._sample_and_emit(rows, out.logits[:, -1, :])
+
+    def _decoding_rows(self) -> int:
+        """How many rows, from the front, this decoding step runs: the short ones alone for up to
+        `short_first_steps` steps in a row, then every row for one step."""
+        if 0 < self.front < len(self.rows) and self.held < self.short_first_steps:
+            self.held += 1
+            return self.front
+        self.held = 0
+        return len(self.rows)
+
+    def _arrange(self) -> None:
+        """Put the short requests in front (after rows joined or left); see `short_first_steps`."""
+        if not self.short_first_steps or not self.rows:
+            self.front = 0
+            return
+        longest = max(r.req.max_tokens for r in self.rows)
+        short = [r.req.max_tokens * SHORT_RATIO <= longest for r in self.rows]
+        self.front = sum(short)
+        order = front_first(short)
+        if order != sorted(order):
+            assert self.mask is not None
+            index = torch.tensor(order, dtype=torch.long)
+            self.rows = [self.rows[i] for i in order]
+            self.mask = self.mask[index]
+            keep_rows(self.cache, index.to(self.device), 0)
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[Event]:
         events: list[Event] = []
@@ -537,7 +583,7 @@ class Engine:
             order[i] = j
         self.rows = [self.rows[i] for i in order]
         if not self.rows:
-            self.cache, self.mask = None, None
+            self.cache, self.mask, self.front = None, None, 0
             return None
         return torch.tensor(order, dtype=torch.long)
 
@@ -551,6 +597,7 @@ class Engine:
         first = int(self.mask.any(dim=0).long().argmax())
         self.mask = self.mask[:, first:]
         keep_rows(self.cache, index.to(self.device), first)
+        self._arrange()
 
     def _release(self, row: _Row) -> None:
         if row.key != BASE:
@@ -574,8 +621,20 @@ class Engine:
         ]
         for r in self.rows:
             self._release(r)
-        self.rows, self.cache, self.mask = [], None, None
+        self.rows, self.cache, self.mask, self.front = [], None, None, 0
         return events
+
+
+def front_first(front: list[bool]) -> list[int]:
+    """An order of rows (new position -> old position) with the rows marked True in front, moving as few rows as
+    possible: each marked row behind the front region trades places with an unmarked row inside it."""
+    k = sum(front)
+    order = list(range(len(front)))
+    inside = [i for i in range(k) if not front[i]]
+    behind = [j for j in range(k, len(front)) if front[j]]
+    for i, j in zip(inside, behind, strict=True):
+        order[i], order[j] = j, i
+    return order
 
 
 def return_freed_memory() -> None:

@@ -8,6 +8,9 @@ when full (with `ROOM` spare columns). Rows joining the batch are written into s
 is overwritten by the last one (`concat_rows`, `keep_rows`): at 16 rows, rebuilding every layer's buffers on
 each join and leave cost about 11 ms each on the embedded base, a fifth of a decoding step.
 
+A decoding step may run over the first rows only (the engine keeps rows that go first in front): the rows
+behind wait the step out, with a zero column where the others got their token.
+
 Columns outside a view are never read. Padding columns inside it are zeros (masked out; never garbage, as a
 masked NaN would still poison attention's weighted sum).
 """
@@ -52,6 +55,9 @@ class RoomyLayer(DynamicLayer):
         return views is not None and views[0] is self.keys and views[1] is self.values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Append a step's keys and values. Fewer rows than the layer holds: a step over its first rows only (the
+        others wait this step out), which get their new columns; the other rows get zeros there (to be masked),
+        and the attention sees the first rows alone."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
@@ -70,11 +76,15 @@ class RoomyLayer(DynamicLayer):
             kbuf[: self._rows, :, :width].copy_(keys)
             vbuf[: self._rows, :, :width].copy_(values)
             self._set(kbuf, vbuf, self._rows, 0, width)
-        end = self._end
-        self._kbuf[: self._rows, :, end : end + n].copy_(key_states)
-        self._vbuf[: self._rows, :, end : end + n].copy_(value_states)
+        end, active = self._end, key_states.shape[0]
+        self._kbuf[:active, :, end : end + n].copy_(key_states)
+        self._vbuf[:active, :, end : end + n].copy_(value_states)
+        if active < self._rows:
+            self._kbuf[active : self._rows, :, end : end + n].zero_()
+            self._vbuf[active : self._rows, :, end : end + n].zero_()
         self._set(self._kbuf, self._vbuf, self._rows, self._start, end + n)
-        return self.keys, self.values
+        keys, values = _kv(self)
+        return keys[:active], values[:active]
 
 
 def _kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:

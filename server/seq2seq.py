@@ -31,8 +31,10 @@ from loraswap.server.prefix import KV
 
 class Seq2SeqEngine(Engine):
     def __init__(self, model: Any, tokenizer: Any, resolve: Any, **kwargs: Any) -> None:
-        """As `Engine`; `prefix_cache_bytes` is ignored (no prefix caching on encoder-decoder bases)."""
+        """As `Engine`; `prefix_cache_bytes` and `short_first_steps` are ignored (no prefix caching on encoder-decoder
+        bases, and every step runs every row)."""
         kwargs["prefix_cache_bytes"] = 0
+        kwargs["short_first_steps"] = 0
         super().__init__(model, tokenizer, resolve, **kwargs)
         start = getattr(model.config, "decoder_start_token_id", None)
         self.start_id = int(start if start is not None else tokenizer.pad_token_id)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
@@ -33,6 +33,10 @@ class Settings(BaseModel):
     requests wait while new ones join."""
     prefix_cache_bytes: int = 64 << 20
     """Bytes of prompt-prefix keys and values a worker keeps for reuse (0: no prefix caching)."""
+    short_first_steps: int = Field(3, ge=0)
+    """While short requests (max_tokens at most a quarter of the largest running) run beside longer ones, up to
+    this many decoding steps in a row run the short ones alone; then one step runs every request. 0: every step
+    runs every request (the most tokens per second, the slowest short answers beside long ones)."""
     max_tokens: int = 1024
     """Largest max_tokens a request may ask for."""
     max_loaded_adapters: int = 32

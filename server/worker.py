@@ -93,6 +93,7 @@ class LoraswapAPI(ls.LitAPI):
             lora_impl=self.settings.lora_impl,
             max_prefill_tokens=self.settings.max_prefill_tokens,
             prefix_cache_bytes=self.settings.prefix_cache_bytes,
+            short_first_steps=self.settings.short_first_steps,
         )
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []

@@ -85,6 +85,7 @@ def test_quick_bench_measures_every_scenario_without_errors(quick_run: tuple[dic
     assert scen["single"]["tok_s"] == pytest.approx(16 * scen["single"]["req_s"], rel=0.01)
     assert scen["short_with_long"]["requests"] == scen["short_alone"]["requests"] == 4
     assert scen["short_with_long"]["errors"] == 0
+    assert scen["short_with_long"]["long_streamed_tok_s"] > 0  # the long requests streamed meanwhile
     for key in ("mixed16_vs_single", "mixed64_vs_single", "single_vs_naive", "skewed64_vs_single"):
         assert result["ratios"][key] > 0
     # Every adapter loaded once: 4 in the warm-up, 3 cold, 2 uploaded; the server timed each load.

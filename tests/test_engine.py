@@ -446,3 +446,71 @@ def test_freed_memory_is_handed_back_when_the_last_request_leaves(
     assert finished["a"] < finished["b"] < finished["c"]
     assert trims == [(finished["b"], 0), (finished["c"], 0)]  # never while a request runs, once per idle spell
     engine_module.return_freed_memory()  # the real one runs here (glibc) or does nothing
+
+
+def test_short_requests_go_first_and_every_answer_still_matches(lively_base: Path, store: AdapterStore) -> None:
+    """Rows of short requests run some decoding steps alone (the long rows wait those out, with a masked column in
+    the cache); each answer is still its adapter's alone, whichever steps ran it."""
+    engine = make_engine(lively_base, store, short_first_steps=2)
+    tok = engine.tokenizer
+    plan = [
+        ("long", "symptoms", QUESTIONS[0], 40, 0),
+        ("long-base", None, QUESTIONS[1], 40, 0),
+        ("short", "treatment", QUESTIONS[2], 9, 3),
+        ("short-too", "symptoms", QUESTIONS[3], 7, 5),
+    ]
+    events: dict[str, list[Event]] = {}
+    for step in range(300):
+        for uid, adapter, q, n, at in plan:
+            if at == step:
+                engine.submit(GenRequest(uid, prompt_ids(tok, q), adapter, max_tokens=n))
+        if step > 5 and not engine.has_work():
+            break
+        for e in engine.step():
+            events.setdefault(e.uid, []).append(e)
+    for uid, adapter, q, n, _ in plan:
+        ref = solo_reference(lively_base, store, adapter, q, n)
+        assert text_of(events[uid]) == tok.decode(ref, skip_special_tokens=True), uid
+    # Steps ran the short rows alone (an event's batch counts the rows of the step that made it).
+    assert any(e.batch < 3 for uid in ("short", "short-too") for e in events[uid][1:])
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_short_requests_decode_every_step_and_long_ones_every_few(
+    lively_base: Path, store: AdapterStore, steps: int
+) -> None:
+    engine = make_engine(lively_base, store, short_first_steps=steps)
+    engine.stop_ids = set()  # every answer runs to its max_tokens
+    tok = engine.tokenizer
+    for i, adapter in enumerate(("symptoms", "treatment", None)):
+        engine.submit(GenRequest(f"long{i}", prompt_ids(tok, QUESTIONS[i]), adapter, max_tokens=64))
+    engine.submit(GenRequest("medium", prompt_ids(tok, QUESTIONS[3]), "symptoms", max_tokens=17))
+    engine.step()  # their prefill and one decoding step: 2 tokens each
+    engine.submit(GenRequest("short", prompt_ids(tok, QUESTIONS[0]), "treatment", max_tokens=12))
+    taken = 0
+    while "short" in {r.req.uid for r in engine.rows} or taken == 0:
+        engine.step()
+        taken += 1
+    assert taken == 11  # one token from its prefill, then one at every step, whatever the others do
+    # The long requests (and the medium one: 17 * 4 > 64, not short) decoded in every (steps + 1)th step meanwhile.
+    generated = {r.req.uid: len(r.generated) for r in engine.rows}
+    assert generated == dict.fromkeys(("long0", "long1", "long2", "medium"), 2 + 11 // (steps + 1))
+    events = run_all(engine)  # and they all finish
+    assert {uid: events[uid][-1].completion_tokens for uid in ("long0", "long1", "long2", "medium")} == {
+        "long0": 64,
+        "long1": 64,
+        "long2": 64,
+        "medium": 17,
+    }
+
+
+def test_front_first_moves_the_fewest_rows() -> None:
+    from loraswap.server.engine import front_first
+
+    assert front_first([False, True, False, True]) == [3, 1, 2, 0]  # row 3 trades places with row 0
+    assert front_first([True, True, False]) == [0, 1, 2]  # already in front: nothing moves
+    assert front_first([False, False, True]) == [2, 1, 0]
+    assert front_first([]) == []
+    order = front_first([False, True, True, False, False, True])
+    assert sorted(order) == list(range(6)) and [o in (1, 2, 5) for o in order] == [True] * 3 + [False] * 3
+    assert sum(i != o for i, o in enumerate(order)) == 2  # one swap

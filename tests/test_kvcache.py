@@ -99,3 +99,19 @@ def test_tensors_assigned_from_outside_are_taken_over() -> None:
     fill(roomy, 2, 2, seed=7)
     fill(plain, 2, 2, seed=7)
     same(roomy, plain)
+
+
+def test_a_step_over_the_first_rows_leaves_a_zero_column_behind_them() -> None:
+    roomy = new_cache(CONFIG)
+    fill(roomy, 3, 5, seed=0)
+    before = [layer.keys.clone() for layer in roomy.layers]
+    for layer in range(2):
+        keys, values = roomy.update(*kv(2, 1, seed=50 + layer), layer)  # rows 0 and 1 only
+        assert keys.shape == values.shape == (2, 2, 6, 8)  # the attention sees the first rows alone
+    for layer, old in zip(roomy.layers, before, strict=True):
+        assert layer.keys.shape == (3, 2, 6, 8)
+        assert torch.equal(layer.keys[:, :, :5], old)
+        assert torch.equal(layer.keys[:2, :, 5], kv(2, 1, seed=50 + roomy.layers.index(layer))[0][:, :, 0])
+        assert torch.count_nonzero(layer.keys[2, :, 5]) == 0 and torch.count_nonzero(layer.values[2, :, 5]) == 0
+    fill(roomy, 3, 1, seed=70)  # then a step over every row
+    assert all(layer.keys.shape == (3, 2, 7, 8) for layer in roomy.layers)
