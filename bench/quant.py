@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
     loaded = _settled_rss()
     footprint = tensor_bytes(base.model)
 
-    fastpath.apply(base.model)  # as a server worker does
+    fastpath.apply(base.model, rows=1)  # as a server worker does, for one stream
     engine = Engine(base.model, base.tokenizer, AdapterStore.default(None).get, max_batch_size=1)
     questions = [QUESTIONS[i * 7 % len(QUESTIONS)] for i in range(args.prompts + 1)]
     seconds, tokens = 0.0, 0

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             head_agreement(base, AdapterStore(store_dir, shipped_dir=None), args)
             return
         if not args.no_fast_paths:
-            print(fastpath.describe(fastpath.apply(base.model, args.lm_head)))
+            print(fastpath.describe(fastpath.apply(base.model, args.lm_head, rows=args.batch)))
         engine = Engine(
             base.model,
             base.tokenizer,

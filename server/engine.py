@@ -494,8 +494,12 @@ class Engine:
         events: list[Event] = []
         finished: list[_Row] = []
         logits = logits.float().cpu()
-        for row, row_logits in zip(rows, logits, strict=True):
-            token = _sample(row_logits, row.req.temperature, row.req.top_p, row.generator)
+        greedy = logits.argmax(dim=-1).tolist()  # every row's in one kernel; sampling rows draw their own below
+        for row, row_logits, best in zip(rows, logits, greedy, strict=True):
+            if row.req.temperature > 0 and row.generator is not None:
+                token = _sample(row_logits, row.req.temperature, row.req.top_p, row.generator)
+            else:
+                token = best
             reason: FinishReason | None = None
             if token in self.stop_ids and not row.req.ignore_eos:
                 reason = "stop"
@@ -673,9 +677,7 @@ def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
     return m if pad == 0 else torch.cat([m.new_zeros(m.shape[0], pad), m], dim=1)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0 or generator is None:
-        return int(logits.argmax())
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)

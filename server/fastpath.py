@@ -8,12 +8,13 @@ layer's input to bf16), and the engine adds two things around that:
   the block scales) that cost about 35 us a call, about 7 ms of a 16-row decoding step of the embedded
   base (210 calls). The output is bit for bit the module's own (`tests/test_fastpath.py`).
 - `bf16_head`: the vocabulary projection (the LM head, 49,152 x 576 on the embedded base, dense and
-  float32) in bf16: 6.2 ms instead of 19.2 at 16 rows on a 2-core AVX512-BF16 EPYC. A bf16 dot product
-  moves a logit by about its rounding, enough to flip near-ties of a small model's greedy choice, so each
-  position's 8 highest logits are then recomputed exactly from the float32 weight (0.8 ms more): greedy
-  decoding picks what the float32 head picks, the other logits (sampling's tail) keep bf16 precision. The
-  head holds a bf16 copy of its weight beside the float32 one (tied to the input embeddings on many bases).
-  `LORASWAP_LM_HEAD=float32` turns it off.
+  float32) in bf16, where that is measured to be faster on this CPU at the server's batch size (`auto`): 6.2 ms
+  instead of 19.2 at 16 rows on a 2-core AVX512-BF16 EPYC, but 9.7 against 8.9 on a 2-core Xeon with the same
+  instructions, where float32 stays. A bf16 dot product moves a logit by about its rounding, enough to flip
+  near-ties of a small model's greedy choice, so each position's 8 highest logits are then recomputed exactly from
+  the float32 weight (0.8 ms more): greedy decoding picks what the float32 head picks, the other logits
+  (sampling's tail) keep bf16 precision. The head holds a bf16 copy of its weight beside the float32 one (tied to
+  the input embeddings on many bases). `LORASWAP_LM_HEAD=float32` or `bfloat16` decides instead of measuring.
 
 Neither applies on CUDA (bitsandbytes' CUDA kernels and a bf16 compute dtype are already the fast path)
 or on CPUs without AVX512-BF16, where bf16 matmuls are emulated and far slower than float32.
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -50,13 +53,35 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def head_dtype(model: Any, choice: LmHead) -> torch.dtype | None:
-    """The dtype the LM head should compute in, or None to leave it as loaded."""
+def head_dtype(model: Any, choice: LmHead, rows: int = 16) -> torch.dtype | None:
+    """The dtype the LM head should compute in, or None to leave it as loaded; `auto` measures, at `rows` rows."""
     if choice == "float32" or _device(model).type != "cpu":
         return None
-    if choice == "bfloat16" or native_bf16_cpu():
+    if choice == "bfloat16":
         return torch.bfloat16
-    return None
+    head = model.get_output_embeddings()
+    if not native_bf16_cpu() or not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
+        return None
+    return torch.bfloat16 if bf16_pays(head.weight, rows) else None
+
+
+BF16_MARGIN = 1.25
+"""How much faster a bf16 matmul must be than a float32 one to pay for a copy of the weight and the rescoring."""
+
+
+def bf16_pays(weight: torch.Tensor, rows: int, repeats: int = 7) -> bool:
+    """Whether `rows` rows times `weight` (float32, [out, in]) runs at least BF16_MARGIN times faster in bf16 than in
+    float32 on this CPU: medians of interleaved runs (a few tens of ms for the embedded base's head)."""
+    x = torch.randn(max(1, rows), weight.shape[1])
+    xb, wb = x.to(torch.bfloat16), weight.detach().to(torch.bfloat16)
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, (a, w) in (("float32", (x, weight)), ("bfloat16", (xb, wb))):
+                start = time.perf_counter()
+                F.linear(a, w)
+                times[name].append(time.perf_counter() - start)
+    return statistics.median(times["bfloat16"]) * BF16_MARGIN < statistics.median(times["float32"])
 
 
 def bf16_head(model: Any, rescored: int = RESCORED) -> bool:
@@ -164,10 +189,11 @@ def lean_4bit(model: Any) -> int:
     return done
 
 
-def apply(model: Any, lm_head: LmHead = "auto") -> dict[str, Any]:
-    """Put the fast paths on `model` (a base about to serve); what was done, for the log and /v1/models."""
+def apply(model: Any, lm_head: LmHead = "auto", rows: int = 16) -> dict[str, Any]:
+    """Put the fast paths on `model` (a base about to serve decoding steps of up to `rows` rows); what was done, for
+    the log and /v1/models."""
     lean = lean_4bit(model)
-    dtype = head_dtype(model, lm_head)
+    dtype = head_dtype(model, lm_head, rows)
     head = bf16_head(model) if dtype == torch.bfloat16 else False
     done = {"lean_4bit_layers": lean, "lm_head": _head_weight_dtype(model), "rescored": RESCORED if head else 0}
     if head:

@@ -50,8 +50,9 @@ class Settings(BaseModel):
     lora_impl: LoraImpl = "batched"
     """How LoRA rows are computed: "batched" (adapter slots, gathered matmuls) or "peft" (PEFT's reference path)."""
     lm_head: LmHead = "auto"
-    """The output projection's compute dtype on CPU: "auto" (bf16 where the CPU has native bf16 dot products,
-    with each position's top logits recomputed in float32), "float32" or "bfloat16" (`fastpath.py`)."""
+    """The output projection's compute dtype on CPU: "auto" (bf16 where the CPU has native bf16 dot products and
+    a bf16 matmul measures faster there at the batch size, with each position's top logits recomputed in float32),
+    "float32" or "bfloat16" (`fastpath.py`)."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
 

@@ -92,13 +92,30 @@ def test_the_head_choice_follows_the_setting_and_the_cpu(monkeypatch: pytest.Mon
     assert fastpath.head_dtype(model, "auto") is None
     assert fastpath.head_dtype(model, "bfloat16") == torch.bfloat16
     monkeypatch.setattr(fastpath, "native_bf16_cpu", lambda: True)
-    assert fastpath.head_dtype(model, "auto") == torch.bfloat16
+    timed: list[int] = []
+    for faster in (True, False):  # auto: bf16 where a bf16 matmul measures faster at the server's batch size
+        monkeypatch.setattr(fastpath, "bf16_pays", lambda weight, rows, f=faster: timed.append(rows) or f)
+        assert fastpath.head_dtype(model, "auto", rows=12) == (torch.bfloat16 if faster else None)
+    assert timed == [12, 12]
     assert fastpath.head_dtype(model, "float32") is None
     done = fastpath.apply(model, "float32")
     assert done["lm_head"] == "float32" and done["rescored"] == 0
     assert "LM head in float32" in fastpath.describe(done)
     with pytest.raises(ValidationError):
         Settings(lm_head="float16")  # type: ignore[arg-type]
+
+
+def test_the_bf16_measurement_times_both_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[torch.dtype, int]] = []
+    real = torch.nn.functional.linear
+
+    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append((w.dtype, x.shape[0]))
+        return real(x, w)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    assert fastpath.bf16_pays(torch.randn(64, 32), rows=3, repeats=4) in (True, False)
+    assert calls == [(torch.float32, 3), (torch.bfloat16, 3)] * 4  # interleaved, at the rows asked
 
 
 def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(lively_base: Path, tmp_path: Path) -> None:
