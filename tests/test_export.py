@@ -230,7 +230,9 @@ def test_merged_model_reloads_and_matches_the_adapter_on_the_dense_base(
         ids = torch.tensor([prompt_ids(tokenizer, q)])
         with torch.inference_mode():
             want, got, plain = peft(ids).logits, merged(ids).logits, base(ids).logits
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            # The merged weight's sum rounds differently from base plus LoRA: up to 1.5e-4 apart on an AVX-512
+            # Xeon (all-linear rsLoRA); the adapter itself moves logits by over 0.1.
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-4)
             assert (want - plain).abs().max() > 0.1  # the adapter does change the base's logits
             gen = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
             assert merged.generate(ids, **gen).tolist() == peft.generate(input_ids=ids, **gen).tolist()
