@@ -127,7 +127,7 @@ class Engine:
         max_context: int | None = None,
         lora_impl: LoraImpl = "batched",
         max_prefill_tokens: int = 1024,
-        prefix_cache_bytes: int = 64 << 20,
+        prefix_cache_bytes: int = 256 << 20,
         prefix_block: int = 8,
         short_first_steps: int = 3,
     ) -> None:

@@ -26,7 +26,7 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class PrefixCache:
-    def __init__(self, block: int = 8, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, block: int = 8, max_bytes: int = 256 << 20) -> None:
         if block < 1 or max_bytes < 1:
             raise ValueError(f"block ({block}) and max_bytes ({max_bytes}) must be positive")
         self.block = block

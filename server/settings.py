@@ -31,8 +31,11 @@ class Settings(BaseModel):
     max_prefill_tokens: int = 1024
     """Prompt tokens prefilled together in one step (at least one request): bounds how long running
     requests wait while new ones join."""
-    prefix_cache_bytes: int = 64 << 20
-    """Bytes of prompt-prefix keys and values a worker keeps for reuse (0: no prefix caching)."""
+    prefix_cache_bytes: int = 256 << 20
+    """Bytes of prompt-prefix keys and values a worker keeps for reuse (0: no prefix caching). Each adapter has its
+    own: the 24-token system turn alone is 1.05 MiB per adapter on the embedded base (30 layers, 3 key-value heads
+    of 64 floats), so 64 MiB could not hold 64 adapters' system turns, and traffic over 64 adapters evicted the
+    blocks traffic over 16 would reuse (its time to first token doubled in `loraswap bench`; see BENCHMARKS.md)."""
     short_first_steps: int = Field(3, ge=0)
     """While short requests (max_tokens at most a quarter of the largest running) run beside longer ones, up to
     this many decoding steps in a row run the short ones alone; then one step runs every request. 0: every step
