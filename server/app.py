@@ -214,7 +214,16 @@ def serve(settings: Settings) -> int:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         server._shutdown_event.set()
 
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=drain, daemon=True).start())
+    main_pid = os.getpid()
+
+    def on_sigterm(*_: Any) -> None:
+        # Processes forked after this (LitServe's own manager, which holds the request queues) inherit the handler:
+        # a SIGTERM to the whole process group (systemd, `kill -- -PGID`) leaves the shutdown to this process,
+        # which keeps them until running requests are done.
+        if os.getpid() == main_pid:
+            threading.Thread(target=drain, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     threading.Thread(target=watch_api, daemon=True, name="loraswap-api-watch").start()
     # One API process: every response passes through it, so one metrics registry sees all of them.
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -402,6 +403,23 @@ def test_sigterm_lets_running_requests_finish_then_exits(lively_base: Path, stor
     finally:
         if proc.poll() is None:
             stop(proc)
+
+
+def test_sigterm_to_the_whole_process_group_stops_the_server_cleanly(
+    lively_base: Path, store: Path, tmp_path: Path
+) -> None:
+    """Processes forked after the server set its SIGTERM handler inherit it (LitServe's manager, which holds the
+    request queues): only the main process acts on it, and no other one fails on it."""
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        proc, _ = launch(str(lively_base), store, quant="none", max_batch_size=4, log=log, timeout=120)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                stop(proc)
+    assert "Traceback" not in log_path.read_text(errors="replace")
 
 
 def test_auto_routes_to_the_adapter_of_the_question_type(url: str, lively_base: Path, store: Path) -> None:
