@@ -89,7 +89,7 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
             f"While the short requests ran beside the long ones, the long ones streamed {_fmt(beside)} tokens/s "
             "(text events, about one per token; most of them were still running when the short ones were done).",
         ]
-        load, cold, up = s["cold_load_ms"], s["cold_extra_ttft_ms"], s["upload_to_first_token_ms"]
+    load, cold, up = s["cold_load_ms"], s["cold_extra_ttft_ms"], s["upload_to_first_token_ms"]
     lines += [
         "",
         "## Adapter cold load",

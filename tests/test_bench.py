@@ -120,6 +120,13 @@ def test_quick_bench_writes_the_report_and_charts(quick_run: tuple[dict, Path]) 
         assert f"]({chart})" in report
         with Image.open(out / chart) as img:
             assert img.size[0] > 300
+    assert "the long ones streamed" in report
+    # A run without the short-beside-long scenario still makes the whole report.
+    from loraswap.bench.report import markdown
+
+    scenarios = {k: v for k, v in result["scenarios"].items() if k != "short_with_long"}
+    partial = markdown({**result, "scenarios": scenarios}, "loraswap bench", [])
+    assert "## Adapter cold load" in partial and "the long ones streamed" not in partial
 
 
 def test_histogram_quantile_interpolates_within_the_bucket() -> None:
