@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     from loraswap.adapters.store import AdapterStore
     from loraswap.bench.load import QUESTIONS
     from loraswap.bench.synth import archive, synth_lora
-    from loraswap.server import fastpath
+    from loraswap.server import fastpath, prefix
     from loraswap.server.engine import Engine, GenRequest
 
     ref = resolve_base(args.base)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             max_loaded=max(1, args.adapters),
             lora_impl=args.impl,
             max_prefill_tokens=1 << 20,  # the whole batch joins in one prefill
-            prefix_cache_bytes=0 if args.no_prefix_cache else 256 << 20,
+            prefix_cache_bytes=0 if args.no_prefix_cache else prefix.MAX_BYTES,
         )
 
         def run(tokens: int, tag: str) -> tuple[float, float]:

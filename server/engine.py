@@ -47,6 +47,7 @@ from loraswap.server.kvcache import concat_rows, keep_rows, new_cache
 from loraswap.server.kvcache import left_pad as _left_pad  # noqa: F401  # importable from here, as before
 from loraswap.server.lru import AdapterLRU, CacheFull
 from loraswap.server.prefix import KV, PrefixCache
+from loraswap.server.prefix import MAX_BYTES as PREFIX_CACHE_BYTES
 from loraswap.server.settings import LoraImpl
 from loraswap.server.slots import LoraSlots, load_tensors
 
@@ -127,7 +128,7 @@ class Engine:
         max_context: int | None = None,
         lora_impl: LoraImpl = "batched",
         max_prefill_tokens: int = 1024,
-        prefix_cache_bytes: int = 256 << 20,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
         prefix_block: int = 8,
         short_first_steps: int = 3,
     ) -> None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
+from loraswap.server import prefix
 from loraswap.server.fastpath import LmHead
 
 LoraImpl = Literal["batched", "peft"]
@@ -31,7 +32,7 @@ class Settings(BaseModel):
     max_prefill_tokens: int = 1024
     """Prompt tokens prefilled together in one step (at least one request): bounds how long running
     requests wait while new ones join."""
-    prefix_cache_bytes: int = 256 << 20
+    prefix_cache_bytes: int = prefix.MAX_BYTES
     """Bytes of prompt-prefix keys and values a worker keeps for reuse (0: no prefix caching). Each adapter has its
     own: the 24-token system turn alone is 1.05 MiB per adapter on the embedded base (30 layers, 3 key-value heads
     of 64 floats), so 64 MiB could not hold 64 adapters' system turns, and traffic over 64 adapters evicted the
