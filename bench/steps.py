@@ -1,7 +1,8 @@
 """Time the engine's steps in this process, without HTTP: prefill and decoding step at a given batch.
 
     python -m loraswap.bench.steps --batch 16 --adapters 16 [--impl batched|peft] [--tokens 32]
-        [--no-prefix-cache] [--closed SECONDS] [--lm-head auto|float32|bfloat16] [--no-fast-paths] [--profile]
+        [--no-prefix-cache] [--closed SECONDS] [--lm-head auto|float32|bfloat16]
+        [--q4-kernel auto|bitsandbytes|float32|bfloat16] [--no-fast-paths] [--profile]
 
 Synthetic rank-8 adapters (as `loraswap bench` makes them) fill a temporary store; `--profile`
 prints cProfile's top functions of the timed part; `--closed` then keeps `--batch` requests in flight
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-prefix-cache", action="store_true", help="prefill whole prompts every time")
     ap.add_argument("--closed", type=float, default=0, help="then a closed loop of this many seconds")
     ap.add_argument("--lm-head", choices=["auto", "float32", "bfloat16"], default="auto", help="as serve's --lm-head")
+    kernels = ["auto", "bitsandbytes", "float32", "bfloat16"]
+    ap.add_argument("--q4-kernel", choices=kernels, default="auto", help="as serve's --q4-kernel")
     ap.add_argument("--no-fast-paths", action="store_true", help="the base as loaded, as before `fastpath.py`")
     ap.add_argument(
         "--head-agreement", action="store_true", help="instead: greedy answers with the float32 and the bf16 LM head"
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
             head_agreement(base, AdapterStore(store_dir, shipped_dir=None), args)
             return
         if not args.no_fast_paths:
-            print(fastpath.describe(fastpath.apply(base.model, args.lm_head, rows=args.batch)))
+            done = fastpath.apply(base.model, args.lm_head, rows=args.batch, q4_kernel=args.q4_kernel)
+            print(fastpath.describe(done))
         engine = Engine(
             base.model,
             base.tokenizer,

@@ -490,6 +490,14 @@ def serve(
             "top logits recomputed in float32) [default], 'float32' or 'bfloat16'.",
         ),
     ] = None,
+    q4_kernel: Annotated[
+        str | None,
+        typer.Option(
+            "--q4-kernel",
+            help="4-bit layers on CPUs with AVX512-BF16: 'auto' (the fastest at the batch size, timed at start-up) "
+            "[default], 'bitsandbytes', or loraswap's 'float32' or 'bfloat16'.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
     from loraswap.server.app import serve as run_server
@@ -506,6 +514,7 @@ def serve(
         double_quant=double_quant,
         lora_impl=lora_impl,
         lm_head=lm_head,
+        q4_kernel=q4_kernel,
     )
     code = run_server(settings)
     if code:

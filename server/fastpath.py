@@ -23,19 +23,30 @@ or on CPUs without AVX512-BF16, where bf16 matmuls are emulated and far slower t
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
+
+from loraswap.server import q4
 
 log = logging.getLogger(__name__)
 
 LmHead = Literal["auto", "float32", "bfloat16"]
 LM_HEADS: tuple[LmHead, ...] = ("auto", "float32", "bfloat16")
+Q4Kernel = Literal["auto", "bitsandbytes", "float32", "bfloat16"]
+Q4_KERNELS: tuple[Q4Kernel, ...] = ("auto", "bitsandbytes", "float32", "bfloat16")
+KERNEL_NAMES = {
+    "bitsandbytes": "bitsandbytes' fused CPU kernel",
+    "float32": "loraswap's float32 4-bit kernel",
+    "bfloat16": "loraswap's bf16 4-bit kernel",
+}
 RESCORED = 8  # logits per position the bf16 head recomputes in float32
 
 
@@ -74,14 +85,10 @@ def bf16_pays(weight: torch.Tensor, rows: int, repeats: int = 7) -> bool:
     float32 on this CPU: medians of interleaved runs (a few tens of ms for the embedded base's head)."""
     x = torch.randn(max(1, rows), weight.shape[1])
     xb, wb = x.to(torch.bfloat16), weight.detach().to(torch.bfloat16)
-    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
-    with torch.inference_mode():
-        for _ in range(repeats):
-            for name, (a, w) in (("float32", (x, weight)), ("bfloat16", (xb, wb))):
-                start = time.perf_counter()
-                F.linear(a, w)
-                times[name].append(time.perf_counter() - start)
-    return statistics.median(times["bfloat16"]) * BF16_MARGIN < statistics.median(times["float32"])
+    times = _median_times(
+        {"float32": lambda: F.linear(x, weight), "bfloat16": lambda: F.linear(xb, wb)}, repeats, warm=False
+    )
+    return times["bfloat16"] * BF16_MARGIN < times["float32"]
 
 
 def bf16_head(model: Any, rescored: int = RESCORED) -> bool:
@@ -165,37 +172,92 @@ def _packed_kernel(module: Any) -> Callable[[torch.Tensor], torch.Tensor] | None
     return forward
 
 
-def lean_4bit(model: Any) -> int:
-    """Call the fused CPU kernel directly in every 4-bit layer that bitsandbytes has packed for it; returns
-    how many layers now do. Runs one token through the model first, since bitsandbytes packs a layer's
-    weight at its first inference forward."""
+def _pack(model: Any) -> list[Any]:
+    """The model's 4-bit layers, after one token has run through the model (bitsandbytes packs a layer's
+    weight for its CPU kernel at the layer's first inference forward); [] where no CPU kernel applies."""
     try:
         from bitsandbytes.nn import Linear4bit
     except Exception:
-        return 0
+        return []
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not layers or _device(model).type != "cpu" or not native_bf16_cpu():
-        return 0
+        return []
     token = torch.zeros((1, 1), dtype=torch.long)
     decoder = {"decoder_input_ids": token} if getattr(model.config, "is_encoder_decoder", False) else {}
     with torch.inference_mode():
         model(input_ids=token, use_cache=False, **decoder)
-    done = 0
+    return layers
+
+
+def _forward_for(module: Any, kernel: Q4Kernel) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if kernel == "bitsandbytes":
+        return _packed_kernel(module)
+    if kernel == "auto":
+        raise ValueError("auto is decided by measuring")
+    return q4.kernel(module, kernel)
+
+
+def lean_4bit(model: Any, kernel: Q4Kernel = "bitsandbytes", rows: int = 16) -> tuple[int, Q4Kernel | None]:
+    """Call a fused CPU kernel directly in every 4-bit layer that bitsandbytes has packed for it:
+    bitsandbytes' own, or one of loraswap's (`q4.py`); `auto` times each on the largest layer at `rows` rows
+    and takes the fastest. (How many layers now do, the kernel); a layer the chosen kernel cannot take gets
+    bitsandbytes' own, and where that is missing too the layer stays as loaded."""
+    layers = _pack(model)
+    if kernel == "auto":
+        kernel = _fastest_kernel(layers, rows) if layers else "bitsandbytes"
+    counts: Counter[Q4Kernel] = Counter()
     for module in layers:
-        kernel = _packed_kernel(module)
-        if kernel is not None:
-            _patch(module, kernel)
-            done += 1
-    return done
+        for name in dict.fromkeys((kernel, "bitsandbytes")):
+            forward = _forward_for(module, name)
+            if forward is not None:
+                _patch(module, forward)
+                counts[name] += 1
+                break
+    return sum(counts.values()), (counts.most_common(1)[0][0] if counts else None)
 
 
-def apply(model: Any, lm_head: LmHead = "auto", rows: int = 16) -> dict[str, Any]:
+def _fastest_kernel(layers: list[Any], rows: int) -> Q4Kernel:
+    """The kernel that computes the largest of `layers` fastest at `rows` rows (bitsandbytes' where none runs)."""
+    largest = max(layers, key=lambda m: m.weight.numel())
+    x = torch.randn(max(1, rows), largest.in_features)
+    calls: dict[str, Callable[[], Any]] = {}
+    for name in Q4_KERNELS[1:]:
+        forward = _forward_for(largest, name)
+        if forward is not None:
+            calls[name] = functools.partial(forward, x)
+    if not calls:
+        return "bitsandbytes"
+    times = _median_times(calls)
+    log.info("4-bit kernels at %d rows, median us: %s", rows, {n: round(t * 1e6, 1) for n, t in times.items()})
+    return cast(Q4Kernel, min(times, key=times.__getitem__))
+
+
+def _median_times(calls: dict[str, Callable[[], Any]], repeats: int = 7, warm: bool = True) -> dict[str, float]:
+    """Median seconds of each call, timed interleaved (after one untimed call each where `warm`)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for fn in calls.values() if warm else ():
+            fn()
+        for _ in range(repeats):
+            for name, fn in calls.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def apply(model: Any, lm_head: LmHead = "auto", rows: int = 16, q4_kernel: Q4Kernel = "auto") -> dict[str, Any]:
     """Put the fast paths on `model` (a base about to serve decoding steps of up to `rows` rows); what was done, for
     the log and /v1/models."""
-    lean = lean_4bit(model)
+    lean, kernel = lean_4bit(model, q4_kernel, rows)
     dtype = head_dtype(model, lm_head, rows)
     head = bf16_head(model) if dtype == torch.bfloat16 else False
-    done = {"lean_4bit_layers": lean, "lm_head": _head_weight_dtype(model), "rescored": RESCORED if head else 0}
+    done = {
+        "lean_4bit_layers": lean,
+        "q4_kernel": kernel,
+        "lm_head": _head_weight_dtype(model),
+        "rescored": RESCORED if head else 0,
+    }
     if head:
         done["lm_head"] = "bfloat16"
     log.info("inference fast paths: %s", done)
@@ -204,8 +266,10 @@ def apply(model: Any, lm_head: LmHead = "auto", rows: int = 16) -> dict[str, Any
 
 def describe(done: dict[str, Any]) -> str:
     """One line for the log: what `apply` did."""
-    lean = done["lean_4bit_layers"]
-    parts = [f"{lean} 4-bit layers call the fused CPU kernel directly" if lean else "4-bit layers as loaded"]
+    lean, kernel = done["lean_4bit_layers"], str(done.get("q4_kernel"))
+    parts = [
+        f"{lean} 4-bit layers call {KERNEL_NAMES.get(kernel, kernel)} directly" if lean else "4-bit layers as loaded"
+    ]
     rescored = f" (top {done['rescored']} logits in float32)" if done["rescored"] else ""
     parts.append(f"LM head in {done['lm_head']}{rescored}")
     return "inference fast paths: " + ", ".join(parts)

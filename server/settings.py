@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, SecretStr
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
 from loraswap.server import prefix
-from loraswap.server.fastpath import LmHead
+from loraswap.server.fastpath import LmHead, Q4Kernel
 
 LoraImpl = Literal["batched", "peft"]
 
@@ -57,6 +57,10 @@ class Settings(BaseModel):
     """The output projection's compute dtype on CPU: "auto" (bf16 where the CPU has native bf16 dot products and
     a bf16 matmul measures faster there at the batch size, with each position's top logits recomputed in float32),
     "float32" or "bfloat16" (`fastpath.py`)."""
+    q4_kernel: Q4Kernel = "auto"
+    """The kernel of the 4-bit layers on CPUs with AVX512-BF16: "auto" (the fastest at the batch size, timed at
+    start-up), "bitsandbytes" (its fused kernel, one row at a time), "float32" or "bfloat16" (loraswap's, a tile
+    of weights dequantized once for 8 rows: `q4.py`)."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
 

@@ -79,7 +79,7 @@ class LoraswapAPI(ls.LitAPI):
 
         s = self.settings
         base = load_base(s.base, quant=s.quant, device=device, double_quant=s.double_quant)
-        fast = fastpath.apply(base.model, s.lm_head)
+        fast = fastpath.apply(base.model, s.lm_head, rows=s.max_batch_size, q4_kernel=s.q4_kernel)
         print(f"loraswap: worker {os.getpid()}: {fastpath.describe(fast)}", file=sys.stderr, flush=True)
         store = self.settings.store()
         engine_class = Seq2SeqEngine if base.ref.kind == "seq2seq" else Engine

@@ -238,8 +238,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def peft_reference(base_path: Path, adapter_path: Path | None, question: str, n: int, quant: str = "none") -> list[int]:
+def peft_reference(
+    base_path: Path, adapter_path: Path | None, question: str, n: int, quant: str = "none", q4_kernel: str | None = None
+) -> list[int]:
     """PEFT's plain path, the reference for parity: a fresh base with only this adapter, `generate`, greedy.
+    `q4_kernel`: the base's 4-bit layers on that CPU kernel (`fastpath.lean_4bit`), as the engine's base under test.
     Returns the generated token ids without the end-of-turn token."""
     import torch
     from peft import PeftModel
@@ -248,6 +251,10 @@ def peft_reference(base_path: Path, adapter_path: Path | None, question: str, n:
     from loraswap.adapters.prompt import generation_eos, prompt_ids, stop_token_ids
 
     base = load_base(str(base_path), quant=quant)  # type: ignore[arg-type]
+    if q4_kernel is not None:
+        from loraswap.server import fastpath
+
+        fastpath.lean_4bit(base.model, q4_kernel)  # type: ignore[arg-type]
     model = base.model if adapter_path is None else PeftModel.from_pretrained(base.model, str(adapter_path))
     model.eval()
     ids = torch.tensor([prompt_ids(base.tokenizer, question)])

@@ -240,13 +240,15 @@ def test_double_quantization_is_a_choice(gemma: tuple[Path, Path]) -> None:
 
 def test_a_gemma_server_answers_two_adapters_at_parity(gemma: tuple[Path, Path]) -> None:
     """One real server (`loraswap serve --quant nf4`) on the Gemma-style base: its quant is reported, and
-    concurrent answers of two adapters equal PEFT alone on the same NF4 base."""
+    concurrent answers of two adapters equal PEFT alone on the same NF4 base, with its 4-bit layers on the kernel
+    the server is told to use (loraswap's float32 one, where the CPU has AVX512-BF16: `test_q4.py`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from loraswap.bench.launch import launch, stop
 
     base_path, store_dir = gemma
-    proc, url = launch(str(base_path), store_dir, quant="nf4", max_batch_size=4, timeout=120)
+    env = {"LORASWAP_Q4_KERNEL": "float32"}
+    proc, url = launch(str(base_path), store_dir, quant="nf4", max_batch_size=4, env=env, timeout=120)
     try:
         models = httpx.get(f"{url}/v1/models").json()["data"]
         assert models[0]["quant"] == "nf4" and {m["id"] for m in models} >= {"one", "two"}
@@ -264,7 +266,7 @@ def test_a_gemma_server_answers_two_adapters_at_parity(gemma: tuple[Path, Path])
         stop(proc)
     tok = load_base(str(base_path), quant="none").tokenizer
     for (adapter, q), answer in zip(jobs, answers, strict=True):
-        alone = peft_reference(base_path, store_dir / adapter, q, 8, quant="nf4")
+        alone = peft_reference(base_path, store_dir / adapter, q, 8, quant="nf4", q4_kernel="float32")
         assert answer == tok.decode(alone, skip_special_tokens=True), adapter
     assert len(set(answers)) == len(jobs)
 

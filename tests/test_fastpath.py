@@ -37,7 +37,7 @@ def test_the_direct_4bit_kernel_gives_bitsandbytes_own_output_bit_for_bit(lively
         with torch.inference_mode():
             before = [model(input_ids=ids).logits for ids in prompts(base.tokenizer)]
         layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-        assert fastpath.lean_4bit(model) == len(layers) > 0
+        assert fastpath.lean_4bit(model) == (len(layers), "bitsandbytes") and layers
         assert all("forward" in m.__dict__ for m in layers)
         with torch.inference_mode():
             after = [model(input_ids=ids).logits for ids in prompts(base.tokenizer)]
@@ -118,13 +118,19 @@ def test_the_bf16_measurement_times_both_dtypes(monkeypatch: pytest.MonkeyPatch)
     assert calls == [(torch.float32, 3), (torch.bfloat16, 3)] * 4  # interleaved, at the rows asked
 
 
-def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(lively_base: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("q4_kernel", ["bitsandbytes", "float32", "bfloat16"])
+def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(
+    q4_kernel: fastpath.Q4Kernel, lively_base: Path, tmp_path: Path
+) -> None:
     random_lora_adapter(lively_base, tmp_path, "symptoms", seed=1)
     random_lora_adapter(lively_base, tmp_path, "treatment", seed=2)
     store = AdapterStore(tmp_path, shipped_dir=None)
     base = load_base(str(lively_base), quant="nf4")
-    done = fastpath.apply(base.model, "bfloat16")  # the bf16 head on any CPU; the direct kernel where it applies
+    # the bf16 head on any CPU; the 4-bit kernel where it applies, under PEFT's reference too (`test_q4.py` checks
+    # the kernels against the 4-bit weights' exact products; here it is the engine and its LoRA rows that are checked)
+    done = fastpath.apply(base.model, "bfloat16", q4_kernel=q4_kernel)
     assert done["lm_head"] == "bfloat16" and done["rescored"] == fastpath.RESCORED
+    assert done["q4_kernel"] == (q4_kernel if fastpath.native_bf16_cpu() else None)
     engine = Engine(base.model, base.tokenizer, store.get)
     tok = base.tokenizer
     plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2]), ("symptoms", QUESTIONS[3])]
@@ -137,7 +143,7 @@ def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(lively_base: Pa
     texts = set()
     for i, (adapter, q) in enumerate(plan):
         path = None if adapter is None else store.get(adapter).path
-        ref = peft_reference(lively_base, path, q, 12, quant="nf4")
+        ref = peft_reference(lively_base, path, q, 12, quant="nf4", q4_kernel=q4_kernel)
         text = "".join(e.text for e in events[f"r{i}"])
         assert text == tok.decode(ref, skip_special_tokens=True), (adapter, q)
         texts.add(text)

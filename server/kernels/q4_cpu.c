@@ -1,0 +1,151 @@
+/* 4-bit x float matrix products on bitsandbytes' CPU-packed weights, for x86 CPUs with AVX512-BF16.
+
+   bitsandbytes' own CPU kernel is a GEMV per row: a step of 16 rows dequantizes every weight 16 times. Here
+   each tile of 32 output features x one pair of input features is dequantized once, into registers, and used
+   for up to MAX_ROWS rows; a batch of 16 rows dequantizes each weight twice.
+
+   Weight layout (`bitsandbytes.functional._convert_weight_packed_for_cpu`, block_n 32): [n/32][k/2][32]
+   bytes. In each 32 bytes, byte 2j+p holds input feature 2i+p (i the pair, p 0 or 1) of output feature j of
+   the block in its low nibble and of output feature j+16 in its high nibble. absmax is [k/blocksize][n] bf16
+   (one scale per output feature and block of inputs), code the 16 values of the data type (NF4 or FP4).
+
+   Two variants, for CPUs whose strengths differ (the server measures both at start-up):
+   - q4_matmul_f32: weights dequantized to float32, float32 FMAs (a 2-core Xeon issues two 16-lane FMAs a
+     cycle but one vdpbf16ps every two cycles);
+   - q4_matmul_bf16: weights as bf16, vdpbf16ps on the input rounded to bf16 (as bitsandbytes computes), for
+     CPUs where the bf16 dot product is the faster one (AMD Zen 4).
+   Both accumulate in float32 and write float32. */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define BLOCK_N 32
+#define MAX_ROWS 8
+
+static inline __m512 scales(const uint16_t *s) { /* 16 bf16 -> float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)s)), 16));
+}
+
+/* The 32 outputs of one packed block for ROWS rows: per block of inputs, partial sums in registers, then
+   scaled by that block's absmax into the running sums. */
+#define TILE_F32(ROWS)                                                                                        \
+    static void tile_f32_##ROWS(const float *a, int64_t lda, const uint8_t *w, const uint16_t *absmax,        \
+                                int64_t n, int64_t k, int64_t blocksize, __m512 lut, float *out, int64_t ldo) { \
+        __m512 acc[ROWS][2];                                                                                  \
+        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                           \
+        const int64_t pairs = blocksize / 2;                                                                  \
+        for (int64_t kb = 0; kb < k / blocksize; kb++) {                                                      \
+            __m512 part[ROWS][2];                                                                             \
+            for (int r = 0; r < ROWS; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();                     \
+            const uint8_t *wp = w + kb * pairs * BLOCK_N;                                                     \
+            const float *ap = a + kb * blocksize;                                                             \
+            for (int64_t p = 0; p < pairs; p++) {                                                             \
+                /* 16 lanes, one per output feature j: bits 0-3 input 2p of j, 4-7 of j+16, 8-15 the same for 2p+1 */ \
+                __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wp + p * BLOCK_N)));   \
+                __m512 even_lo = _mm512_permutexvar_ps(x, lut); /* vpermps reads the low 4 bits */            \
+                __m512 even_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), lut);                         \
+                __m512 odd_lo = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 8), lut);                          \
+                __m512 odd_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 12), lut);                         \
+                for (int r = 0; r < ROWS; r++) {                                                              \
+                    __m512 x0 = _mm512_set1_ps(ap[r * lda + 2 * p]);                                          \
+                    __m512 x1 = _mm512_set1_ps(ap[r * lda + 2 * p + 1]);                                      \
+                    part[r][0] = _mm512_fmadd_ps(x0, even_lo, part[r][0]);                                    \
+                    part[r][1] = _mm512_fmadd_ps(x0, even_hi, part[r][1]);                                    \
+                    part[r][0] = _mm512_fmadd_ps(x1, odd_lo, part[r][0]);                                     \
+                    part[r][1] = _mm512_fmadd_ps(x1, odd_hi, part[r][1]);                                     \
+                }                                                                                             \
+            }                                                                                                 \
+            const __m512 s0 = scales(absmax + kb * n), s1 = scales(absmax + kb * n + 16);                     \
+            for (int r = 0; r < ROWS; r++) {                                                                  \
+                acc[r][0] = _mm512_fmadd_ps(part[r][0], s0, acc[r][0]);                                       \
+                acc[r][1] = _mm512_fmadd_ps(part[r][1], s1, acc[r][1]);                                       \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int r = 0; r < ROWS; r++) {                                                                      \
+            _mm512_storeu_ps(out + r * ldo, acc[r][0]);                                                       \
+            _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);                                                  \
+        }                                                                                                     \
+    }
+
+#define TILE_BF16(ROWS)                                                                                       \
+    static void tile_bf16_##ROWS(const uint16_t *a, int64_t lda, const uint8_t *w, const uint16_t *absmax,    \
+                                 int64_t n, int64_t k, int64_t blocksize, __m512i lut, float *out,            \
+                                 int64_t ldo) {                                                               \
+        __m512 acc[ROWS][2];                                                                                  \
+        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                           \
+        const int64_t pairs = blocksize / 2;                                                                  \
+        for (int64_t kb = 0; kb < k / blocksize; kb++) {                                                      \
+            __m512 part[ROWS][2];                                                                             \
+            for (int r = 0; r < ROWS; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();                     \
+            const uint8_t *wp = w + kb * pairs * BLOCK_N;                                                     \
+            const uint16_t *ap = a + kb * blocksize;                                                          \
+            for (int64_t p = 0; p < pairs; p++) {                                                             \
+                /* word 2j+q: input 2p+q of output j (low nibble), of j+16 (high): the pairs vdpbf16ps takes */ \
+                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + p * BLOCK_N))); \
+                __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(15)), lut); \
+                __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), lut);           \
+                for (int r = 0; r < ROWS; r++) {                                                              \
+                    __m512bh x = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(ap + r * lda + 2 * p));       \
+                    part[r][0] = _mm512_dpbf16_ps(part[r][0], x, lo);                                         \
+                    part[r][1] = _mm512_dpbf16_ps(part[r][1], x, hi);                                         \
+                }                                                                                             \
+            }                                                                                                 \
+            const __m512 s0 = scales(absmax + kb * n), s1 = scales(absmax + kb * n + 16);                     \
+            for (int r = 0; r < ROWS; r++) {                                                                  \
+                acc[r][0] = _mm512_fmadd_ps(part[r][0], s0, acc[r][0]);                                       \
+                acc[r][1] = _mm512_fmadd_ps(part[r][1], s1, acc[r][1]);                                       \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int r = 0; r < ROWS; r++) {                                                                      \
+            _mm512_storeu_ps(out + r * ldo, acc[r][0]);                                                       \
+            _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);                                                  \
+        }                                                                                                     \
+    }
+
+TILE_F32(1) TILE_F32(2) TILE_F32(3) TILE_F32(4) TILE_F32(5) TILE_F32(6) TILE_F32(7) TILE_F32(8)
+TILE_BF16(1) TILE_BF16(2) TILE_BF16(3) TILE_BF16(4) TILE_BF16(5) TILE_BF16(6) TILE_BF16(7) TILE_BF16(8)
+
+typedef void (*tile_f32_fn)(const float *, int64_t, const uint8_t *, const uint16_t *, int64_t, int64_t, int64_t,
+                            __m512, float *, int64_t);
+typedef void (*tile_bf16_fn)(const uint16_t *, int64_t, const uint8_t *, const uint16_t *, int64_t, int64_t,
+                             int64_t, __m512i, float *, int64_t);
+static const tile_f32_fn TILES_F32[MAX_ROWS + 1] = {0, tile_f32_1, tile_f32_2, tile_f32_3, tile_f32_4,
+                                                    tile_f32_5, tile_f32_6, tile_f32_7, tile_f32_8};
+static const tile_bf16_fn TILES_BF16[MAX_ROWS + 1] = {0, tile_bf16_1, tile_bf16_2, tile_bf16_3, tile_bf16_4,
+                                                      tile_bf16_5, tile_bf16_6, tile_bf16_7, tile_bf16_8};
+
+static int bad_shape(int64_t m, int64_t n, int64_t k, int64_t blocksize) {
+    return m < 0 || n <= 0 || n % BLOCK_N || blocksize <= 0 || blocksize % 2 || k % blocksize;
+}
+
+/* out[m][n] (row stride ldo) = a[m][k] (float32, row stride lda) x dequantized w^T, on `threads` OpenMP
+   threads (the caller's torch.get_num_threads()). Returns 0, or -1 for a shape the layout cannot hold. */
+int q4_matmul_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const uint8_t *w,
+                  const uint16_t *absmax, int64_t blocksize, const float *code, float *out, int64_t ldo,
+                  int threads) {
+    if (bad_shape(m, n, k, blocksize)) return -1;
+    const __m512 lut = _mm512_loadu_ps(code);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < n / BLOCK_N; b++)
+        for (int64_t r = 0; r < m; r += MAX_ROWS)
+            TILES_F32[m - r < MAX_ROWS ? m - r : MAX_ROWS](a + r * lda, lda, w + b * (k / 2) * BLOCK_N,
+                                                           absmax + b * BLOCK_N, n, k, blocksize, lut,
+                                                           out + r * ldo + b * BLOCK_N, ldo);
+    return 0;
+}
+
+/* The same with a (and the 16 code values) in bf16. */
+int q4_matmul_bf16(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t lda, const uint8_t *w,
+                   const uint16_t *absmax, int64_t blocksize, const uint16_t *code, float *out, int64_t ldo,
+                   int threads) {
+    if (bad_shape(m, n, k, blocksize)) return -1;
+    uint16_t table[32] = {0};
+    for (int i = 0; i < 16; i++) table[i] = code[i];
+    const __m512i lut = _mm512_loadu_si512(table);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < n / BLOCK_N; b++)
+        for (int64_t r = 0; r < m; r += MAX_ROWS)
+            TILES_BF16[m - r < MAX_ROWS ? m - r : MAX_ROWS](a + r * lda, lda, w + b * (k / 2) * BLOCK_N,
+                                                            absmax + b * BLOCK_N, n, k, blocksize, lut,
+                                                            out + r * ldo + b * BLOCK_N, ldo);
+    return 0;
+}
