@@ -81,43 +81,69 @@ BF16_MARGIN = 1.25
 
 
 def bf16_pays(weight: torch.Tensor, rows: int, repeats: int = 7) -> bool:
-    """Whether `rows` rows times `weight` (float32, [out, in]) runs at least BF16_MARGIN times faster in bf16 than in
-    float32 on this CPU: medians of interleaved runs (a few tens of ms for the embedded base's head)."""
+    """Whether `rows` rows times `weight` (float32, [out, in]) runs at least BF16_MARGIN times faster with a bf16 copy
+    of the weight (the faster of `bf16_matmuls`) than in float32 on this CPU: medians of interleaved runs (a few
+    tens of ms for the embedded base's head)."""
     x = torch.randn(max(1, rows), weight.shape[1])
-    xb, wb = x.to(torch.bfloat16), weight.detach().to(torch.bfloat16)
-    times = _median_times(
-        {"float32": lambda: F.linear(x, weight), "bfloat16": lambda: F.linear(xb, wb)}, repeats, warm=False
-    )
-    return times["bfloat16"] * BF16_MARGIN < times["float32"]
+    calls: dict[str, Callable[[], Any]] = {"float32": lambda: F.linear(x, weight)}
+    calls.update({name: functools.partial(fn, x) for name, fn in bf16_matmuls(weight).items()})
+    times = _median_times(calls, repeats, warm=False)
+    log.info("LM head at %d rows, median ms: %s", rows, {n: round(t * 1e3, 2) for n, t in times.items()})
+    return min(t for name, t in times.items() if name != "float32") * BF16_MARGIN < times["float32"]
 
 
-def bf16_head(model: Any, rescored: int = RESCORED) -> bool:
-    """Compute the output projection in bf16, then recompute each position's `rescored` highest logits
-    exactly from the float32 weight, so that greedy decoding picks what the float32 head would (the bf16
-    pass only has to rank the true best among its top few). True if done."""
+def bf16_matmuls(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The ways to multiply float32 rows by a bf16 copy of `weight` ([out, in]), each holding its own copy:
+    `bfloat16`, a bf16 matmul (oneDNN; the rows rounded to bf16), and `loraswap`, loraswap's kernel (float32 FMAs
+    on the bf16 weight: half the memory traffic of float32 without the bf16 dot products, slow on some CPUs;
+    `q4.py`) where it is built."""
+    copy = weight.detach().to(torch.bfloat16)
+
+    def onednn(rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(rows.to(torch.bfloat16), copy).to(rows.dtype)
+
+    ways: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"bfloat16": onednn}
+    kernel = q4.bf16_weight_matmul(weight) if native_bf16_cpu() else None
+    if kernel is not None:
+        ways["loraswap"] = kernel
+    return ways
+
+
+def bf16_head(model: Any, rescored: int = RESCORED, rows: int = 16, way: str | None = None) -> bool:
+    """Compute the output projection from a bf16 copy of its weight (`way` of `bf16_matmuls`, else the faster at
+    `rows` rows), then recompute each position's `rescored` highest logits exactly from the float32 weight, so
+    that greedy decoding picks what the float32 head would (the bf16 pass only has to rank the true best among
+    its top few). True if done."""
     head = model.get_output_embeddings()
     if getattr(head, "loraswap_bf16", False):
         return True  # already done
     if head is None or not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
         return False
     exact_weight = head.weight  # the float32 weight, tied to the input embeddings on many bases
-    weight = exact_weight.detach().to(torch.bfloat16)
+    ways = bf16_matmuls(exact_weight)
+    if way is not None:
+        ways = {way: ways[way]}
+    elif len(ways) > 1:
+        x = torch.randn(max(1, rows), exact_weight.shape[1])
+        times = _median_times({name: functools.partial(fn, x) for name, fn in ways.items()})
+        ways = {name: ways[name] for name in [min(times, key=times.__getitem__)]}  # the other copy is dropped
+    (way, matmul), *_ = ways.items()
     bias = head.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        # 2-D first: a [1, 1, hidden] slice of a prefill keeps its parent's strides through `.to`, and oneDNN's
-        # bf16 matmul takes a slow path on them (50 ms instead of 4 for one row of the embedded base).
-        rows = x.reshape(-1, x.shape[-1])
-        logits = F.linear(rows.to(torch.bfloat16), weight).to(x.dtype)  # [positions, vocabulary]
+        # 2-D and contiguous first: a [1, 1, hidden] slice of a prefill keeps its parent's strides through `.to`,
+        # and oneDNN's bf16 matmul takes a slow path on them (50 ms instead of 4 for one row of the embedded base).
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        logits = matmul(rows).to(x.dtype)  # [positions, vocabulary]
         top = logits.topk(min(rescored, logits.shape[-1]), dim=-1).indices  # [positions, rescored]
         exact = torch.einsum("nh,nkh->nk", rows, exact_weight[top].to(x.dtype))
         logits.scatter_(1, top, exact)
         if bias is not None:
             logits += bias.to(logits.dtype)
-        return logits.view(*x.shape[:-1], logits.shape[-1])
+        return logits.reshape(*x.shape[:-1], logits.shape[-1])
 
     _patch(head, forward)
-    object.__setattr__(head, "loraswap_bf16", True)
+    object.__setattr__(head, "loraswap_bf16", way)
     return True
 
 
@@ -251,7 +277,7 @@ def apply(model: Any, lm_head: LmHead = "auto", rows: int = 16, q4_kernel: Q4Ker
     the log and /v1/models."""
     lean, kernel = lean_4bit(model, q4_kernel, rows)
     dtype = head_dtype(model, lm_head, rows)
-    head = bf16_head(model) if dtype == torch.bfloat16 else False
+    head = bf16_head(model, rows=rows) if dtype == torch.bfloat16 else False
     done = {
         "lean_4bit_layers": lean,
         "q4_kernel": kernel,
@@ -260,6 +286,7 @@ def apply(model: Any, lm_head: LmHead = "auto", rows: int = 16, q4_kernel: Q4Ker
     }
     if head:
         done["lm_head"] = "bfloat16"
+        done["lm_head_matmul"] = model.get_output_embeddings().loraswap_bf16
     log.info("inference fast paths: %s", done)
     return done
 
@@ -270,7 +297,8 @@ def describe(done: dict[str, Any]) -> str:
     parts = [
         f"{lean} 4-bit layers call {KERNEL_NAMES.get(kernel, kernel)} directly" if lean else "4-bit layers as loaded"
     ]
-    rescored = f" (top {done['rescored']} logits in float32)" if done["rescored"] else ""
+    how = {"loraswap": "loraswap's kernel, "}.get(done.get("lm_head_matmul", ""), "")
+    rescored = f" ({how}top {done['rescored']} logits in float32)" if done["rescored"] else ""
     parts.append(f"LM head in {done['lm_head']}{rescored}")
     return "inference fast paths: " + ", ".join(parts)
 

@@ -83,7 +83,7 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("loraswap's 4-bit CPU kernels are not available, bitsandbytes' own are used: %s", exc)
         return None
-    for name in ("q4_matmul_f32", "q4_matmul_bf16"):
+    for name in ("q4_matmul_f32", "q4_matmul_bf16", "bf16w_matmul"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -137,3 +137,36 @@ def kernel(module: Any, variant: Variant) -> Callable[[torch.Tensor], torch.Tens
         return result.reshape(*x.shape[:-1], n)
 
     return forward
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [n, k] as the bf16 layout of `bf16w_matmul`: [n/32, k, 32], n padded with zeros to whole blocks."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // BLOCK_N) * BLOCK_N, k, dtype=torch.bfloat16)
+    padded[:n] = weight.detach()
+    return padded.view(-1, BLOCK_N, k).transpose(1, 2).contiguous()
+
+
+def bf16_weight_matmul(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """rows [m, k] -> rows x weight^T [m, n] in float32, from a bf16 copy of `weight` ([n, k], made here) and
+    float32 FMAs; None where the kernels are not built."""
+    lib = library()
+    if lib is None or weight.dim() != 2:
+        return None
+    n, k = weight.shape
+    packed = pack_bf16(weight)
+    fn, c_k = lib.bf16w_matmul, ctypes.c_int64(k)
+    w_ptr, ld = ctypes.c_void_p(packed.data_ptr()), ctypes.c_int64(packed.shape[0] * BLOCK_N)
+
+    def matmul(x: torch.Tensor, _keep: torch.Tensor = packed) -> torch.Tensor:
+        a = x.to(torch.float32).contiguous()
+        out = torch.empty((a.shape[0], packed.shape[0] * BLOCK_N), dtype=torch.float32)
+        rc = fn(
+            ctypes.c_int64(a.shape[0]), ctypes.c_int64(out.shape[1]), c_k, ctypes.c_void_p(a.data_ptr()), c_k,
+            w_ptr, ctypes.c_void_p(out.data_ptr()), ld, ctypes.c_int(torch.get_num_threads()),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"bf16 kernel refused shape {tuple(a.shape)} x {(n, k)}")
+        return out[:, :n]
+
+    return matmul

@@ -45,12 +45,17 @@ def test_the_direct_4bit_kernel_gives_bitsandbytes_own_output_bit_for_bit(lively
             assert torch.equal(a, b), quant
 
 
-def test_the_bf16_head_keeps_the_float32_greedy_choice_and_top_logits(lively_base: Path) -> None:
+WAYS = ["bfloat16", pytest.param("loraswap", marks=needs_native_bf16)]  # the bf16 matmuls of the head
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_the_bf16_head_keeps_the_float32_greedy_choice_and_top_logits(way: str, lively_base: Path) -> None:
     base = load_base(str(lively_base), quant="none")
     model = base.model
     with torch.inference_mode():
         exact = torch.cat([model(input_ids=ids).logits[0] for ids in prompts(base.tokenizer)])
-    assert fastpath.bf16_head(model)
+    assert fastpath.bf16_head(model, way=way)
+    assert model.get_output_embeddings().loraswap_bf16 == way
     assert fastpath.bf16_head(model)  # a second call leaves the patched head as it is
     with torch.inference_mode():
         fast = torch.cat([model(input_ids=ids).logits[0] for ids in prompts(base.tokenizer)])
@@ -64,8 +69,10 @@ def test_the_bf16_head_keeps_the_float32_greedy_choice_and_top_logits(lively_bas
     assert (fast - exact).abs().max() < 0.02 * scale  # the rest: within a bf16 dot product's rounding
 
 
-def test_a_strided_single_position_goes_through_the_bf16_head() -> None:
-    """A prefill hands the head a [1, 1, hidden] slice that keeps its parent's strides."""
+@pytest.mark.parametrize("way", WAYS)
+def test_a_strided_single_position_goes_through_the_bf16_head(way: str) -> None:
+    """A prefill hands the head a [1, 1, hidden] slice that keeps its parent's strides (and 100 outputs are not
+    whole blocks of loraswap's kernel)."""
 
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
@@ -79,7 +86,7 @@ def test_a_strided_single_position_goes_through_the_bf16_head() -> None:
     model = Tiny()
     hidden = torch.randn(1, 5, 32)[:, -1:, :]
     exact = model.head(hidden)
-    assert fastpath.bf16_head(model)
+    assert fastpath.bf16_head(model, way=way)
     fast = model.head(hidden)
     assert fast.shape == (1, 1, 100)
     assert int(fast.argmax()) == int(exact.argmax())

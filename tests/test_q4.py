@@ -120,6 +120,22 @@ def test_the_kernels_take_only_layers_packed_for_them_and_shapes_the_layout_hold
     assert q4.packed_state(fresh) is None and q4.kernel(fresh, "float32") is None
 
 
+def test_the_bf16_weight_kernel_computes_rows_times_the_bf16_weight() -> None:
+    torch.manual_seed(0)
+    for n in (64, 100):  # 100: padded to whole blocks of 32, the padding cut off
+        weight = torch.randn(n, 96)
+        matmul = q4.bf16_weight_matmul(weight)
+        assert matmul is not None
+        exact = weight.to(torch.bfloat16).double()
+        for rows in (1, 7, 8, 9, 17):
+            x = torch.randn(rows, 96)
+            got = matmul(x)
+            assert got.shape == (rows, n) and got.dtype == torch.float32
+            want = x.double() @ exact.T
+            scale = (x.double().abs() @ exact.abs().T).max()
+            assert (got.double() - want).abs().max() <= 1e-5 * scale, (n, rows)
+
+
 def test_the_build_is_cached_per_source_and_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = q4.build(tmp_path)
     stamp = first.stat().st_mtime_ns

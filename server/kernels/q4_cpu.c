@@ -149,3 +149,47 @@ int q4_matmul_bf16(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t l
                                                             out + r * ldo + b * BLOCK_N, ldo);
     return 0;
 }
+
+/* out[m][n] (row stride ldo) = a[m][k] (float32, row stride lda) x w^T for a weight held in bf16, in float32
+   FMAs: an LM head kept as bf16 reads half the memory of a float32 one, and on a CPU whose bf16 dot product
+   is slow this beats a bf16 matmul. w is [n/32][k][32] (`q4.pack_bf16`): 32 output features side by side
+   for each input feature; a tile is those 32 outputs for up to MAX_ROWS rows. */
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+#define TILE_BF16W(ROWS)                                                                                      \
+    static void tile_bf16w_##ROWS(const float *a, int64_t lda, const uint16_t *w, int64_t k, float *out,      \
+                                  int64_t ldo) {                                                              \
+        __m512 acc[ROWS][2];                                                                                  \
+        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                           \
+        for (int64_t i = 0; i < k; i++) {                                                                     \
+            const __m512 w0 = bf16x16(w + i * 32), w1 = bf16x16(w + i * 32 + 16);                            \
+            for (int r = 0; r < ROWS; r++) {                                                                  \
+                const __m512 x = _mm512_set1_ps(a[r * lda + i]);                                              \
+                acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);                                                \
+                acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);                                                \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int r = 0; r < ROWS; r++) {                                                                      \
+            _mm512_storeu_ps(out + r * ldo, acc[r][0]);                                                       \
+            _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);                                                  \
+        }                                                                                                     \
+    }
+
+TILE_BF16W(1) TILE_BF16W(2) TILE_BF16W(3) TILE_BF16W(4) TILE_BF16W(5) TILE_BF16W(6) TILE_BF16W(7) TILE_BF16W(8)
+
+typedef void (*tile_bf16w_fn)(const float *, int64_t, const uint16_t *, int64_t, float *, int64_t);
+static const tile_bf16w_fn TILES_BF16W[MAX_ROWS + 1] = {0, tile_bf16w_1, tile_bf16w_2, tile_bf16w_3, tile_bf16w_4,
+                                                        tile_bf16w_5, tile_bf16w_6, tile_bf16w_7, tile_bf16w_8};
+
+int bf16w_matmul(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const uint16_t *w, float *out,
+                 int64_t ldo, int threads) {
+    if (m < 0 || n <= 0 || n % BLOCK_N || k <= 0) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < n / BLOCK_N; b++)
+        for (int64_t r = 0; r < m; r += MAX_ROWS)
+            TILES_BF16W[m - r < MAX_ROWS ? m - r : MAX_ROWS](a + r * lda, lda, w + b * k * BLOCK_N, k,
+                                                             out + r * ldo + b * BLOCK_N, ldo);
+    return 0;
+}
