@@ -1,20 +1,27 @@
 """Inference fast paths the engine puts on its base, for CPUs with native bf16 dot products (AVX512-BF16).
 
-On such a CPU bitsandbytes already computes every 4-bit layer in bf16 (its fused CPU kernel rounds the
-layer's input to bf16), and the engine adds two things around that:
+On such a CPU bitsandbytes already computes every 4-bit layer with a fused CPU kernel (on weights it packs
+for it at the layer's first inference forward), and the engine adds two things around that:
 
-- `lean_4bit`: the same fused kernel called directly. `Linear4bit.forward` reaches it through five
-  Python layers (quant-state checks, `matmul_4bit`, the op dispatcher, dtype casts of the input and of
-  the block scales) that cost about 35 us a call, about 7 ms of a 16-row decoding step of the embedded
-  base (210 calls). The output is bit for bit the module's own (`tests/test_fastpath.py`).
-- `bf16_head`: the vocabulary projection (the LM head, 49,152 x 576 on the embedded base, dense and
-  float32) in bf16, where that is measured to be faster on this CPU at the server's batch size (`auto`): 6.2 ms
-  instead of 19.2 at 16 rows on a 2-core AVX512-BF16 EPYC, but 9.7 against 8.9 on a 2-core Xeon with the same
-  instructions, where float32 stays. A bf16 dot product moves a logit by about its rounding, enough to flip
-  near-ties of a small model's greedy choice, so each position's 8 highest logits are then recomputed exactly from
-  the float32 weight (0.8 ms more): greedy decoding picks what the float32 head picks, the other logits
-  (sampling's tail) keep bf16 precision. The head holds a bf16 copy of its weight beside the float32 one (tied to
-  the input embeddings on many bases). `LORASWAP_LM_HEAD=float32` or `bfloat16` decides instead of measuring.
+- `lean_4bit`: a fused kernel called directly. `Linear4bit.forward` reaches bitsandbytes' through five Python
+  layers (quant-state checks, `matmul_4bit`, the op dispatcher, dtype casts of the input and of the block
+  scales) that cost about 35 us a call, about 7 ms of a 16-row decoding step of the embedded base (210 calls);
+  called directly, its output is bit for bit the module's own (`tests/test_fastpath.py`). That kernel takes
+  one row at a time, so loraswap's own (`q4.py`), which dequantize each weight tile once for 8 rows, can
+  take its place: `auto` times bitsandbytes' and loraswap's float32 and bf16 kernels on the largest layer at
+  the server's batch size and keeps the fastest (loraswap's float32 one on a 2-core Xeon: 121 against 249 us
+  for 16 rows of a 1536 x 576 layer). `LORASWAP_Q4_KERNEL` decides instead.
+- `bf16_head`: the vocabulary projection (the LM head, 49,152 x 576 on the embedded base, dense and float32)
+  from a bf16 copy of its weight, where that is measured to be faster on this CPU at the server's batch size
+  (`auto`), by oneDNN's bf16 matmul or by loraswap's kernel (float32 FMAs on the bf16 weight: half the memory
+  traffic, no bf16 dot products), whichever is faster: 6.2 ms instead of 19.2 at 16 rows by oneDNN on a 2-core
+  AVX512-BF16 EPYC; on a 2-core Xeon with the same instructions oneDNN's is slower than float32 (9.7 against
+  8.9 ms) and loraswap's kernel faster (6.0). Rounding the weight (and, in oneDNN's, the input) to bf16 moves
+  a logit by about its rounding, enough to flip near-ties of a small model's greedy choice, so each position's
+  8 highest logits are then recomputed exactly from the float32 weight (0.8 ms more): greedy decoding picks
+  what the float32 head picks, the other logits (sampling's tail) keep bf16 precision. The head holds a bf16
+  copy of its weight beside the float32 one (tied to the input embeddings on many bases).
+  `LORASWAP_LM_HEAD=float32` or `bfloat16` decides instead of measuring.
 
 Neither applies on CUDA (bitsandbytes' CUDA kernels and a bf16 compute dtype are already the fast path)
 or on CPUs without AVX512-BF16, where bf16 matmuls are emulated and far slower than float32.

@@ -1,4 +1,5 @@
-"""loraswap's own CPU kernels for bitsandbytes' 4-bit layers (`kernels/q4_cpu.c`), built on first use.
+"""loraswap's own CPU kernels for bitsandbytes' 4-bit layers and the LM head (`kernels/q4_cpu.c`), built on
+first use.
 
 bitsandbytes' fused CPU kernel computes a 4-bit layer one input row at a time, dequantizing every weight again
 for each row, so a 16-row decoding step costs about 6 times a 1-row one (1536 x 576: 40 us for one row,
@@ -9,7 +10,11 @@ re-laid out). Two variants:
 - `float32`: weights dequantized to float32, float32 FMAs, float32 input: 121 us for 16 rows of that layer
   on the same Xeon, where a bf16 dot product issues at half the rate of two float32 FMAs.
 - `bfloat16`: bf16 dot products on the input rounded to bf16 (as bitsandbytes does), for CPUs where those
-  are the faster (AMD Zen 4).
+  are the faster (on the 2-core EPYC of earlier runs a bf16 matmul was 3x faster than float32; this variant
+  has not been timed there).
+
+For the LM head (dense), `bf16_weight_matmul`: a bf16 copy of the weight, float32 FMAs: it reads half the memory
+of the float32 head without bf16 dot products (`fastpath.bf16_head` recomputes the top logits in float32).
 
 The C source is compiled with the system's C compiler (`CC`, else `cc`; GCC 10 or later, or Clang 9 or later,
 for the AVX512-BF16 intrinsics) into the user cache, once per source and compiler, and loaded with ctypes.

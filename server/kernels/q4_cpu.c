@@ -1,4 +1,5 @@
-/* 4-bit x float matrix products on bitsandbytes' CPU-packed weights, for x86 CPUs with AVX512-BF16.
+/* loraswap's CPU kernels, for x86 CPUs with AVX512-BF16: 4-bit x float matrix products on bitsandbytes'
+   CPU-packed weights (q4_matmul_*), and a float x bf16-weight product for the LM head (bf16w_matmul).
 
    bitsandbytes' own CPU kernel is a GEMV per row: a step of 16 rows dequantizes every weight 16 times. Here
    each tile of 32 output features x one pair of input features is dequantized once, into registers, and used
