@@ -26,11 +26,11 @@ static inline __m512 scales(const uint16_t *s) { /* 16 bf16 -> float32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)s)), 16));
 }
 
-/* The 32 outputs of one packed block for ROWS rows: per block of inputs, partial sums in registers, then
-   scaled by that block's absmax into the running sums. */
-#define TILE_F32(ROWS)                                                                                        \
-    static void tile_f32_##ROWS(const float *a, int64_t lda, const uint8_t *w, const uint16_t *absmax,        \
-                                int64_t n, int64_t k, int64_t blocksize, __m512 lut, float *out, int64_t ldo) { \
+/* The 32 outputs of one packed block for ROWS rows: per block of inputs, partial sums in registers (PAIR adds
+   one pair of inputs to them), then scaled by that block's absmax into the running sums. */
+#define Q4_TILE(NAME, ROWS, A_T, LUT_T, PAIR)                                                                  \
+    static void NAME##_##ROWS(const A_T *a, int64_t lda, const uint8_t *w, const uint16_t *absmax, int64_t n,  \
+                              int64_t k, int64_t blocksize, LUT_T lut, float *out, int64_t ldo) {             \
         __m512 acc[ROWS][2];                                                                                  \
         for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                           \
         const int64_t pairs = blocksize / 2;                                                                  \
@@ -38,22 +38,9 @@ static inline __m512 scales(const uint16_t *s) { /* 16 bf16 -> float32 */
             __m512 part[ROWS][2];                                                                             \
             for (int r = 0; r < ROWS; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();                     \
             const uint8_t *wp = w + kb * pairs * BLOCK_N;                                                     \
-            const float *ap = a + kb * blocksize;                                                             \
+            const A_T *ap = a + kb * blocksize;                                                               \
             for (int64_t p = 0; p < pairs; p++) {                                                             \
-                /* 16 lanes, one per output feature j: bits 0-3 input 2p of j, 4-7 of j+16, 8-15 the same for 2p+1 */ \
-                __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wp + p * BLOCK_N)));   \
-                __m512 even_lo = _mm512_permutexvar_ps(x, lut); /* vpermps reads the low 4 bits */            \
-                __m512 even_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), lut);                         \
-                __m512 odd_lo = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 8), lut);                          \
-                __m512 odd_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 12), lut);                         \
-                for (int r = 0; r < ROWS; r++) {                                                              \
-                    __m512 x0 = _mm512_set1_ps(ap[r * lda + 2 * p]);                                          \
-                    __m512 x1 = _mm512_set1_ps(ap[r * lda + 2 * p + 1]);                                      \
-                    part[r][0] = _mm512_fmadd_ps(x0, even_lo, part[r][0]);                                    \
-                    part[r][1] = _mm512_fmadd_ps(x0, even_hi, part[r][1]);                                    \
-                    part[r][0] = _mm512_fmadd_ps(x1, odd_lo, part[r][0]);                                     \
-                    part[r][1] = _mm512_fmadd_ps(x1, odd_hi, part[r][1]);                                     \
-                }                                                                                             \
+                PAIR(ROWS)                                                                                    \
             }                                                                                                 \
             const __m512 s0 = scales(absmax + kb * n), s1 = scales(absmax + kb * n + 16);                     \
             for (int r = 0; r < ROWS; r++) {                                                                  \
@@ -67,40 +54,36 @@ static inline __m512 scales(const uint16_t *s) { /* 16 bf16 -> float32 */
         }                                                                                                     \
     }
 
-#define TILE_BF16(ROWS)                                                                                       \
-    static void tile_bf16_##ROWS(const uint16_t *a, int64_t lda, const uint8_t *w, const uint16_t *absmax,    \
-                                 int64_t n, int64_t k, int64_t blocksize, __m512i lut, float *out,            \
-                                 int64_t ldo) {                                                               \
-        __m512 acc[ROWS][2];                                                                                  \
-        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                           \
-        const int64_t pairs = blocksize / 2;                                                                  \
-        for (int64_t kb = 0; kb < k / blocksize; kb++) {                                                      \
-            __m512 part[ROWS][2];                                                                             \
-            for (int r = 0; r < ROWS; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();                     \
-            const uint8_t *wp = w + kb * pairs * BLOCK_N;                                                     \
-            const uint16_t *ap = a + kb * blocksize;                                                          \
-            for (int64_t p = 0; p < pairs; p++) {                                                             \
-                /* word 2j+q: input 2p+q of output j (low nibble), of j+16 (high): the pairs vdpbf16ps takes */ \
-                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + p * BLOCK_N))); \
-                __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(15)), lut); \
-                __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), lut);           \
-                for (int r = 0; r < ROWS; r++) {                                                              \
-                    __m512bh x = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(ap + r * lda + 2 * p));       \
-                    part[r][0] = _mm512_dpbf16_ps(part[r][0], x, lo);                                         \
-                    part[r][1] = _mm512_dpbf16_ps(part[r][1], x, hi);                                         \
-                }                                                                                             \
-            }                                                                                                 \
-            const __m512 s0 = scales(absmax + kb * n), s1 = scales(absmax + kb * n + 16);                     \
-            for (int r = 0; r < ROWS; r++) {                                                                  \
-                acc[r][0] = _mm512_fmadd_ps(part[r][0], s0, acc[r][0]);                                       \
-                acc[r][1] = _mm512_fmadd_ps(part[r][1], s1, acc[r][1]);                                       \
-            }                                                                                                 \
-        }                                                                                                     \
-        for (int r = 0; r < ROWS; r++) {                                                                      \
-            _mm512_storeu_ps(out + r * ldo, acc[r][0]);                                                       \
-            _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);                                                  \
-        }                                                                                                     \
+/* float32: 16 lanes, one per output feature j: bits 0-3 hold input 2p of j, 4-7 of j+16, 8-15 the same for
+   input 2p+1; vpermps reads the low 4 bits of each lane. */
+#define PAIR_F32(ROWS)                                                                                        \
+    __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(wp + p * BLOCK_N)));               \
+    __m512 even_lo = _mm512_permutexvar_ps(x, lut);                                                           \
+    __m512 even_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), lut);                                     \
+    __m512 odd_lo = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 8), lut);                                      \
+    __m512 odd_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 12), lut);                                     \
+    for (int r = 0; r < ROWS; r++) {                                                                          \
+        __m512 x0 = _mm512_set1_ps(ap[r * lda + 2 * p]);                                                      \
+        __m512 x1 = _mm512_set1_ps(ap[r * lda + 2 * p + 1]);                                                  \
+        part[r][0] = _mm512_fmadd_ps(x0, even_lo, part[r][0]);                                                \
+        part[r][1] = _mm512_fmadd_ps(x0, even_hi, part[r][1]);                                                \
+        part[r][0] = _mm512_fmadd_ps(x1, odd_lo, part[r][0]);                                                 \
+        part[r][1] = _mm512_fmadd_ps(x1, odd_hi, part[r][1]);                                                 \
     }
+
+/* bf16: word 2j+q holds input 2p+q of output j (low nibble) and of j+16 (high): the pairs vdpbf16ps takes. */
+#define PAIR_BF16(ROWS)                                                                                       \
+    __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wp + p * BLOCK_N)));            \
+    __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(15)), lut);    \
+    __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), lut);                       \
+    for (int r = 0; r < ROWS; r++) {                                                                          \
+        __m512bh x = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(ap + r * lda + 2 * p));                   \
+        part[r][0] = _mm512_dpbf16_ps(part[r][0], x, lo);                                                     \
+        part[r][1] = _mm512_dpbf16_ps(part[r][1], x, hi);                                                     \
+    }
+
+#define TILE_F32(ROWS) Q4_TILE(tile_f32, ROWS, float, __m512, PAIR_F32)
+#define TILE_BF16(ROWS) Q4_TILE(tile_bf16, ROWS, uint16_t, __m512i, PAIR_BF16)
 
 TILE_F32(1) TILE_F32(2) TILE_F32(3) TILE_F32(4) TILE_F32(5) TILE_F32(6) TILE_F32(7) TILE_F32(8)
 TILE_BF16(1) TILE_BF16(2) TILE_BF16(3) TILE_BF16(4) TILE_BF16(5) TILE_BF16(6) TILE_BF16(7) TILE_BF16(8)
@@ -118,6 +101,15 @@ static int bad_shape(int64_t m, int64_t n, int64_t k, int64_t blocksize) {
     return m < 0 || n <= 0 || n % BLOCK_N || blocksize <= 0 || blocksize % 2 || k % blocksize;
 }
 
+/* Every packed block of outputs on the threads, each block's rows in tiles of up to MAX_ROWS. */
+#define RUN_TILES(TILES)                                                                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                          \
+    for (int64_t b = 0; b < n / BLOCK_N; b++)                                                                  \
+        for (int64_t r = 0; r < m; r += MAX_ROWS)                                                              \
+            TILES[m - r < MAX_ROWS ? m - r : MAX_ROWS](a + r * lda, lda, w + b * (k / 2) * BLOCK_N,            \
+                                                       absmax + b * BLOCK_N, n, k, blocksize, lut,             \
+                                                       out + r * ldo + b * BLOCK_N, ldo);
+
 /* out[m][n] (row stride ldo) = a[m][k] (float32, row stride lda) x dequantized w^T, on `threads` OpenMP
    threads (the caller's torch.get_num_threads()). Returns 0, or -1 for a shape the layout cannot hold. */
 int q4_matmul_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const uint8_t *w,
@@ -125,12 +117,7 @@ int q4_matmul_f32(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, 
                   int threads) {
     if (bad_shape(m, n, k, blocksize)) return -1;
     const __m512 lut = _mm512_loadu_ps(code);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < n / BLOCK_N; b++)
-        for (int64_t r = 0; r < m; r += MAX_ROWS)
-            TILES_F32[m - r < MAX_ROWS ? m - r : MAX_ROWS](a + r * lda, lda, w + b * (k / 2) * BLOCK_N,
-                                                           absmax + b * BLOCK_N, n, k, blocksize, lut,
-                                                           out + r * ldo + b * BLOCK_N, ldo);
+    RUN_TILES(TILES_F32)
     return 0;
 }
 
@@ -142,12 +129,7 @@ int q4_matmul_bf16(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t l
     uint16_t table[32] = {0};
     for (int i = 0; i < 16; i++) table[i] = code[i];
     const __m512i lut = _mm512_loadu_si512(table);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < n / BLOCK_N; b++)
-        for (int64_t r = 0; r < m; r += MAX_ROWS)
-            TILES_BF16[m - r < MAX_ROWS ? m - r : MAX_ROWS](a + r * lda, lda, w + b * (k / 2) * BLOCK_N,
-                                                            absmax + b * BLOCK_N, n, k, blocksize, lut,
-                                                            out + r * ldo + b * BLOCK_N, ldo);
+    RUN_TILES(TILES_BF16)
     return 0;
 }
 
