@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build(cache_dir())))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("loraswap's 4-bit CPU kernels are not available, bitsandbytes' own are used: %s", exc)
+        log.warning("loraswap's CPU kernels are not available (4-bit layers keep bitsandbytes' own): %s", exc)
         return None
     for name in ("q4_matmul_f32", "q4_matmul_bf16", "bf16w_matmul"):
         getattr(lib, name).restype = ctypes.c_int
