@@ -1,7 +1,8 @@
-"""loraswap's 4-bit CPU kernels (`server/q4.py`, `server/kernels/q4_cpu.c`): each computes what the layer's
-4-bit weight means (checked against a dequantization written here from bitsandbytes' storage format, not
-from the kernels' packed layout), at every row count around the 8-row tiles; they are built once and
-cached; without a compiler, or where the build fails, the layers keep bitsandbytes' kernel."""
+"""loraswap's CPU kernels (`server/q4.py`, `server/kernels/q4_cpu.c`): each 4-bit kernel computes what the
+layer's 4-bit weight means (checked against a dequantization written here from bitsandbytes' storage format,
+not from the kernels' packed layout), at every row count around the 8-row tiles, and the LM head's kernel what
+its bf16 weight means; they are built once and cached; without a compiler, or where the build fails, the
+layers keep bitsandbytes' kernel."""
 
 from __future__ import annotations
 
