@@ -71,54 +71,68 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+FASTEST = "fastest"
+"""`bf16_head`'s way when it is to time the bf16 matmuls and keep the faster."""
+
+
 def head_dtype(model: Any, choice: LmHead, rows: int = 16) -> torch.dtype | None:
     """The dtype the LM head should compute in, or None to leave it as loaded; `auto` measures, at `rows` rows."""
+    return None if head_way(model, choice, rows) is None else torch.bfloat16
+
+
+def head_way(model: Any, choice: LmHead, rows: int = 16) -> str | None:
+    """How the LM head should compute: None leaves it as loaded; else the bf16 matmul (`bf16_matmuls`) for
+    `bf16_head`, FASTEST where it is still to be timed. `auto` measures, at `rows` rows, and names the way it
+    measured faster."""
     if choice == "float32" or _device(model).type != "cpu":
         return None
     if choice == "bfloat16":
-        return torch.bfloat16
+        return FASTEST
     head = model.get_output_embeddings()
     if not native_bf16_cpu() or not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
         return None
-    return torch.bfloat16 if bf16_pays(head.weight, rows) else None
+    return bf16_pays(head.weight, rows) or None
 
 
 BF16_MARGIN = 1.25
 """How much faster a bf16 matmul must be than a float32 one to pay for a copy of the weight and the rescoring."""
 
 
-def bf16_pays(weight: torch.Tensor, rows: int, repeats: int = 7) -> bool:
-    """Whether `rows` rows times `weight` (float32, [out, in]) runs at least BF16_MARGIN times faster with a bf16 copy
-    of the weight (the faster of `bf16_matmuls`) than in float32 on this CPU: medians of interleaved runs (a few
-    tens of ms for the embedded base's head)."""
+def bf16_pays(weight: torch.Tensor, rows: int, repeats: int = 7) -> str | None:
+    """The faster way of `bf16_matmuls` when `rows` rows times `weight` (float32, [out, in]) runs at least BF16_MARGIN
+    times faster that way than in float32 on this CPU, else None: medians of interleaved runs (a few tens of ms
+    for the embedded base's head)."""
     x = torch.randn(max(1, rows), weight.shape[1])
     calls: dict[str, Callable[[], Any]] = {"float32": lambda: F.linear(x, weight)}
     calls.update({name: functools.partial(fn, x) for name, fn in bf16_matmuls(weight).items()})
     times = _median_times(calls, repeats, warm=False)
     log.info("LM head at %d rows, median ms: %s", rows, {n: round(t * 1e3, 2) for n, t in times.items()})
-    return min(t for name, t in times.items() if name != "float32") * BF16_MARGIN < times["float32"]
+    best = min((name for name in times if name != "float32"), key=times.__getitem__)
+    return best if times[best] * BF16_MARGIN < times["float32"] else None
 
 
-def bf16_matmuls(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The ways to multiply float32 rows by a bf16 copy of `weight` ([out, in]), each holding its own copy:
-    `bfloat16`, a bf16 matmul (oneDNN; the rows rounded to bf16), and `loraswap`, loraswap's kernel (float32 FMAs
-    on the bf16 weight: half the memory traffic of float32 without the bf16 dot products, slow on some CPUs;
-    `q4.py`) where it is built."""
-    copy = weight.detach().to(torch.bfloat16)
+def bf16_matmuls(weight: torch.Tensor, only: str | None = None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The ways to multiply float32 rows by a bf16 copy of `weight` ([out, in]), each holding its own copy (`only`:
+    just that one): `bfloat16`, a bf16 matmul (oneDNN; the rows rounded to bf16), and `loraswap`, loraswap's kernel
+    (float32 FMAs on the bf16 weight: half the memory traffic of float32 without the bf16 dot products, slow on
+    some CPUs; `q4.py`) where it is built."""
+    ways: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    if only in (None, "bfloat16"):
+        copy = weight.detach().to(torch.bfloat16)
 
-    def onednn(rows: torch.Tensor) -> torch.Tensor:
-        return F.linear(rows.to(torch.bfloat16), copy).to(rows.dtype)
+        def onednn(rows: torch.Tensor) -> torch.Tensor:
+            return F.linear(rows.to(torch.bfloat16), copy).to(rows.dtype)
 
-    ways: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"bfloat16": onednn}
-    kernel = q4.bf16_weight_matmul(weight) if native_bf16_cpu() else None
+        ways["bfloat16"] = onednn
+    kernel = q4.bf16_weight_matmul(weight) if only in (None, "loraswap") and native_bf16_cpu() else None
     if kernel is not None:
         ways["loraswap"] = kernel
     return ways
 
 
-def bf16_head(model: Any, rescored: int = RESCORED, rows: int = 16, way: str | None = None) -> bool:
-    """Compute the output projection from a bf16 copy of its weight (`way` of `bf16_matmuls`, else the faster at
-    `rows` rows), then recompute each position's `rescored` highest logits exactly from the float32 weight, so
+def bf16_head(model: Any, rescored: int = RESCORED, rows: int = 16, way: str = FASTEST) -> bool:
+    """Compute the output projection from a bf16 copy of its weight (`way` of `bf16_matmuls`; FASTEST: the faster
+    at `rows` rows), then recompute each position's `rescored` highest logits exactly from the float32 weight, so
     that greedy decoding picks what the float32 head would (the bf16 pass only has to rank the true best among
     its top few). True if done."""
     head = model.get_output_embeddings()
@@ -127,13 +141,11 @@ def bf16_head(model: Any, rescored: int = RESCORED, rows: int = 16, way: str | N
     if head is None or not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
         return False
     exact_weight = head.weight  # the float32 weight, tied to the input embeddings on many bases
-    ways = bf16_matmuls(exact_weight)
-    if way is not None:
-        ways = {way: ways[way]}
-    elif len(ways) > 1:
+    ways = bf16_matmuls(exact_weight, None if way == FASTEST else way)
+    if len(ways) > 1:
         x = torch.randn(max(1, rows), exact_weight.shape[1])
-        times = _median_times({name: functools.partial(fn, x) for name, fn in ways.items()})
-        ways = {name: ways[name] for name in [min(times, key=times.__getitem__)]}  # the other copy is dropped
+        fastest = _fastest({name: functools.partial(fn, x) for name, fn in ways.items()}, "LM head", rows)
+        ways = {fastest: ways[fastest]}  # the other copy is dropped
     (way, matmul), *_ = ways.items()
     bias = head.bias
 
@@ -260,9 +272,14 @@ def _fastest_kernel(layers: list[Any], rows: int) -> Q4Kernel:
             calls[name] = functools.partial(forward, x)
     if not calls:
         return "bitsandbytes"
+    return cast(Q4Kernel, _fastest(calls, "4-bit kernels", rows))
+
+
+def _fastest(calls: dict[str, Callable[[], Any]], what: str, rows: int) -> str:
+    """The name of the call with the lowest median time (logged, as `what` at `rows` rows)."""
     times = _median_times(calls)
-    log.info("4-bit kernels at %d rows, median us: %s", rows, {n: round(t * 1e6, 1) for n, t in times.items()})
-    return cast(Q4Kernel, min(times, key=times.__getitem__))
+    log.info("%s at %d rows, median us: %s", what, rows, {n: round(t * 1e6, 1) for n, t in times.items()})
+    return min(times, key=times.__getitem__)
 
 
 def _median_times(calls: dict[str, Callable[[], Any]], repeats: int = 7, warm: bool = True) -> dict[str, float]:
@@ -283,8 +300,8 @@ def apply(model: Any, lm_head: LmHead = "auto", rows: int = 16, q4_kernel: Q4Ker
     """Put the fast paths on `model` (a base about to serve decoding steps of up to `rows` rows); what was done, for
     the log and /v1/models."""
     lean, kernel = lean_4bit(model, q4_kernel, rows)
-    dtype = head_dtype(model, lm_head, rows)
-    head = bf16_head(model, rows=rows) if dtype == torch.bfloat16 else False
+    way = head_way(model, lm_head, rows)
+    head = bf16_head(model, rows=rows, way=way) if way is not None else False
     done = {
         "lean_4bit_layers": lean,
         "q4_kernel": kernel,
