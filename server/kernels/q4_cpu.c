@@ -26,6 +26,13 @@ static inline __m512 scales(const uint16_t *s) { /* 16 bf16 -> float32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)s)), 16));
 }
 
+/* A tile's running sums (acc[ROWS][2]: outputs 0-15 and 16-31 of each row) into out. */
+#define STORE_TILE(ROWS)                                                                                      \
+    for (int r = 0; r < ROWS; r++) {                                                                          \
+        _mm512_storeu_ps(out + r * ldo, acc[r][0]);                                                           \
+        _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);                                                      \
+    }
+
 /* The 32 outputs of one packed block for ROWS rows: per block of inputs, partial sums in registers (PAIR adds
    one pair of inputs to them), then scaled by that block's absmax into the running sums. */
 #define Q4_TILE(NAME, ROWS, A_T, LUT_T, PAIR)                                                                  \
@@ -48,10 +55,7 @@ static inline __m512 scales(const uint16_t *s) { /* 16 bf16 -> float32 */
                 acc[r][1] = _mm512_fmadd_ps(part[r][1], s1, acc[r][1]);                                       \
             }                                                                                                 \
         }                                                                                                     \
-        for (int r = 0; r < ROWS; r++) {                                                                      \
-            _mm512_storeu_ps(out + r * ldo, acc[r][0]);                                                       \
-            _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);                                                  \
-        }                                                                                                     \
+        STORE_TILE(ROWS)                                                                                      \
     }
 
 /* float32: 16 lanes, one per output feature j: bits 0-3 hold input 2p of j, 4-7 of j+16, 8-15 the same for
@@ -154,10 +158,7 @@ static inline __m512 bf16x16(const uint16_t *p) {
                 acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);                                                \
             }                                                                                                 \
         }                                                                                                     \
-        for (int r = 0; r < ROWS; r++) {                                                                      \
-            _mm512_storeu_ps(out + r * ldo, acc[r][0]);                                                       \
-            _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);                                                  \
-        }                                                                                                     \
+        STORE_TILE(ROWS)                                                                                      \
     }
 
 TILE_BF16W(1) TILE_BF16W(2) TILE_BF16W(3) TILE_BF16W(4) TILE_BF16W(5) TILE_BF16W(6) TILE_BF16W(7) TILE_BF16W(8)
