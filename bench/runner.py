@@ -485,7 +485,7 @@ def summary(c: Collected) -> dict[str, Any]:
         scen["short_with_long"]["long_streamed_tok_s"] = (
             round(sum(run.background_streamed for run in runs) / wall, 2) if wall else None
         )
-        longs = load.summarize(c.runs["short_with_long"], tag="long")
+        longs = load.summarize(runs, tag="long")
         if longs["requests"]:  # long requests still running when the short ones were done are not counted
             scen["long_with_short"] = longs
     for frac, (rate, run) in sorted(c.open_loop.items()):
