@@ -38,6 +38,9 @@ PEFT_TYPES: dict[str, Method] = {
 }
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+BASE = "__base__"
+"""The base model's name where rows name their adapter (PEFT's `adapter_names` spelling); no adapter can be called
+this, since names start with a letter or digit."""
 _NAME = re.compile(rf"^{NAME_PATTERN}$")
 
 

@@ -527,7 +527,7 @@ class LoraswapSpec(LitSpec):
 
     def _route(self, question: str) -> tuple[str | None, dict[str, Any]]:
         """adapter 'auto': the router's qtype, served by an adapter of that qtype (the base if none)."""
-        from loraswap.train.router import Router
+        from loraswap.adapters.router import Router
 
         path = self.settings.store().router_path()
         if path is None:

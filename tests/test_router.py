@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import qa_rows
 
+from loraswap.adapters.router import Router
 from loraswap.adapters.store import SHIPPED_DIR, AdapterStore
 from loraswap.train.data import QA, load_qa, split
-from loraswap.train.router import Router, train_router
+from loraswap.train.router import train_router
 
 
 def test_router_learns_and_round_trips_through_json(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from loraswap.adapters.manifest import BASE
 from loraswap.adapters.prompt import build_example, generation_eos, normalize_answer, prompt_ids, stop_token_ids
 from loraswap.train.data import QA
 
-BASE = "__base__"
 METRICS = ("nll", "rougeL")
 
 
