@@ -1,0 +1,225 @@
+"""How many compute threads a CPU worker runs: what it may use, and what it gets while others share the CPUs.
+
+Every decoding step runs hundreds of small OpenMP parallel regions (torch's ops and loraswap's 4-bit kernels), and
+each region ends at a barrier where the team's threads spin until the last one arrives. When another process takes
+one of the cores, the thread it displaced reaches each barrier a scheduler slice late while its teammates spin:
+with one busy neighbour on a 2-core machine, a 16-row step of the embedded base went from 76 ms to 0.9-1.8 s, and
+most of the worker's samples in `perf` were libgomp's spin loop. One thread on the free core ran the same step in
+107-164 ms. So a worker runs as many threads as it may use (`thread_budget`: the affinity mask and the cgroup CPU
+quota) and, while it steps, drops one thread when its threads keep waiting for a CPU and takes it back when a
+CPU it may use has stayed idle (`ThreadGovernor`). The scheduler's own accounts tell which: the run-queue wait of
+the process's threads (`/proc/self/task/*/schedstat`) and the idle time of the CPUs in its mask (`/proc/stat`).
+
+No torch here: the worker applies the counts (`torch.set_num_threads` on its engine thread); CUDA workers keep
+torch's defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class ThreadBudget:
+    threads: int
+    """The most compute threads the worker runs."""
+    reason: str
+    """Where the number came from, for the start-up log."""
+    fixed: bool = False
+    """Set by the operator: the worker keeps exactly this many and does not adapt."""
+
+
+def cgroup_cpu_quota(proc_cgroup: str, root: Path = CGROUP_ROOT) -> tuple[float, str] | None:
+    """The CPU quota of the process's cgroup (the tightest of it and its ancestors), in CPUs, with the file it came
+    from; None where no quota is set. `proc_cgroup` is the text of /proc/self/cgroup; cgroup v2 (`cpu.max`) and v1
+    (`cpu.cfs_quota_us` / `cpu.cfs_period_us`) are both read, v2 mounted at `root` or at `root`/unified."""
+    best: tuple[float, str] | None = None
+    for line in proc_cgroup.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            mounts = [root, root / "unified"]
+            read = _v2_quota
+        elif "cpu" in controllers.split(","):
+            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            read = _v1_quota
+        else:
+            continue
+        for mount in mounts:
+            for folder in _ancestors(mount, path):
+                quota = read(folder)
+                if quota is not None and (best is None or quota[0] < best[0]):
+                    best = quota
+    return best
+
+
+def _ancestors(mount: Path, path: str) -> list[Path]:
+    """The cgroup's folder and its parents up to the mount. Inside a container the mount is often the container's
+    own cgroup while /proc/self/cgroup names a path of the host's: then only the mount itself applies."""
+    if not mount.is_dir():
+        return []
+    folder = mount / path.strip("/")
+    if not folder.is_dir():
+        return [mount]
+    chain = [folder]
+    while folder != mount:
+        folder = folder.parent
+        chain.append(folder)
+    return chain
+
+
+def _read(file: Path) -> str | None:
+    try:
+        return file.read_text().strip()
+    except OSError:
+        return None
+
+
+def _v2_quota(folder: Path) -> tuple[float, str] | None:
+    text = _read(folder / "cpu.max")
+    if not text:
+        return None
+    quota, _, period = text.partition(" ")
+    if quota == "max" or not period:
+        return None
+    return int(quota) / int(period), f"{folder / 'cpu.max'} = {text}"
+
+
+def _v1_quota(folder: Path) -> tuple[float, str] | None:
+    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+    if not quota or not period or int(quota) <= 0:
+        return None
+    return int(quota) / int(period), f"{folder / 'cpu.cfs_quota_us'} = {quota} per {period} us"
+
+
+def thread_budget(
+    setting: int | None, cpus: set[int] | None = None, proc_cgroup: str | None = None, root: Path = CGROUP_ROOT
+) -> ThreadBudget:
+    """How many compute threads to run: `setting` (LORASWAP_THREADS) where given, else the CPUs of the affinity
+    mask, no more than the cgroup's CPU quota rounded down (at least one). Threads that wait at every barrier for
+    a share of a CPU they cannot have are slower than fewer threads, so a fractional quota rounds down."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    if setting:
+        return ThreadBudget(setting, f"LORASWAP_THREADS={setting} ({len(cpus)} CPUs in the affinity mask)", fixed=True)
+    if proc_cgroup is None:
+        proc_cgroup = _read(Path("/proc/self/cgroup")) or ""
+    quota = cgroup_cpu_quota(proc_cgroup, root)
+    mask = f"{len(cpus)} CPU{'s' * (len(cpus) != 1)} in the affinity mask"
+    if quota is None or math.floor(quota[0]) >= len(cpus):
+        limit = "" if quota is None else f"; cgroup quota {quota[0]:g} CPUs ({quota[1]})"
+        return ThreadBudget(len(cpus), mask + (limit or ", no cgroup CPU quota"))
+    threads = max(1, math.floor(quota[0]))
+    return ThreadBudget(threads, f"cgroup quota {quota[0]:g} CPUs ({quota[1]}); {mask}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The scheduler's accounts at one moment, in seconds."""
+
+    wall: float
+    run_delay: float
+    """Time the process's threads have spent runnable but waiting for a CPU, summed over its threads."""
+    idle: float
+    """Idle time of the CPUs in the affinity mask, summed over them."""
+
+
+class SchedProbe:
+    """Reads the accounts `ThreadGovernor` decides on, from /proc (Linux); `None` where they cannot be read."""
+
+    def __init__(self, cpus: set[int] | None = None, proc: Path = Path("/proc")) -> None:
+        self.cpus = {f"cpu{c}" for c in (os.sched_getaffinity(0) if cpus is None else cpus)}
+        self.proc = proc
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> Sample | None:
+        delay = 0
+        try:
+            tasks = list((self.proc / "self" / "task").iterdir())
+        except OSError:
+            return None
+        for task in tasks:
+            text = _read(task / "schedstat")  # a thread can end between the listing and the read
+            if text:
+                delay += int(text.split()[1])
+        stat = _read(self.proc / "stat")
+        if stat is None:
+            return None
+        idle = 0
+        for line in stat.splitlines():
+            fields = line.split()
+            if fields and fields[0] in self.cpus:
+                idle += int(fields[4]) + int(fields[5])  # idle + iowait
+        return Sample(time.monotonic(), delay / 1e9, idle / self.tick)
+
+
+class ThreadGovernor:
+    """Decides, between engine steps, how many of `budget` threads the next steps run.
+
+    Over each window of at least `window` seconds: with more than one thread, when the process's threads waited
+    for a CPU more than `contended` seconds per second, one thread is dropped at once; with fewer than the budget,
+    when the mask's CPUs were idle at least `spare` CPU-seconds per second and the last change is `hold` seconds
+    old, one is taken back. A thread taken back and dropped again within two windows doubles the hold (up to
+    `max_hold`), so a neighbour that takes whatever CPU is idle costs one slow window per `max_hold` seconds, not
+    one per window; a thread taken back that stays doubles nothing and the hold returns to `hold`.
+    Measured on 2 cores with the embedded base: at its budget, quiet, a worker waited 0.00-0.03 s/s; beside one
+    busy process, about 1.0 s/s with two threads; with one thread, 0.97 CPUs stayed idle once the neighbour left."""
+
+    def __init__(
+        self,
+        budget: int,
+        window: float = 0.5,
+        contended: float = 0.25,
+        spare: float = 0.6,
+        hold: float = 2.0,
+        max_hold: float = 30.0,
+    ) -> None:
+        self.budget = budget
+        self.threads = budget
+        self.window, self.contended, self.spare = window, contended, spare
+        self.base_hold, self.hold, self.max_hold = hold, hold, max_hold
+        self.start: Sample | None = None
+        self.changed_at = -math.inf
+        self.raised_at = -math.inf
+
+    def reset(self) -> None:
+        """Forget the window: the engine was idle, and idle time says nothing about the steps."""
+        self.start = None
+
+    def observe(self, now: Sample) -> int | None:
+        """Feed the accounts after a step; returns the new thread count when it changes."""
+        if self.start is None:
+            self.start = now
+            return None
+        span = now.wall - self.start.wall
+        if span < self.window:
+            return None
+        waiting = (now.run_delay - self.start.run_delay) / span
+        idle = (now.idle - self.start.idle) / span
+        self.start = now
+        recently_raised = now.wall - self.raised_at <= 2 * self.window + span
+        if self.threads > 1 and waiting > self.contended:
+            if recently_raised:
+                self.hold = min(self.max_hold, 2 * self.hold)  # the CPU it saw idle was taken again
+            return self._set(self.threads - 1, now.wall)
+        if self.threads == self.budget and not recently_raised:
+            self.hold = self.base_hold  # settled at the budget: the next contention starts afresh
+        if self.threads < self.budget and idle >= self.spare and now.wall - self.changed_at >= self.hold:
+            self.raised_at = now.wall
+            return self._set(self.threads + 1, now.wall)
+        return None
+
+    def _set(self, threads: int, when: float) -> int:
+        self.threads = threads
+        self.changed_at = when
+        return threads
