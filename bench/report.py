@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loraswap.bench.runner import Collected, latencies
+from loraswap.bench.results import Collected, latencies
 
 COLUMNS = ("req_s", "tok_s", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "ttft_p95_ms", "errors", "requests")
 WHAT = {

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from loraswap.bench.load import QUESTIONS, auth_headers
+from loraswap.bench.probes import server_processes, totals
 
 RSS_TOLERANCE = 0.05
 
@@ -67,61 +68,6 @@ class SoakStats:
         self.unexpected_count += 1
         if len(self.unexpected) < 50:
             self.unexpected.append(what)
-
-
-def server_processes(pid: int, port: int | None = None) -> list[dict[str, Any]]:
-    """Every process of the server started as `pid`: role, resident MiB, open descriptors, threads."""
-    import psutil
-
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    listening_newest = None
-    if port is not None:
-        holders = []
-        for p in procs[1:]:
-            with contextlib.suppress(psutil.Error):
-                if any(
-                    c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in p.net_connections()
-                ):
-                    holders.append(p)
-        if holders:  # LitServe's manager inherits the socket too; the API process is forked last
-            listening_newest = max(holders, key=lambda p: p.create_time()).pid
-    out = []
-    for p in procs:
-        try:
-            cmd = " ".join(p.cmdline())
-            role = (
-                "main"
-                if p.pid == pid
-                else "worker"
-                if "spawn_main" in cmd
-                else "resource-tracker"
-                if "resource_tracker" in cmd
-                else "api"
-                if p.pid == listening_newest
-                else "manager"
-            )
-            out.append(
-                {
-                    "pid": p.pid,
-                    "role": role,
-                    "rss_mb": round(p.memory_info().rss / 2**20, 1),
-                    "fds": p.num_fds(),
-                    "threads": p.num_threads(),
-                }
-            )
-        except psutil.Error:
-            continue
-    return out
-
-
-def _totals(procs: list[dict[str, Any]]) -> dict[str, float]:
-    return {
-        "rss_mb": round(sum(p["rss_mb"] for p in procs), 1),
-        "fds": sum(p["fds"] for p in procs),
-        "threads": sum(p["threads"] for p in procs),
-        "processes": len(procs),
-    }
 
 
 async def _expect(stats: SoakStats, kind: str, client: httpx.AsyncClient, body: Any, path: str, status: int) -> None:
@@ -309,13 +255,13 @@ async def _soak(
         while time.monotonic() < end:
             now = time.monotonic()
             if pid is not None and now >= next_sample:
-                stats.samples.append({"t": round(now - start, 1), **_totals(server_processes(pid))})
+                stats.samples.append({"t": round(now - start, 1), **totals(server_processes(pid))})
                 next_sample = now + cfg.sample_seconds
             if "warmup" not in measured and now >= warm_until:
                 await _quiesce(stats, running)
                 if pid is not None:
                     measured["warmup"] = server_processes(pid, port)
-                    say(f"soak: warm-up done at {now - start:.0f} s: {_totals(measured['warmup'])}")
+                    say(f"soak: warm-up done at {now - start:.0f} s: {totals(measured['warmup'])}")
                 else:
                     measured["warmup"] = []
                 measured["warmup_requests"] = sum(stats.requests.values())
@@ -324,7 +270,7 @@ async def _soak(
         await _quiesce(stats, running)
         if pid is not None:
             measured["end"] = server_processes(pid, port)
-            say(f"soak: end at {time.monotonic() - start:.0f} s: {_totals(measured['end'])}")
+            say(f"soak: end at {time.monotonic() - start:.0f} s: {totals(measured['end'])}")
         stop.set()
         running.set()
         await asyncio.gather(*tasks)
@@ -346,7 +292,7 @@ def summarize(cfg: SoakConfig, stats: SoakStats, measured: dict[str, Any], secon
     warm, end = measured.get("warmup") or [], measured.get("end") or []
     checks = {"no unexpected errors": stats.unexpected_count == 0}
     if warm and end:
-        w, e = _totals(warm), _totals(end)
+        w, e = totals(warm), totals(end)
         growth = (e["rss_mb"] - w["rss_mb"]) / w["rss_mb"]
         result["resources"] = {
             "warmup": w,

@@ -609,8 +609,11 @@ def bench(
     soak_seconds: Annotated[float, typer.Option("--soak-seconds", help="Length of the soak, warm-up included.")] = 180,
 ) -> None:
     """Load-test the server: throughput and latency with 1 to 64 adapters, baselines, cold loads, memory."""
+    from loraswap.bench.config import BenchConfig
     from loraswap.bench.report import write
-    from loraswap.bench.runner import BenchConfig, run_bench, say, summary
+    from loraswap.bench.results import summary
+    from loraswap.bench.runner import run_bench
+    from loraswap.bench.session import say
 
     _quiet_libraries()
     if soak:
