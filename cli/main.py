@@ -610,10 +610,9 @@ def bench(
 ) -> None:
     """Load-test the server: throughput and latency with 1 to 64 adapters, baselines, cold loads, memory."""
     from loraswap.bench.config import BenchConfig
-    from loraswap.bench.report import write
+    from loraswap.bench.report import write, write_soak
     from loraswap.bench.results import summary
     from loraswap.bench.runner import run_bench
-    from loraswap.bench.session import say
 
     _quiet_libraries()
     if soak:
@@ -628,11 +627,11 @@ def bench(
         if soak_cfg.seconds < 10 or soak_cfg.adapters < 1:
             raise UsageError("--soak-seconds must be at least 10 and --adapters at least 1")
         with contextlib.redirect_stdout(sys.stderr):
-            outcome = soaking.run_soak(soak_cfg, say)
+            outcome = soaking.run_soak(soak_cfg)
             command = f"loraswap bench --soak --soak-seconds {soak_seconds:g}" + (
                 f" --base {base}" if base != "embedded" else ""
             )
-            report = soaking.write(outcome, out, command)
+            report = write_soak(outcome, out, command)
         print(json.dumps(outcome) if as_json else report.read_text())
         if not outcome["passed"]:
             raise typer.Exit(1)
