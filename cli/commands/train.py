@@ -1,4 +1,8 @@
-"""`loraswap train`, `train-router` and `train-bench`: adapters, the qtype router and training speed."""
+"""`loraswap train`, `train-router` and `train-bench`: adapters, the qtype router and training speed.
+
+`train`'s options for how an adapter is trained are `TrainConfig`'s fields (train/trainer.py): each field's
+docstring is its option's --help (see `fields.py`), so a new field is a new option with nothing written here.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from loraswap.commands.fields import check_choices, options_from
 from loraswap.commands.options import (
     DEFAULT_DATA,
     BaseOpt,
@@ -22,8 +27,23 @@ from loraswap.commands.options import (
     quiet_libraries,
 )
 
+CONFIG = ("loraswap.train.trainer", "TrainConfig")
 
+# Help for the TrainConfig fields that have no docstring yet. A field that gets one must leave this table
+# (the options module refuses a field with both), so each help text stays written once.
+UNDOCUMENTED = {
+    "batch_size": "Examples per micro-batch.",
+    "grad_accum": "Micro-batches per optimizer step.",
+    "epochs": "Epochs over the training rows when --max-steps is -1.",
+    "seed": "Seed for sampling, shuffling and initialisation.",
+    "heldout_fraction": "Share of distinct questions held out for evaluation.",
+    "gradient_checkpointing": "Trade compute for memory (for large bases).",
+}
+
+
+@options_from(*CONFIG, skip=("quant", "double_quant"), extra_help=UNDOCUMENTED)
 def train(
+    config: dict[str, Any],
     qtype: Annotated[
         list[str] | None, typer.Option("--qtype", help="Question type to train an adapter for; repeat for several.")
     ] = None,
@@ -35,92 +55,20 @@ def train(
         Path, typer.Option("--out", help="Store directory; each adapter is written to OUT/<name> atomically.")
     ] = Path("adapters-out"),
     base: BaseOpt = "embedded",
-    method: Annotated[
-        str, typer.Option("--method", help="lora (default), prefix, prompt (prompt tuning) or ptuning.")
-    ] = "lora",
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Optimizer steps per adapter; -1 uses --epochs.")] = 60,
-    epochs: Annotated[
-        float, typer.Option("--epochs", help="Epochs over the training rows when --max-steps is -1.")
-    ] = 1.0,
-    max_examples: Annotated[
-        int | None, typer.Option("--max-examples", help="Use at most this many training rows per qtype.")
-    ] = None,
-    max_seq_len: Annotated[
-        int, typer.Option("--max-seq-len", help="Prompt + answer tokens; longer answers are cut.")
-    ] = 256,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Peak learning rate (default 5e-4 for LoRA, 1e-2..3e-2 otherwise).")
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch.")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling, shuffling and initialisation.")] = 0,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank r.")] = 8,
-    alpha: Annotated[int, typer.Option("--alpha", help="LoRA alpha (scale alpha/r).")] = 32,
-    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.1,
-    target_modules: Annotated[
-        str,
-        typer.Option(
-            "--target-modules",
-            help="Comma-separated module names LoRA adapts, or 'all-linear'. Default: the base architecture's "
-            "attention query and value projections (q_proj,v_proj for Llama, Qwen2, Gemma, Phi; q,v for T5): "
-            "the LoRA paper's choice, small adapters.",
-        ),
-    ] = "",
-    num_virtual_tokens: Annotated[
-        int, typer.Option("--num-virtual-tokens", help="Virtual tokens for prefix/prompt/ptuning.")
-    ] = 20,
     quant: QuantOpt = None,
     double_quant: DoubleQuantOpt = None,
     no_quant: NoQuantOpt = False,
-    heldout_fraction: Annotated[
-        float, typer.Option("--heldout-fraction", help="Share of distinct questions held out for evaluation.")
-    ] = 0.1,
-    eval_examples: Annotated[
-        int, typer.Option("--eval-examples", help="Held-out questions scored after training (0: skip).")
-    ] = 16,
-    no_bucketing: Annotated[
-        bool, typer.Option("--no-bucketing", help="Random batches instead of length-grouped ones.")
-    ] = False,
-    gradient_checkpointing: Annotated[
-        bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory (for large bases).")
-    ] = False,
     min_rows: Annotated[int, typer.Option("--min-rows", help="With --all-qtypes, skip qtypes with fewer rows.")] = 50,
-    save_steps: Annotated[
-        int, typer.Option("--save-steps", help="Checkpoint every N steps (an interrupted run resumes from it).")
-    ] = 20,
 ) -> None:
     """Train one adapter per qtype over the (4-bit) base; resumes from OUT/.work after an interrupt."""
     from loraswap.train.data import qtype_counts
     from loraswap.train.trainer import TrainConfig, train_many
 
     quiet_libraries()
-    if method not in ("lora", "prefix", "prompt", "ptuning"):
-        raise UsageError(f"--method {method!r}: use lora, prefix, prompt or ptuning")
+    check_choices(TrainConfig, config)
     if bool(qtype) == all_qtypes:
         raise UsageError("give --qtype (one or more) or --all-qtypes, not both")
-    cfg = TrainConfig(
-        method=method,  # type: ignore[arg-type]
-        rank=rank,
-        alpha=alpha,
-        dropout=dropout,
-        target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
-        num_virtual_tokens=num_virtual_tokens,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_steps=max_steps,
-        epochs=epochs,
-        max_examples=max_examples,
-        max_seq_len=max_seq_len,
-        seed=seed,
-        heldout_fraction=heldout_fraction,
-        quant=pick_quant(quant, no_quant, double_quant),
-        double_quant=double_quant is not False,
-        bucketing=not no_bucketing,
-        gradient_checkpointing=gradient_checkpointing,
-        eval_examples=eval_examples,
-        save_steps=save_steps,
-    )
+    cfg = TrainConfig(**config, quant=pick_quant(quant, no_quant, double_quant), double_quant=double_quant is not False)
     qtypes = list(qtype or [])
     if all_qtypes:
         from loraswap.train.data import load_qa
