@@ -1,5 +1,9 @@
 """The `loraswap` command: the app, its subcommands (one module per group in `loraswap.commands`), and the one
-place where an error becomes an exit status."""
+place where an error becomes an exit status.
+
+Exit statuses: 0 done; 1 a check failed (`adapters validate`, `bench --soak`); 2 a usage error or an error the
+user can fix (bad option, data, adapter or base), printed as one line; 130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ app.add_typer(adapters.app, name="adapters")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line; returns on success, exits with the status above otherwise."""
     from loraswap.adapters.arch import UnknownArchitectureError
     from loraswap.adapters.base import BaseModelError
     from loraswap.adapters.manifest import AdapterError
@@ -33,23 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     from loraswap.train.data import DataError
 
     try:
-        code = app(argv, standalone_mode=False)  # without standalone mode click returns exit codes
-        if isinstance(code, int) and code:
-            sys.exit(code)
+        # Standalone: typer shows its own usage errors (an unknown option, a value of the wrong type) with the
+        # usage line and exits 2, exits with a command's typer.Exit status, 130 on Ctrl-C, 0 when done.
+        app(argv)
     except (UsageError, DataError, AdapterError, BaseModelError, UnknownArchitectureError) as e:
         print(f"loraswap: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    except SystemExit as e:
+        if e.code:
+            raise
 
 
 if __name__ == "__main__":

@@ -151,6 +151,23 @@ def test_every_option_of_every_command_has_help() -> None:
     walk(typer.main.get_command(app), "loraswap")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--bogus"], "No such option: --bogus"),
+        (["train", "--max-steps", "many"], "Invalid value for '--max-steps'"),
+        (["train", "--qtype", "symptoms", "--method", "ia3"], "--method 'ia3': choose one of lora, prefix"),
+    ],
+)
+def test_usage_errors_exit_2_without_a_traceback(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import run_cli
+
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
 def test_the_default_data_is_the_training_datas() -> None:
     from loraswap.train.data import DEFAULT_DATA as TRAIN_DEFAULT
 
