@@ -1,4 +1,4 @@
-"""The bench's results as a Markdown report and PNG charts."""
+"""The results as Markdown reports and PNG charts: the bench's (`write`) and the soak's (`write_soak`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loraswap.bench.runner import Collected, latencies
+from loraswap.bench.results import Collected, latencies
 
 COLUMNS = ("req_s", "tok_s", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "ttft_p95_ms", "errors", "requests")
 WHAT = {
@@ -233,3 +233,76 @@ def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=8)
         made.append(_save(fig, out, "open_loop.png"))
     return made
+
+
+def soak_markdown(s: dict[str, Any], command: str, chart: str | None) -> str:
+    lines = [
+        "# loraswap soak",
+        "",
+        f"`{command}` — {s['seconds']:.0f} s, {s['requests']:,} requests ({s['requests_after_warmup']:,} after "
+        f"the warm-up), {s['config']['clients']} clients, {s['config']['adapters']} adapters.",
+        "",
+        f"**{'PASSED' if s['passed'] else 'FAILED'}**",
+        "",
+        "| check | result |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in s["checks"].items()]
+    lines += ["", "| kind | requests |", "|---|---:|"]
+    lines += [f"| {kind} | {n:,} |" for kind, n in s["by_kind"].items()]
+    lines += ["", f"Unexpected errors: {s['unexpected_errors']}"]
+    lines += [f"- {e}" for e in s["errors"][:10]]
+    res = s.get("resources")
+    if res:
+        w, e = res["warmup"], res["end"]
+        lines += [
+            "",
+            "## Server processes, no request in flight",
+            "",
+            "| | resident MiB | file descriptors | threads | processes |",
+            "|---|---:|---:|---:|---:|",
+            f"| after warm-up | {w['rss_mb']} | {w['fds']} | {w['threads']} | {w['processes']} |",
+            f"| at the end | {e['rss_mb']} | {e['fds']} | {e['threads']} | {e['processes']} |",
+            "",
+            f"Resident memory change: {res['rss_growth_pct']:+.2f}%.",
+            "",
+            "| role | MiB (warm-up → end) | fds | threads |",
+            "|---|---|---|---|",
+        ]
+        later = {p["pid"]: p for p in res["processes_end"]}
+        for a in res["processes_warmup"]:
+            b = later.get(a["pid"], {"rss_mb": "-", "fds": "-", "threads": "-"})
+            lines.append(
+                f"| {a['role']} | {a['rss_mb']} → {b['rss_mb']} | {a['fds']} → {b['fds']} | "
+                f"{a['threads']} → {b['threads']} |"
+            )
+    if chart:
+        lines += ["", f"![{chart}]({chart})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_soak(s: dict[str, Any], out: Path, command: str) -> Path:
+    """soak.json, soak.md and the memory chart into `out`; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(s, indent=2) + "\n")
+    chart = None
+    if s["samples"]:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        ax.plot([p["t"] for p in s["samples"]], [p["rss_mb"] for p in s["samples"]], "o-", ms=3)
+        ax.axvline(s["seconds"] * s["config"]["warmup_fraction"], color="grey", linestyle=":", label="end of warm-up")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("resident MiB, all server processes")
+        ax.set_ylim(bottom=0)
+        ax.set_title("Soak: server memory under mixed traffic, uploads and deletes")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "soak_memory.png", dpi=120)
+        plt.close(fig)
+        chart = "soak_memory.png"
+    (out / "soak.md").write_text(soak_markdown(s, command, chart))
+    return out / "soak.md"

@@ -15,10 +15,7 @@ errors, resident memory within 5% of the warm-up figure, and no more descriptors
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import random
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -28,6 +25,8 @@ from typing import Any
 import httpx
 
 from loraswap.bench.load import QUESTIONS, auth_headers
+from loraswap.bench.probes import server_processes, totals
+from loraswap.bench.session import Session, say
 
 RSS_TOLERANCE = 0.05
 
@@ -67,61 +66,6 @@ class SoakStats:
         self.unexpected_count += 1
         if len(self.unexpected) < 50:
             self.unexpected.append(what)
-
-
-def server_processes(pid: int, port: int | None = None) -> list[dict[str, Any]]:
-    """Every process of the server started as `pid`: role, resident MiB, open descriptors, threads."""
-    import psutil
-
-    root = psutil.Process(pid)
-    procs = [root, *root.children(recursive=True)]
-    listening_newest = None
-    if port is not None:
-        holders = []
-        for p in procs[1:]:
-            with contextlib.suppress(psutil.Error):
-                if any(
-                    c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in p.net_connections()
-                ):
-                    holders.append(p)
-        if holders:  # LitServe's manager inherits the socket too; the API process is forked last
-            listening_newest = max(holders, key=lambda p: p.create_time()).pid
-    out = []
-    for p in procs:
-        try:
-            cmd = " ".join(p.cmdline())
-            role = (
-                "main"
-                if p.pid == pid
-                else "worker"
-                if "spawn_main" in cmd
-                else "resource-tracker"
-                if "resource_tracker" in cmd
-                else "api"
-                if p.pid == listening_newest
-                else "manager"
-            )
-            out.append(
-                {
-                    "pid": p.pid,
-                    "role": role,
-                    "rss_mb": round(p.memory_info().rss / 2**20, 1),
-                    "fds": p.num_fds(),
-                    "threads": p.num_threads(),
-                }
-            )
-        except psutil.Error:
-            continue
-    return out
-
-
-def _totals(procs: list[dict[str, Any]]) -> dict[str, float]:
-    return {
-        "rss_mb": round(sum(p["rss_mb"] for p in procs), 1),
-        "fds": sum(p["fds"] for p in procs),
-        "threads": sum(p["threads"] for p in procs),
-        "processes": len(procs),
-    }
 
 
 async def _expect(stats: SoakStats, kind: str, client: httpx.AsyncClient, body: Any, path: str, status: int) -> None:
@@ -285,7 +229,7 @@ async def _quiesce(stats: SoakStats, running: asyncio.Event) -> None:
 
 
 async def _soak(
-    cfg: SoakConfig, url: str, names: list[str], folders: dict[str, Path], pid: int | None, port: int | None, say: Any
+    cfg: SoakConfig, url: str, names: list[str], folders: dict[str, Path], pid: int | None, port: int | None
 ) -> dict[str, Any]:
     stats = SoakStats()
     running, stop = asyncio.Event(), asyncio.Event()
@@ -309,13 +253,13 @@ async def _soak(
         while time.monotonic() < end:
             now = time.monotonic()
             if pid is not None and now >= next_sample:
-                stats.samples.append({"t": round(now - start, 1), **_totals(server_processes(pid))})
+                stats.samples.append({"t": round(now - start, 1), **totals(server_processes(pid))})
                 next_sample = now + cfg.sample_seconds
             if "warmup" not in measured and now >= warm_until:
                 await _quiesce(stats, running)
                 if pid is not None:
                     measured["warmup"] = server_processes(pid, port)
-                    say(f"soak: warm-up done at {now - start:.0f} s: {_totals(measured['warmup'])}")
+                    say(f"soak: warm-up done at {now - start:.0f} s: {totals(measured['warmup'])}")
                 else:
                     measured["warmup"] = []
                 measured["warmup_requests"] = sum(stats.requests.values())
@@ -324,7 +268,7 @@ async def _soak(
         await _quiesce(stats, running)
         if pid is not None:
             measured["end"] = server_processes(pid, port)
-            say(f"soak: end at {time.monotonic() - start:.0f} s: {_totals(measured['end'])}")
+            say(f"soak: end at {time.monotonic() - start:.0f} s: {totals(measured['end'])}")
         stop.set()
         running.set()
         await asyncio.gather(*tasks)
@@ -346,7 +290,7 @@ def summarize(cfg: SoakConfig, stats: SoakStats, measured: dict[str, Any], secon
     warm, end = measured.get("warmup") or [], measured.get("end") or []
     checks = {"no unexpected errors": stats.unexpected_count == 0}
     if warm and end:
-        w, e = _totals(warm), _totals(end)
+        w, e = totals(warm), totals(end)
         growth = (e["rss_mb"] - w["rss_mb"]) / w["rss_mb"]
         result["resources"] = {
             "warmup": w,
@@ -363,122 +307,21 @@ def summarize(cfg: SoakConfig, stats: SoakStats, measured: dict[str, Any], secon
     return result
 
 
-def run_soak(cfg: SoakConfig, say: Any) -> dict[str, Any]:
-    """Start a server (unless `cfg.url`), upload the adapters, soak it, stop it."""
-    from loraswap.adapters.base import resolve_base
-    from loraswap.bench.launch import launch_with_log, stop
-    from loraswap.bench.synth import archive, synth_lora
-
-    ref = resolve_base(cfg.base)
+def run_soak(cfg: SoakConfig) -> dict[str, Any]:
+    """Start a server (unless `cfg.url`), upload the adapters, soak it, stop it (or delete its adapters)."""
     names = [f"soak-{i:02d}" for i in range(cfg.adapters)]
-    with tempfile.TemporaryDirectory(prefix="loraswap-soak-") as tmp:
-        work = Path(tmp)
-        say(f"soak: synthesising {len(names) + 1} rank-8 adapters for {ref.base_id}")
-        folders = {n: synth_lora(ref, work / "synth" / n, seed=i + 1) for i, n in enumerate([*names, "churn"])}
-        proc = None
-        url = cfg.url
-        log = open(work / "server.log", "wb")  # noqa: SIM115  # the server's output, for its lifetime
-        try:
-            if url is None:
-                env = {"LORASWAP_MAX_TOKENS": str(max(cfg.max_tokens, 64))}
-                if cfg.api_key:
-                    env["LORASWAP_API_KEY"] = cfg.api_key
-                if cfg.admin_key:
-                    env["LORASWAP_ADMIN_KEY"] = cfg.admin_key
-                say(f"soak: starting the server on {cfg.base} ({cfg.quant}), batch {cfg.max_batch_size}")
-                proc, url = launch_with_log(
-                    cfg.base, work / "store", cfg.quant, cfg.max_batch_size, env, log, double_quant=cfg.double_quant
-                )
-            admin = auth_headers(cfg.admin_key)
-            with httpx.Client(base_url=url, headers=admin, timeout=120) as c:
-                for n in names:
-                    r = c.post("/v1/adapters", data={"name": n, "overwrite": "true"},
-                               files={"file": ("a.tar.gz", archive(folders[n]))})  # fmt: skip
-                    if r.status_code != 201:
-                        raise RuntimeError(f"upload of {n} failed: HTTP {r.status_code} {r.text[:300]}")
-            say(f"soak: {cfg.seconds:.0f} s of traffic from {cfg.clients} clients plus uploads and deletes")
-            port = int(url.rsplit(":", 1)[1]) if proc is not None else None
-            result = asyncio.run(_soak(cfg, url, names, folders, proc.pid if proc else None, port, say))
-        finally:
-            if proc is not None:
-                stop(proc, graceful=True)
-            elif url is not None:
-                with httpx.Client(base_url=url, timeout=30, headers=admin) as client:
-                    for n in [*names, *(f"soak-churn-{i}" for i in range(4))]:
-                        with contextlib.suppress(httpx.HTTPError):
-                            client.delete(f"/v1/adapters/{n}")
-            log.close()
-    return result
-
-
-def markdown(s: dict[str, Any], command: str, chart: str | None) -> str:
-    lines = [
-        "# loraswap soak",
-        "",
-        f"`{command}` — {s['seconds']:.0f} s, {s['requests']:,} requests ({s['requests_after_warmup']:,} after "
-        f"the warm-up), {s['config']['clients']} clients, {s['config']['adapters']} adapters.",
-        "",
-        f"**{'PASSED' if s['passed'] else 'FAILED'}**",
-        "",
-        "| check | result |",
-        "|---|---|",
-    ]
-    lines += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in s["checks"].items()]
-    lines += ["", "| kind | requests |", "|---|---:|"]
-    lines += [f"| {kind} | {n:,} |" for kind, n in s["by_kind"].items()]
-    lines += ["", f"Unexpected errors: {s['unexpected_errors']}"]
-    lines += [f"- {e}" for e in s["errors"][:10]]
-    res = s.get("resources")
-    if res:
-        w, e = res["warmup"], res["end"]
-        lines += [
-            "",
-            "## Server processes, no request in flight",
-            "",
-            "| | resident MiB | file descriptors | threads | processes |",
-            "|---|---:|---:|---:|---:|",
-            f"| after warm-up | {w['rss_mb']} | {w['fds']} | {w['threads']} | {w['processes']} |",
-            f"| at the end | {e['rss_mb']} | {e['fds']} | {e['threads']} | {e['processes']} |",
-            "",
-            f"Resident memory change: {res['rss_growth_pct']:+.2f}%.",
-            "",
-            "| role | MiB (warm-up → end) | fds | threads |",
-            "|---|---|---|---|",
-        ]
-        later = {p["pid"]: p for p in res["processes_end"]}
-        for a in res["processes_warmup"]:
-            b = later.get(a["pid"], {"rss_mb": "-", "fds": "-", "threads": "-"})
-            lines.append(
-                f"| {a['role']} | {a['rss_mb']} → {b['rss_mb']} | {a['fds']} → {b['fds']} | "
-                f"{a['threads']} → {b['threads']} |"
-            )
-    if chart:
-        lines += ["", f"![{chart}]({chart})"]
-    return "\n".join(lines) + "\n"
-
-
-def write(s: dict[str, Any], out: Path, command: str) -> Path:
-    """soak.json, soak.md and the memory chart into `out`; returns the report's path."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "soak.json").write_text(json.dumps(s, indent=2) + "\n")
-    chart = None
-    if s["samples"]:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        ax.plot([p["t"] for p in s["samples"]], [p["rss_mb"] for p in s["samples"]], "o-", ms=3)
-        ax.axvline(s["seconds"] * s["config"]["warmup_fraction"], color="grey", linestyle=":", label="end of warm-up")
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("resident MiB, all server processes")
-        ax.set_ylim(bottom=0)
-        ax.set_title("Soak: server memory under mixed traffic, uploads and deletes")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "soak_memory.png", dpi=120)
-        plt.close(fig)
-        chart = "soak_memory.png"
-    (out / "soak.md").write_text(markdown(s, command, chart))
-    return out / "soak.md"
+    with Session(cfg.base, cfg.url, cfg.admin_key, label="soak: ") as session:
+        folders = session.synthesise([*names, "churn"])
+        env = {"LORASWAP_MAX_TOKENS": str(max(cfg.max_tokens, 64))}
+        if cfg.api_key:
+            env["LORASWAP_API_KEY"] = cfg.api_key
+        if cfg.admin_key:
+            env["LORASWAP_ADMIN_KEY"] = cfg.admin_key
+        url = session.start(cfg.quant, cfg.max_batch_size, env, double_quant=cfg.double_quant)
+        session.owns([f"soak-churn-{i}" for i in range(4)])  # the admin loop's uploads
+        for n in names:
+            session.upload(n, folders[n])
+        say(f"soak: {cfg.seconds:.0f} s of traffic from {cfg.clients} clients plus uploads and deletes")
+        proc = session.proc
+        port = int(url.rsplit(":", 1)[1]) if proc is not None else None
+        return asyncio.run(_soak(cfg, url, names, folders, proc.pid if proc else None, port))

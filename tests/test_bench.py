@@ -13,7 +13,10 @@ import pytest
 from loraswap.adapters.base import resolve_base
 from loraswap.adapters.validate import validate_adapter
 from loraswap.bench import load
+from loraswap.bench.config import BenchConfig
 from loraswap.bench.load import Job, Result, Run
+from loraswap.bench.results import Collected
+from loraswap.bench.scenarios import Bench
 
 
 def test_synthetic_adapters_validate_and_change_the_output(lively_base: Path, tmp_path: Path) -> None:
@@ -130,7 +133,7 @@ def test_quick_bench_writes_the_report_and_charts(quick_run: tuple[dict, Path]) 
 
 
 def test_histogram_quantile_interpolates_within_the_bucket() -> None:
-    from loraswap.bench.runner import histogram_quantile
+    from loraswap.bench.probes import histogram_quantile
 
     buckets = [(0.01, 2.0), (0.02, 6.0), (0.05, 10.0), (float("inf"), 10.0)]
     assert histogram_quantile(buckets, 0.5) == pytest.approx(0.01 + 0.01 * (5 - 2) / 4)
@@ -138,11 +141,65 @@ def test_histogram_quantile_interpolates_within_the_bucket() -> None:
     assert histogram_quantile([(float("inf"), 0.0)], 0.5) is None
 
 
+def _bench_for_steps(naive: object = None) -> Bench:
+    """A scenarios.Bench for building steps only: no server, no session."""
+    cfg = BenchConfig.quick(adapters=4, clients=2)
+    names = [f"a{i}" for i in range(4)]
+    return Bench(cfg, None, "http://unused", names, ["c0"], ["u0"], {}, Collected(cfg), naive=naive)  # type: ignore[arg-type]
+
+
+def test_every_interleaved_scenario_is_one_step_of_a_round() -> None:
+    from loraswap.bench.scenarios import round_steps
+
+    order = ["single", "mixed4", "mixed16", "mixed64", "skewed64", "base", "short_long", "cold", "upload"]
+    assert [name for name, _ in round_steps(_bench_for_steps(), 0)] == order
+    with_naive = [name for name, _ in round_steps(_bench_for_steps(naive=object()), 0)]
+    assert with_naive == [*order[:6], "naive", *order[6:]]
+
+
+def test_rounds_rotate_the_scenarios_and_record_their_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraswap.bench import scenarios
+
+    ran: list[str] = []
+    job = Job("a", "q?", 1)
+
+    def steps(b: object, r: int) -> list[tuple[str, object]]:
+        def step(name: str) -> object:
+            ran.append(name)
+            if name == "pair":
+                return [("left", Run([Result(job, 0.0)], 1.0)), ("right", Run([], 1.0))]
+            return Run([], 1.0) if name != "quiet" else None
+
+        return [(name, lambda name=name: step(name)) for name in ("one", "pair", "quiet")]
+
+    monkeypatch.setattr(scenarios, "round_steps", steps)
+    bench = _bench_for_steps()
+    for r in range(3):
+        scenarios.run_round(bench, r)
+    assert ran == ["one", "pair", "quiet", "pair", "quiet", "one", "quiet", "one", "pair"]
+    assert {k: len(v) for k, v in bench.out.runs.items()} == {"one": 3, "left": 3, "right": 3}
+
+
+def test_session_synthesises_adapters_in_a_folder_it_removes(lively_base: Path) -> None:
+    from loraswap.bench.session import Session
+
+    with Session(str(lively_base)) as session:
+        with pytest.raises(RuntimeError, match="call start"):
+            session.admin  # noqa: B018  # no server yet
+        folders = session.synthesise(["a", "b"])
+        weights = [(folders[n] / "adapter_model.safetensors").read_bytes() for n in ("a", "b")]
+        assert weights[0] != weights[1]  # seeded by position: different adapters
+        work = session.work
+        assert work.is_dir() and session.proc is None
+    assert not work.exists()
+
+
 def test_bench_against_a_running_server_leaves_it_as_it_was(lively_base: Path, tmp_path: Path) -> None:
     import httpx
 
     from loraswap.bench.launch import launch, stop
-    from loraswap.bench.runner import BenchConfig, run_bench, summary
+    from loraswap.bench.results import summary
+    from loraswap.bench.runner import run_bench
 
     proc, url = launch(str(lively_base), tmp_path / "store", quant="none", max_batch_size=4, timeout=120)
     try:

@@ -1,0 +1,86 @@
+"""`loraswap serve`: the base and every adapter of the store over HTTP; options override LORASWAP_* settings."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from loraswap.commands.options import (
+    AdaptersDirOpt,
+    DoubleQuantOpt,
+    LoraImplOpt,
+    NoQuantOpt,
+    QuantOpt,
+    UsageError,
+    pick_quant,
+    quiet_libraries,
+)
+
+
+def settings_from(**given: Any) -> Any:
+    """Server settings from LORASWAP_* and the options given; a bad value is a usage error naming it."""
+    from pydantic import ValidationError
+
+    from loraswap.server.settings import Settings
+
+    try:
+        return Settings.from_env(**given)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise UsageError(
+            f"setting {field} (LORASWAP_{field.upper()} or --{field.replace('_', '-')}): {err['msg']}"
+        ) from None
+
+
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="Address to listen on [default 127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port [default 8000].")] = None,
+    adapters_dir: AdaptersDirOpt = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model, as for train [default embedded].")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Worker processes, each with the base.")] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option("--max-batch-size", help="Requests decoded together per worker [default 16].")
+    ] = None,
+    quant: QuantOpt = None,
+    double_quant: DoubleQuantOpt = None,
+    no_quant: NoQuantOpt = False,
+    lora_impl: LoraImplOpt = None,
+    lm_head: Annotated[
+        str | None,
+        typer.Option(
+            "--lm-head",
+            help="Output projection on CPU: 'auto' (bf16 where the CPU has native bf16 and it measures faster, "
+            "top logits recomputed in float32) [default], 'float32' or 'bfloat16'.",
+        ),
+    ] = None,
+    q4_kernel: Annotated[
+        str | None,
+        typer.Option(
+            "--q4-kernel",
+            help="4-bit layers on CPUs with AVX512-BF16: 'auto' (the fastest at the batch size, timed at start-up) "
+            "[default], 'bitsandbytes', or loraswap's 'float32' or 'bfloat16'.",
+        ),
+    ] = None,
+) -> None:
+    """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
+    from loraswap.server.app import serve as run_server
+
+    quiet_libraries()
+    settings = settings_from(
+        host=host,
+        port=port,
+        adapters_dir=adapters_dir,
+        base=base,
+        workers=workers,
+        max_batch_size=max_batch_size,
+        quant=pick_quant(quant, no_quant, double_quant) if quant or no_quant else None,
+        double_quant=double_quant,
+        lora_impl=lora_impl,
+        lm_head=lm_head,
+        q4_kernel=q4_kernel,
+    )
+    code = run_server(settings)
+    if code:
+        raise typer.Exit(code)
