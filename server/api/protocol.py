@@ -1,0 +1,168 @@
+"""The HTTP contract: request bodies, and the shapes of responses and streams.
+
+Requests are validated here, in the API process, before anything is queued for a worker: a bad
+request is answered with a 4xx of its own and never reaches (or fails) a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal, TypeVar
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loraswap.server.api.errors import APIError, from_event, from_validation
+from loraswap.server.jobs import FinishReason, JobEvent
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    # Unknown fields are accepted and ignored, as OpenAI's API does.
+    model_config = ConfigDict(extra="ignore")
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    ignore_eos: bool = False
+    """Keep generating past the end of the answer until max_tokens (vLLM's extension; for benchmarks)."""
+
+
+class ChatRequest(_Sampling):
+    model: str = Field(examples=["base"])
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    n: int = 1
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"only n=1 is supported, got {v}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return v
+
+    def stop_list(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class AnswerRequest(_Sampling):
+    adapter: str = Field(examples=["base", "auto"])
+    question: str = Field(min_length=1, examples=["What are the symptoms of asthma?"])
+    max_tokens: int | None = Field(default=256, ge=1)
+
+
+async def read_body(request: Request, model: type[M], max_bytes: int) -> M:
+    """The request's JSON body as `model`: 413 over `max_bytes`, 400 for invalid JSON or a bad field."""
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise APIError(
+            413, f"request body is {len(raw)} bytes, too large; the limit is {max_bytes}", code="payload_too_large"
+        )
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+        raise APIError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e.errors()) from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def finish_reason(reason: FinishReason) -> Literal["stop", "length"]:
+    """OpenAI's finish_reason for a job's: "length" when it reached max_tokens, else "stop"."""
+    return "length" if reason == "length" else "stop"
+
+
+def usage(ev: JobEvent) -> dict[str, Any]:
+    """OpenAI's usage object from a job's last event; cached_tokens: prompt tokens served by the prefix cache."""
+    return {
+        "prompt_tokens": ev.prompt_tokens,
+        "completion_tokens": ev.completion_tokens,
+        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": ev.cached_tokens},
+    }
+
+
+def chat_chunk(cid: str, model: str, created: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def chat_completion(cid: str, model: str, text: str, finish: str, use: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": use,
+    }
+
+
+Build = Callable[[str, str, dict[str, Any]], dict[str, Any]]
+"""A complete (non-streamed) response from the answer's text, its finish_reason and usage."""
+
+
+async def collect(events: AsyncIterator[JobEvent], build: Build) -> Response:
+    """A job's events gathered into one JSON response (`build` shapes it), or the error it ended with."""
+    parts: list[str] = []
+    try:
+        async for ev in events:
+            if ev.error:
+                return from_event(ev).response()
+            parts.append(ev.text)
+            if ev.finish_reason:
+                return JSONResponse(build("".join(parts), finish_reason(ev.finish_reason), usage(ev)))
+    except APIError as e:
+        return e.response()
+    return APIError(500, "generation ended without a result").response()
