@@ -37,7 +37,7 @@ ROUTER_FILE = "router.json"
 
 
 def did_you_mean(name: str, names: Iterable[str]) -> str:
-    """"; did you mean 'a', 'b'?" with up to three of `names` close to `name` (a misspelling), or "" if none is."""
+    """The hint "; did you mean 'a', 'b'?" with up to three of `names` close to `name` (a misspelling), or ""."""
     close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
