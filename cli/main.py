@@ -500,7 +500,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
-    from loraswap.server.app import serve as run_server
+    from loraswap.server.api.app import serve as run_server
 
     _quiet_libraries()
     settings = _settings(
