@@ -3,7 +3,8 @@
 Two kinds of process, as LitServe runs them:
 - one API process (uvicorn) runs every route (`server/api/`: `spec.py` registers them, `routes/`) and
   validates each request before it is queued as a `Job` (`server/jobs.py`);
-- worker processes each hold the base and an engine (`server/worker.py`), and answer with `JobEvent`s.
+- worker processes each hold the base and an engine (the worker side's `LoraswapAPI`, which takes the spec
+  built here), and answer with `JobEvent`s.
 
 Uploads and deletes change the shared store on disk (atomic renames), so every worker sees them on
 its next request; nothing about adapters is kept only in one process's memory.
@@ -37,8 +38,6 @@ from loraswap.server.api.routes import playground
 from loraswap.server.api.spec import LoraswapSpec
 from loraswap.server.settings import Settings
 from loraswap.server.worker import LoraswapAPI
-
-log = logging.getLogger(__name__)
 
 __all__ = ["build_server", "report_store", "serve"]
 
