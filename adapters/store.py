@@ -12,6 +12,7 @@ import difflib
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,12 @@ Source = Literal["shipped", "user"]
 # resolve(): in an editable install __file__ is a link; the shipped folder is beside the real file.
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 ROUTER_FILE = "router.json"
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """The hint "; did you mean 'a', 'b'?" with up to three of `names` close to `name` (a misspelling), or ""."""
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def default_user_dir() -> Path:
@@ -132,8 +139,7 @@ class AdapterStore:
                     with contextlib.suppress(AdapterError):
                         return _load_entry(root / name, source)
         entries = self.entries()
-        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(name, entries)
         raise AdapterNotFound(f"adapter {name!r} not found{hint} (available: {', '.join(sorted(entries)) or 'none'})")
 
     def remove(self, name: str) -> None:

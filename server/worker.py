@@ -1,9 +1,10 @@
 """The worker side: one base and one `Engine` per process, driven by LitServe's continuous-batching loop.
 
 Each loop step is one engine step over every running request. Requests arrive already validated by
-the API process (`spec.py`); the shared `cancels` dict names requests whose client went away, and each
-worker records its process id in the shared `workers` dict (by LitServe's worker index), so the API
-process can tell when the worker running a request has died.
+the API process (`server/api/`) as `Job`s, and every event goes back as a `JobEvent` (`server/jobs.py`);
+the shared `cancels` dict names requests whose client went away, and each worker records its process id
+in the shared `workers` dict (by LitServe's worker index), so the API process can tell when the worker
+running a request has died.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Outp
 from litserve.utils import LitAPIStatus
 
 from loraswap.adapters.base import load_base
+from loraswap.adapters.manifest import AdapterNotFound
+from loraswap.server.jobs import ErrorKind, Job, failed
 from loraswap.server.settings import Settings
-from loraswap.server.spec import LoraswapSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,8 @@ class EngineLoop(ContinuousBatchingLoop):
 
 
 class LoraswapAPI(ls.LitAPI):
-    def __init__(
-        self, settings: Settings, cancels: Any = None, workers: Any = None, unusable: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(
-            max_batch_size=settings.max_batch_size,
-            stream=True,
-            spec=LoraswapSpec(settings, cancels, workers, unusable),
-            loop=EngineLoop(),
-        )
+    def __init__(self, settings: Settings, spec: ls.LitSpec, cancels: Any = None, workers: Any = None) -> None:
+        super().__init__(max_batch_size=settings.max_batch_size, stream=True, spec=spec, loop=EngineLoop())
         self.settings = settings
         self.cancels = cancels
         self.workers = workers
@@ -98,15 +93,16 @@ class LoraswapAPI(ls.LitAPI):
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []
 
-    def add_request(self, uid: Any, request: dict[str, Any]) -> None:
+    def add_request(self, uid: Any, request: Job) -> None:
         from loraswap.server.engine import GenRequest
 
         key = str(uid)
         self.uids[key] = uid
         try:
-            self.engine.submit(GenRequest(uid=key, **request))
+            self.engine.submit(GenRequest(**dataclasses.asdict(request)))
         except Exception as e:  # validated in the API process; a store change in between lands here
-            self._finish(uid, {"error": str(e), "finish_reason": "error"})
+            kind: ErrorKind = "adapter_not_found" if isinstance(e, AdapterNotFound) else "invalid_job"
+            self._finish(uid, failed(key, str(e), kind).to_wire())
 
     def _finish(self, uid: Any, data: dict[str, Any]) -> None:
         self.immediate.append(Output(uid, data, LitAPIStatus.OK))
@@ -141,7 +137,12 @@ class LoraswapAPI(ls.LitAPI):
             events = self.engine.fail_running(f"generation failed: {type(e).__name__}")
         for event in events:
             uid = self.uids[event.uid]
-            outputs.append(Output(uid, dataclasses.asdict(event), LitAPIStatus.OK))
+            data = dataclasses.asdict(event)
+            if data.pop("status") == 404:
+                data["error_kind"] = "adapter_not_found"
+            elif data["error"] is not None:
+                data["error_kind"] = "generation_failed"
+            outputs.append(Output(uid, data, LitAPIStatus.OK))
             if event.finish_reason:
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
                 del self.uids[event.uid]

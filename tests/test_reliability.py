@@ -376,24 +376,24 @@ def test_admin_routes_refuse_remote_callers_without_an_admin_key(lively_base: Pa
     request came from; IPv6 loopback and the whole 127/8 count as local)."""
     from starlette.requests import Request
 
-    from loraswap.server.protocol import APIError
+    from loraswap.server.api.auth import authorize
+    from loraswap.server.api.errors import APIError
     from loraswap.server.settings import Settings
-    from loraswap.server.spec import LoraswapSpec
 
-    spec = LoraswapSpec(Settings(base=str(lively_base), adapters_dir=tmp_path))
+    settings = Settings(base=str(lively_base), adapters_dir=tmp_path)
     for host, allowed in [("127.0.0.1", True), ("::1", True), ("127.0.0.9", True), ("203.0.113.9", False),
                           ("10.0.0.2", False), ("localhost.evil", False), ("", False)]:  # fmt: skip
         request = Request({"type": "http", "headers": [], "client": (host, 5000) if host else None})
         if allowed:
-            spec._auth(request, admin=True)
+            authorize(request, settings, admin=True)
         else:
             with pytest.raises(APIError) as refused:
-                spec._auth(request, admin=True)
+                authorize(request, settings, admin=True)
             assert refused.value.status_code == 403
 
 
 def test_error_messages_never_echo_server_paths(srv: Server, lively_base: Path) -> None:
-    from loraswap.server.protocol import APIError
+    from loraswap.server.api.errors import APIError
 
     leak = f"[Errno 2] No such file or directory: '{srv.store}/symptoms/{WEIGHTS_FILE}'"
     assert APIError(500, leak).body["error"]["message"] == f"[Errno 2] No such file or directory: '{WEIGHTS_FILE}'"

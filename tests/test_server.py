@@ -323,15 +323,18 @@ def test_two_workers_see_one_upload(lively_base: Path, tmp_path: Path) -> None:
 def test_each_worker_takes_the_cancels_of_its_own_requests(lively_base: Path, store: Path) -> None:
     """Cancels go through one dict shared by all workers: a worker applies those of its requests and
     leaves the others to the worker that runs them (stale ones expire)."""
-    from loraswap.server.app import Settings
+    from loraswap.server.api.spec import LoraswapSpec
+    from loraswap.server.jobs import Job
+    from loraswap.server.settings import Settings
     from loraswap.server.worker import LoraswapAPI
 
     cancels: dict[str, float] = {}
-    api = LoraswapAPI(Settings(base=str(lively_base), quant="none", adapters_dir=store), cancels)
+    settings = Settings(base=str(lively_base), quant="none", adapters_dir=store)
+    api = LoraswapAPI(settings, LoraswapSpec(settings), cancels)
     api.setup("cpu")
     tok = api.engine.tokenizer
     for uid in ("mine", "mine-too"):
-        api.add_request(uid, {"prompt_ids": prompt_ids(tok, QUESTIONS[0]), "adapter": None, "max_tokens": 50})
+        api.add_request(uid, Job(uid, prompt_ids(tok, QUESTIONS[0]), None, max_tokens=50))
     api.step(None)
     cancels.update({"mine": time.monotonic(), "elsewhere": time.monotonic(), "stale": time.monotonic() - 120})
     outputs = api.step(None)
@@ -350,7 +353,9 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
     import threading
 
     from loraswap.server import worker
-    from loraswap.server.app import Settings
+    from loraswap.server.api.spec import LoraswapSpec
+    from loraswap.server.jobs import Job
+    from loraswap.server.settings import Settings
 
     seen: dict[str, set[int]] = {"load": set(), "step": set()}
     real_load = worker.load_base
@@ -360,7 +365,8 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(worker, "load_base", load)
-    api = worker.LoraswapAPI(Settings(base=str(lively_base), quant="none", adapters_dir=store), {})
+    settings = Settings(base=str(lively_base), quant="none", adapters_dir=store)
+    api = worker.LoraswapAPI(settings, LoraswapSpec(settings), {})
     api.setup("cpu")
     real_step = api.step
 
@@ -370,7 +376,7 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
 
     api.step = step  # type: ignore[method-assign]
     ids = prompt_ids(api.engine.tokenizer, QUESTIONS[0])
-    api.add_request("q", {"prompt_ids": ids, "adapter": "symptoms", "max_tokens": 8})
+    api.add_request("q", Job("q", ids, "symptoms", max_tokens=8))
 
     async def many(loop: worker.EngineLoop) -> None:
         for _ in range(20):  # the default pool's threads kept busy beside each step
@@ -449,7 +455,8 @@ def test_delete_lets_running_requests_finish(url: str, lively_base: Path) -> Non
 def test_start_up_reports_and_skips_broken_adapter_folders(
     lively_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from loraswap.server.app import Settings, report_store
+    from loraswap.server.api.app import report_store
+    from loraswap.server.settings import Settings
 
     store = tmp_path / "store"
     random_lora_adapter(lively_base, store, "good", seed=1)

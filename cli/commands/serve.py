@@ -65,7 +65,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
-    from loraswap.server.app import serve as run_server
+    from loraswap.server.api.app import serve as run_server
 
     quiet_libraries()
     settings = settings_from(

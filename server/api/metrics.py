@@ -7,12 +7,19 @@ sees everything without prometheus_client's multi-process mode.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from loraswap.server.jobs import JobEvent
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 
 
 class Metrics:
+    """One registry of every metric. A copy sent to another process (the spec is pickled into each worker)
+    starts empty: metric objects hold locks, and only the API process's registry is ever read."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -70,14 +77,18 @@ class Metrics:
             registry=r,
         )
 
-    def event(self, ev: dict[str, object]) -> None:
-        self.batch.observe(float(ev.get("batch") or 1))  # type: ignore[arg-type]
-        self.queue.set(float(ev.get("waiting") or 0))  # type: ignore[arg-type]
-        self.loaded.set(float(ev.get("loaded") or 0))  # type: ignore[arg-type]
-        if ev.get("batch"):  # an event of a decoding step (error and cancel events carry no engine state)
-            self.prompt_cache_bytes.set(float(ev.get("prompt_cache_bytes") or 0))  # type: ignore[arg-type]
-        if ev.get("load_ms") is not None:
-            self.load_time.observe(float(ev["load_ms"]) / 1000)  # type: ignore[arg-type]
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Metrics, ())
+
+    def event(self, ev: JobEvent) -> None:
+        """The engine state a job's event carries."""
+        self.batch.observe(ev.batch or 1)
+        self.queue.set(ev.waiting)
+        self.loaded.set(ev.loaded)
+        if ev.batch:  # an event of a decoding step (error and cancel events carry no engine state)
+            self.prompt_cache_bytes.set(ev.prompt_cache_bytes)
+        if ev.load_ms is not None:
+            self.load_time.observe(ev.load_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

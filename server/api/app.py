@@ -1,15 +1,16 @@
 """The LitServe server: one base per worker, adapters chosen per request, an OpenAI-compatible API.
 
 Two kinds of process, as LitServe runs them:
-- one API process (uvicorn) runs every route (`spec.py`) and validates each request before it is
-  queued;
-- worker processes each hold the base and an `Engine` (`worker.py`, `engine.py`).
+- one API process (uvicorn) runs every route (`server/api/`: `spec.py` registers them, `routes/`) and
+  validates each request before it is queued as a `Job` (`server/jobs.py`);
+- worker processes each hold the base and an engine (the worker side's `LoraswapAPI`, which takes the spec
+  built here), and answer with `JobEvent`s.
 
 Uploads and deletes change the shared store on disk (atomic renames), so every worker sees them on
 its next request; nothing about adapters is kept only in one process's memory.
 
 Faults: LitServe restarts a worker that dies (`restart_workers`), and the API process ends the requests
-that worker had taken with a 503 (`spec.py`); if the API process itself dies, `serve` stops everything and
+that worker had taken with a 503 (`bridge.py`); if the API process itself dies, `serve` stops everything and
 returns a non-zero status, for a process manager to restart. At start-up the store is recovered from
 any crash and every adapter is checked; those that fail are reported and not served.
 """
@@ -26,19 +27,19 @@ import time
 from typing import Any
 
 import litserve as ls
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from loraswap.adapters.manifest import NAME_PATTERN
-from loraswap.server import playground
-from loraswap.server.protocol import AnswerRequest, APIError, ChatRequest
+from loraswap.server.api.errors import install_handlers
+from loraswap.server.api.protocol import AnswerRequest, ChatRequest
+from loraswap.server.api.routes import playground
+from loraswap.server.api.spec import LoraswapSpec
 from loraswap.server.settings import Settings
 from loraswap.server.worker import LoraswapAPI
 
-log = logging.getLogger(__name__)
-
-__all__ = ["Settings", "build_server", "serve"]
+__all__ = ["build_server", "report_store", "serve"]
 
 
 def report_store(settings: Settings) -> dict[str, str]:
@@ -77,52 +78,23 @@ def report_store(settings: Settings) -> dict[str, str]:
 def build_server(
     settings: Settings, cancels: Any = None, workers: Any = None, unusable: dict[str, str] | None = None
 ) -> ls.LitServer:
-    api = LoraswapAPI(settings, cancels, workers, unusable)
+    spec = LoraswapSpec(settings, cancels, workers, unusable)
+    api = LoraswapAPI(settings, spec=spec, cancels=cancels, workers=workers)
     server = ls.LitServer(
         api,
         accelerator="auto",
         workers_per_device=settings.workers,
         timeout=False,
-        restart_workers=True,  # a worker that dies is started again (its requests get a 503: spec.py)
+        restart_workers=True,  # a worker that dies is started again (its requests get a 503: bridge.py)
         max_payload_size=max(settings.max_upload_bytes, settings.max_body_bytes) + (1 << 20),
     )
-    _errors_in_openai_shape(server.app)
+    install_handlers(server.app)
     _document_bodies(server.app)
     # LitServe registers its own "/" ("litserve running") ahead of the spec's routes; the first match
     # wins, so it is dropped for the playground's page.
     routes = server.app.router.routes
     routes[:] = [r for r in routes if getattr(r, "path", "") != "/" or getattr(r, "endpoint", None) is playground.page]
     return server
-
-
-def _errors_in_openai_shape(app: FastAPI) -> None:
-    """Errors raised outside loraswap's routes (an unknown path, a wrong method, a body over LitServe's
-    payload limit, an unexpected exception) get the same OpenAI error body as the routes' own."""
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if isinstance(exc, APIError):
-            return exc.response()
-        if exc.status_code == 413:  # LitServe's payload limit, before a route reads the body
-            message = "request body is too large; LORASWAP_MAX_BODY_BYTES and _MAX_UPLOAD_BYTES set the limits"
-            return APIError(413, message, code="payload_too_large").response()
-        return APIError(exc.status_code, str(exc.detail)).response()
-
-    async def validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        err = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in err.get("loc", ())) or None
-        return APIError(400, f"{param}: {err.get('msg', 'invalid request')}", param=param).response()
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return APIError(500, "internal error; the server log has the details").response()
-
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, server_error)
 
 
 def _document_bodies(app: FastAPI) -> None:

@@ -14,7 +14,7 @@ from importlib import resources
 
 from fastapi import Request, Response
 
-from loraswap.server.protocol import APIError
+from loraswap.server.api.errors import APIError
 
 ASSETS = {
     "index.html": "text/html; charset=utf-8",

@@ -1,4 +1,4 @@
-"""The HTTP contract: request bodies, responses and errors in the OpenAI shape.
+"""The HTTP contract: request bodies, and the shapes of responses and streams.
 
 Requests are validated here, in the API process, before anything is queued for a worker: a bad
 request is answered with a 4xx of its own and never reaches (or fails) a batch.
@@ -6,70 +6,20 @@ request is answered with a 4xx of its own and never reaches (or fails) a batch.
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import re
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal, TypeVar
 
-from fastapi import HTTPException
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ErrorType = Literal[
-    "invalid_request_error", "authentication_error", "permission_error", "not_found_error", "server_error"
-]
+from loraswap.server.api.errors import APIError, from_event, from_validation
+from loraswap.server.jobs import FinishReason, JobEvent
 
-
-@functools.cache
-def _server_paths() -> re.Pattern[str]:
-    """Absolute paths under any top-level folder of this machine ("/home/...", "/tmp/...", "/usr/...")."""
-    try:
-        tops = sorted((d for d in os.listdir("/") if re.fullmatch(r"[\w.-]+", d)), key=len, reverse=True)
-    except OSError:
-        tops = ["home", "tmp", "usr", "var", "root", "opt", "etc", "srv", "mnt"]
-    return re.compile(r"(?<![\w/.:-])/(?:" + "|".join(map(re.escape, tops)) + r")(?=/|\b)(?:/[^\s'\",;()\[\]{}<>]*)*")
-
-
-def scrub_paths(message: str) -> str:
-    """`message` without file-system paths of the server: each is cut to its last part (the file name), which
-    says what is wrong without telling a client how the server's disks are laid out."""
-    return _server_paths().sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "<path>", message)
-
-
-def error_type(status: int) -> ErrorType:
-    return {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error"
-    )  # type: ignore[return-value]
-
-
-class APIError(HTTPException):
-    """An error with an OpenAI-shaped body: {"error": {"message", "type", "param", "code"}}. Messages never
-    carry the server's file-system paths."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: ErrorType | None = None,
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        message = scrub_paths(message)
-        super().__init__(status_code=status, detail=message)
-        self.body = {"error": {"message": message, "type": type_ or error_type(status), "param": param, "code": code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status_code)
-
-
-def from_validation(e: ValidationError) -> APIError:
-    """400 naming the first field at fault."""
-    err = e.errors()[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
-    return APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value")
+M = TypeVar("M", bound=BaseModel)
 
 
 class Message(BaseModel):
@@ -136,6 +86,25 @@ class AnswerRequest(_Sampling):
     max_tokens: int | None = Field(default=256, ge=1)
 
 
+async def read_body(request: Request, model: type[M], max_bytes: int) -> M:
+    """The request's JSON body as `model`: 413 over `max_bytes`, 400 for invalid JSON or a bad field."""
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise APIError(
+            413, f"request body is {len(raw)} bytes, too large; the limit is {max_bytes}", code="payload_too_large"
+        )
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+        raise APIError(400, f"body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation(e.errors()) from None
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -144,14 +113,18 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def usage(ev: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's usage object from a request's last event; cached_tokens: prompt tokens served by the prefix cache."""
-    prompt, completion = int(ev["prompt_tokens"]), int(ev["completion_tokens"])
+def finish_reason(reason: FinishReason) -> Literal["stop", "length"]:
+    """OpenAI's finish_reason for a job's: "length" when it reached max_tokens, else "stop"."""
+    return "length" if reason == "length" else "stop"
+
+
+def usage(ev: JobEvent) -> dict[str, Any]:
+    """OpenAI's usage object from a job's last event; cached_tokens: prompt tokens served by the prefix cache."""
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": int(ev.get("cached_tokens") or 0)},
+        "prompt_tokens": ev.prompt_tokens,
+        "completion_tokens": ev.completion_tokens,
+        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": ev.cached_tokens},
     }
 
 
@@ -174,3 +147,22 @@ def chat_completion(cid: str, model: str, text: str, finish: str, use: dict[str,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
         "usage": use,
     }
+
+
+Build = Callable[[str, str, dict[str, Any]], dict[str, Any]]
+"""A complete (non-streamed) response from the answer's text, its finish_reason and usage."""
+
+
+async def collect(events: AsyncIterator[JobEvent], build: Build) -> Response:
+    """A job's events gathered into one JSON response (`build` shapes it), or the error it ended with."""
+    parts: list[str] = []
+    try:
+        async for ev in events:
+            if ev.error:
+                return from_event(ev).response()
+            parts.append(ev.text)
+            if ev.finish_reason:
+                return JSONResponse(build("".join(parts), finish_reason(ev.finish_reason), usage(ev)))
+    except APIError as e:
+        return e.response()
+    return APIError(500, "generation ended without a result").response()
