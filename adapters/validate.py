@@ -238,22 +238,22 @@ def _check_weights(
         return problems
     names = [n for n in header if n != "__metadata__"]
     parsed = {n: parse_tensor_name(n) for n in names}
-    if not any(t is not None and not t.embedding for t in parsed.values()):
+    if not any(lt is not None and not lt.embedding for lt in parsed.values()):
         problems.append(f"{WEIGHTS_FILE} holds no LoRA A/B tensors")
     modules = base_modules(ref.load_path) if ref is not None else None
     problems.extend(_check_targets(config, tensor_modules(names), ref, modules))
     if ref is None or modules is None:
         return problems
-    for name, t in parsed.items():
-        if t is None or t.embedding:
+    for name, lt in parsed.items():
+        if lt is None or lt.embedding:
             continue
-        shape = modules.get(t.module)
+        shape = modules.get(lt.module)
         if shape is None:
-            problems.append(f"tensor {name} targets {t.module!r}, which base {ref.base_id!r} does not have")
+            problems.append(f"tensor {name} targets {lt.module!r}, which base {ref.base_id!r} does not have")
             continue
         fan_in, fan_out = shape
-        rank = lora_rank(config, t.module)
-        want = [rank, fan_in] if t.part == "A" else [fan_out, rank]
+        rank = lora_rank(config, lt.module)
+        want = [rank, fan_in] if lt.part == "A" else [fan_out, rank]
         if list(header[name]["shape"]) != want:
             problems.append(f"tensor {name} has shape {header[name]['shape']}; base {ref.base_id!r} needs {want}")
     return problems
