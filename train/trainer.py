@@ -57,16 +57,21 @@ class TrainConfig:
     lr: float | None = None
     """Peak learning rate; None picks the method's default (5e-4 for LoRA, 1e-2 to 3e-2 for prompt methods)."""
     batch_size: int = 4
+    """Examples per micro-batch."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     max_steps: int = 60
     """Optimizer steps; -1 trains for `epochs` instead."""
     epochs: float = 1.0
+    """Epochs over the training rows when max_steps is -1."""
     max_examples: int | None = None
     """Use at most this many training rows (after the split), picked deterministically."""
     max_seq_len: int = 256
     """Prompt + answer tokens; longer answers are cut (the prompt never is)."""
     seed: int = 0
+    """Seed for sampling, shuffling and initialisation."""
     heldout_fraction: float = 0.1
+    """Share of distinct questions held out for evaluation."""
     quant: Quant = "nf4"
     """nf4 or fp4: QLoRA over the 4-bit base; int8: over the LLM.int8 base; none: the dense base."""
     double_quant: bool = True
@@ -74,6 +79,7 @@ class TrainConfig:
     bucketing: bool = True
     """Batch examples of similar length together (HF LengthGroupedSampler)."""
     gradient_checkpointing: bool = False
+    """Trade compute for memory (for large bases)."""
     save_steps: int = 20
     """Checkpoint every N steps, so an interrupted run resumes."""
     eval_examples: int = 16
