@@ -73,7 +73,8 @@ class StoreEntry:
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
-    """ "; did you mean 'symptoms'?" naming up to three of `candidates` close to `name`, or "" when none is."""
+    """The hint "; did you mean 'symptoms'?" naming up to three of `candidates` close to `name`, or "" when none is
+    (for the not-found messages of the store and of the server)."""
     close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
@@ -152,10 +153,10 @@ class AdapterStore:
         """Publish the complete adapter folder `staged` (from `stage`) as the user adapter `name`: the one way an
         adapter enters a store, for uploads and training alike. The folder appears under its name whole, in one
         rename (`manifest.publish`); without `overwrite` an existing adapter of that name is a FileExistsError.
-        The staged folder is gone afterwards either way."""
+        Once publishing starts the staged folder is gone afterwards either way; a folder that is not one of this
+        store's staging folders is refused untouched."""
         check_name(name)
-        if staged.parent.resolve() != self.user_dir.resolve():
-            shutil.rmtree(staged, ignore_errors=True)
+        if staged.parent.resolve() != self.user_dir.resolve() or not staged.name.startswith(".tmp-"):
             raise ValueError(f"{staged} is not a staging folder of this store ({self.user_dir}); use stage()")
         final = self.user_dir / name
         publish(staged, final, overwrite=overwrite)
