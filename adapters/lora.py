@@ -87,8 +87,8 @@ def lora_pairs(tensors: Mapping[str, T]) -> dict[str, tuple[T, T]]:
     for name, t in parsed.items():
         if t is not None and t.embedding:
             raise AdapterError(
-                f"tensor {name!r} is LoRA on the embedding layer {t.module}; only LoRA on linear layers is served "
-                "or exported"
+                f"LoRA on embedding layers is not served or exported (tensor {name!r} adapts {t.module}); only "
+                "linear layers are"
             )
     found: dict[str, dict[str, T]] = {}
     for name, tensor in tensors.items():

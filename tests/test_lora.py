@@ -51,7 +51,10 @@ def test_pairs_and_their_refusals() -> None:
     assert list(pairs) == [Q0] and pairs[Q0][0] is a and pairs[Q0][1] is b
     with pytest.raises(AdapterError, match="lack lora_B; a LoRA layer needs both A and B"):
         lora_pairs({f"{Q0}.lora_A.weight": a})
-    with pytest.raises(AdapterError, match=r"LoRA on the embedding layer model\.embed_tokens; only LoRA on linear"):
+    with pytest.raises(
+        AdapterError,
+        match=r"LoRA on embedding layers is not served .* adapts model\.embed_tokens\); only linear layers are",
+    ):
         lora_pairs({f"{Q0}.lora_A.weight": a, "base_model.model.model.embed_tokens.lora_embedding_A": a})
     with pytest.raises(AdapterError, match="unexpected tensor 'prompt_embeddings'"):
         lora_pairs({"prompt_embeddings": a})
