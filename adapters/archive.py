@@ -27,16 +27,13 @@ from loraswap.adapters.manifest import (
     WEIGHTS_FILE,
     AdapterError,
     AdapterManifest,
+    build_manifest,
     check_name,
-    method_of,
-    publish,
     read_manifest,
-    read_peft_config,
     sha256_of,
-    staging_dir,
     write_manifest,
 )
-from loraswap.adapters.prompt import PROMPT_FORMAT_VERSION
+from loraswap.adapters.store import AdapterStore
 from loraswap.adapters.validate import DEFAULT_MAX_RANK, PICKLE_SUFFIXES, validate_adapter
 
 ALLOWED_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, "loss.json", "loss.png", "README.md"})
@@ -170,28 +167,13 @@ def extract_adapter(data: bytes, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES)
         raise AdapterError("archive files must sit at the root or together in one folder")
 
 
-def manifest_for_upload(folder: Path, name: str, ref: BaseRef) -> AdapterManifest:
+def manifest_for_upload(folder: Path, name: str, ref: BaseRef, weights_sha256: str) -> AdapterManifest:
     """The manifest an uploaded adapter is stored with: its own if it has one (checked later against
-    the base), otherwise one describing it from its PEFT config, for the base it is uploaded to."""
-    config = read_peft_config(folder)
-    weights_sha = sha256_of(folder / WEIGHTS_FILE)
+    the base and against `weights_sha256`, the weights' digest), otherwise one describing it from its PEFT
+    config, for the base it is uploaded to."""
     if (folder / MANIFEST_FILE).is_file():
         return read_manifest(folder).model_copy(update={"name": name})
-    method = method_of(config)
-    targets = config.get("target_modules") or []
-    return AdapterManifest(
-        name=name,
-        method=method,
-        base_id=ref.base_id,
-        base_fingerprint=ref.fingerprint,
-        prompt_format_version=PROMPT_FORMAT_VERSION,
-        rank=config.get("r") if method == "lora" else None,
-        alpha=config.get("lora_alpha") if method == "lora" else None,
-        target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
-        num_virtual_tokens=config.get("num_virtual_tokens") if method != "lora" else None,
-        data_source="upload",
-        weights_sha256=weights_sha,
-    )
+    return build_manifest(folder, name, ref, weights_sha256, data_source="upload")
 
 
 def install_archive(
@@ -203,21 +185,22 @@ def install_archive(
     max_rank: int = DEFAULT_MAX_RANK,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Path:
-    """Extract, validate against `ref`, and publish `store_dir/<name>`; on any error nothing is left behind."""
+    """Extract, validate against `ref`, and publish `store_dir/<name>` (`AdapterStore.add`); on any error nothing
+    is left behind."""
     check_name(name)
-    final = store_dir / name
-    if final.exists() and not overwrite:
+    store = AdapterStore(store_dir, shipped_dir=None)
+    if (store_dir / name).exists() and not overwrite:
         raise FileExistsError(f"adapter {name!r} already exists")
-    staged = staging_dir(store_dir, name)
+    staged = store.stage(name)
     try:
         extract_adapter(data, staged, max_bytes=max_bytes)
+        weights_sha256 = sha256_of(staged / WEIGHTS_FILE)  # once: the manifest records it, validation compares
         # A manifest is needed for validation; an upload without one is described for this base.
-        manifest = manifest_for_upload(staged, name, ref)
-        write_manifest(staged, manifest)
-        problems = validate_adapter(staged, ref, max_rank=max_rank)
+        write_manifest(staged, manifest_for_upload(staged, name, ref, weights_sha256))
+        problems = validate_adapter(staged, ref, max_rank=max_rank, weights_sha256=weights_sha256)
         if problems:
             raise AdapterError("; ".join(problems))
-        publish(staged, final, overwrite=overwrite)
+        return store.add(staged, name, overwrite=overwrite).path
     except AdapterError as e:
         shutil.rmtree(staged, ignore_errors=True)
         # Messages name the folder they read: the hidden staging name means nothing to the uploader.
@@ -225,4 +208,3 @@ def install_archive(
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    return final

@@ -28,9 +28,9 @@ from loraswap.adapters.gguf_export import (
     gguf_tensors,
     lora_modules,
     modelfile,
-    peft_scales,
     write_gguf_adapter,
 )
+from loraswap.adapters.lora import tensor_modules
 from loraswap.adapters.manifest import (
     WEIGHTS_FILE,
     AdapterError,
@@ -228,9 +228,9 @@ def _export_gguf(
         check_base_gguf(base, ref.arch, ref.model_type)
     elif copy_base:
         raise AdapterError(f"--copy-base: base {ref.base_id!r} has no GGUF; give one with --base-gguf")
-    scales = peft_scales(ref.load_path, config)
-    base_tensor_names(scales, ref.arch, ref.model_type)  # refuses modules llama.cpp does not adapt, first
-    modules = lora_modules(load((source / WEIGHTS_FILE).read_bytes()), scales)
+    weights = load((source / WEIGHTS_FILE).read_bytes())
+    base_tensor_names(tensor_modules(weights), ref.arch, ref.model_type)  # refuses modules llama.cpp does not adapt
+    modules = lora_modules(weights, config)
     tensors, alpha = gguf_tensors(modules, ref.arch, ref.model_type, progress)
     adapter_file = f"{manifest.name}.gguf"
     write_gguf_adapter(staged / adapter_file, tensors, alpha, ref.model_type, manifest.name, ref.base_id, progress)

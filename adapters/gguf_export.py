@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from loraswap.adapters.lora import lora_pairs, lora_rank, lora_scale
 from loraswap.adapters.manifest import AdapterError
 from loraswap.adapters.prompt import SYSTEM_PROMPT, chat_messages, end_of_turn_id, render_prompt, stop_token_ids
 
@@ -58,51 +59,15 @@ def gguf_arch(model_type: str) -> tuple[str, bool]:
     return GGUF_ARCHS[model_type]
 
 
-def peft_scales(load_path: str, peft_config: dict[str, Any]) -> dict[str, tuple[int, float]]:
-    """{module path: (rank, scale)} as PEFT computes them for this config on this base.
-
-    PEFT is asked rather than re-derived: it resolves `rank_pattern`, `alpha_pattern` and rsLoRA.
-    The base is built on the meta device from its config, so no weights are read.
-    """
-    import torch
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    keys = set(LoraConfig.__dataclass_fields__)
-    config = LoraConfig(**{k: v for k, v in peft_config.items() if k in keys and k != "peft_type"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(load_path))
-        model = inject_adapter_in_model(config, model)
-    return {
-        name: (int(m.r["default"]), float(m.scaling["default"]))
-        for name, m in model.named_modules()
-        if isinstance(m, LoraLayer) and "default" in m.r
-    }
-
-
-def lora_modules(weights: dict[str, Any], scales: dict[str, tuple[int, float]]) -> list[LoraModule]:
-    """Pair PEFT's `...<module>.lora_A.weight` / `lora_B.weight` tensors, in layer order."""
-    pairs: dict[str, dict[str, Any]] = {}
-    for name, t in weights.items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in name:
-                module = name.split(marker)[0].removeprefix("base_model.model.")
-                pairs.setdefault(module, {})[part] = t
-                break
-        else:
-            raise AdapterError(f"tensor {name} is not a LoRA A/B weight; only LoRA weights can be exported to GGUF")
+def lora_modules(weights: dict[str, Any], peft_config: dict[str, Any]) -> list[LoraModule]:
+    """PEFT's `...<module>.lora_A.weight` / `lora_B.weight` tensors paired, with each module's scale by PEFT's rule
+    (`lora_scale`: alpha or its `alpha_pattern` entry, over r or sqrt(r)), in layer order."""
     out = []
-    for module, ab in pairs.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise AdapterError(f"module {module} has only {', '.join(ab)}; a LoRA layer needs both A and B")
-        if module not in scales:
-            raise AdapterError(f"module {module} holds LoRA weights but the adapter config does not target it")
-        rank, scale = scales[module]
-        if ab["lora_A"].shape[0] != rank or ab["lora_B"].shape[1] != rank:
-            raise AdapterError(f"module {module}: LoRA weights of rank {ab['lora_A'].shape[0]}, config says {rank}")
-        out.append(LoraModule(module, ab["lora_A"], ab["lora_B"], scale))
+    for module, (a, b) in lora_pairs(weights).items():
+        rank = lora_rank(peft_config, module)
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(f"module {module}: LoRA weights of rank {a.shape[0]}, config says {rank}")
+        out.append(LoraModule(module, a, b, lora_scale(peft_config, module, rank)))
     return sorted(out, key=lambda m: _layer_order(m.module))
 
 

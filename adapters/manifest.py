@@ -19,9 +19,14 @@ import shutil
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from loraswap.adapters.prompt import PROMPT_FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from loraswap.adapters.base import BaseRef
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -129,6 +134,43 @@ def method_of(peft_config: dict[str, Any]) -> Method:
     if peft_type not in PEFT_TYPES:
         raise AdapterError(f"unsupported adapter method {peft_type!r}; supported: {', '.join(PEFT_TYPES)}")
     return PEFT_TYPES[peft_type]
+
+
+def build_manifest(
+    folder: Path,
+    name: str,
+    ref: BaseRef,
+    weights_sha256: str,
+    *,
+    qtype: str | None = None,
+    training: dict[str, Any] | None = None,
+    data_source: str | None = None,
+    split_hash: str | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> AdapterManifest:
+    """The manifest of the adapter whose PEFT files are in `folder`, for base `ref`: its method, rank, alpha,
+    target modules and virtual tokens are read from its adapter_config.json (so the manifest says what the files
+    hold, whoever wrote them); how it was made (qtype, training, data, split, metrics) is the caller's to say."""
+    config = read_peft_config(folder)
+    method = method_of(config)
+    targets = config.get("target_modules") or []
+    return AdapterManifest(
+        name=name,
+        qtype=qtype,
+        method=method,
+        base_id=ref.base_id,
+        base_fingerprint=ref.fingerprint,
+        prompt_format_version=PROMPT_FORMAT_VERSION,
+        rank=config.get("r") if method == "lora" else None,
+        alpha=config.get("lora_alpha") if method == "lora" else None,
+        target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
+        num_virtual_tokens=config.get("num_virtual_tokens") if method != "lora" else None,
+        training=training or {},
+        data_source=data_source,
+        split_hash=split_hash,
+        metrics=metrics or {},
+        weights_sha256=weights_sha256,
+    )
 
 
 def write_manifest(folder: Path, manifest: AdapterManifest) -> None:

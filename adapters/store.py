@@ -27,7 +27,9 @@ from loraswap.adapters.manifest import (
     AdapterNotFound,
     check_name,
     fsync_dir,
+    publish,
     read_manifest,
+    staging_dir,
 )
 
 Source = Literal["shipped", "user"]
@@ -74,6 +76,13 @@ class StoreEntry:
             "metrics": m.metrics,
             "created_at": m.created_at,
         }
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """The hint "; did you mean 'symptoms'?" naming up to three of `candidates` close to `name`, or "" when none is
+    (for the not-found messages of the store and of the server)."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
 
 
 def _load_entry(folder: Path, source: Source) -> StoreEntry:
@@ -141,6 +150,23 @@ class AdapterStore:
         entries = self.entries()
         hint = did_you_mean(name, entries)
         raise AdapterNotFound(f"adapter {name!r} not found{hint} (available: {', '.join(sorted(entries)) or 'none'})")
+
+    def stage(self, name: str) -> Path:
+        """A fresh hidden folder in the user directory to write the adapter `name` into; `add` publishes it."""
+        return staging_dir(self.user_dir, check_name(name))
+
+    def add(self, staged: Path, name: str, overwrite: bool = False) -> StoreEntry:
+        """Publish the complete adapter folder `staged` (from `stage`) as the user adapter `name`: the one way an
+        adapter enters a store, for uploads and training alike. The folder appears under its name whole, in one
+        rename (`manifest.publish`); without `overwrite` an existing adapter of that name is a FileExistsError.
+        Once publishing starts the staged folder is gone afterwards either way; a folder that is not one of this
+        store's staging folders is refused untouched."""
+        check_name(name)
+        if staged.parent.resolve() != self.user_dir.resolve() or not staged.name.startswith(".tmp-"):
+            raise ValueError(f"{staged} is not a staging folder of this store ({self.user_dir}); use stage()")
+        final = self.user_dir / name
+        publish(staged, final, overwrite=overwrite)
+        return _load_entry(final, "user")
 
     def remove(self, name: str) -> None:
         """Delete a user adapter, also an unusable one: renamed aside first (atomic), then removed.

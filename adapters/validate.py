@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from loraswap.adapters.base import BaseRef
+from loraswap.adapters.lora import (
+    DEFAULT_ALPHA,
+    describe_targets,
+    lora_rank,
+    parse_tensor_name,
+    short_names,
+    targeted_modules,
+    tensor_modules,
+)
 from loraswap.adapters.manifest import (
     CONFIG_FILE,
     MANIFEST_FILE,
@@ -50,8 +59,9 @@ def check_compatible(manifest: AdapterManifest, ref: BaseRef) -> None:
 
 
 @lru_cache(maxsize=8)
-def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
-    """{module path: (in_features, out_features)} of every linear layer of the base, from its config."""
+def base_modules(load_path: str) -> dict[str, tuple[int, int] | None]:
+    """{module path: (in_features, out_features) for a linear layer, None for any other module} of the base, from
+    its config (a meta-device model: no weights are read)."""
     import torch
     from transformers import AutoConfig
 
@@ -62,8 +72,15 @@ def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
     with torch.device("meta"):
         model = model_class(kind_of(config.model_type)).from_config(config)
     return {
-        name: (m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+        name: (m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else None
+        for name, m in model.named_modules()
+        if name
     }
+
+
+def linear_shapes(load_path: str) -> dict[str, tuple[int, int]]:
+    """{module path: (in_features, out_features)} of every linear layer of the base, from its config."""
+    return {name: shape for name, shape in base_modules(load_path).items() if shape is not None}
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -114,26 +131,17 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _module_of(tensor_name: str) -> tuple[str, str] | None:
-    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> ('model.layers.0.self_attn.q_proj', 'A')."""
-    for part in ("lora_A", "lora_B"):
-        marker = f".{part}."
-        if marker in tensor_name:
-            module = tensor_name.split(marker)[0]
-            module = module.removeprefix("base_model.model.")
-            return module, part[-1]
-    return None
-
-
 def validate_adapter(
     folder: Path,
     ref: BaseRef | None = None,
     max_rank: int = DEFAULT_MAX_RANK,
     require_manifest: bool = True,
     allow_dora: bool = False,
+    weights_sha256: str | None = None,
 ) -> list[str]:
     """Everything wrong with `folder` as an adapter for `ref` (empty list: it is fine). `allow_dora` is for
-    uses that do not serve the adapter (a merged export)."""
+    uses that do not serve the adapter (a merged export); `weights_sha256` is the weights' digest where the
+    caller has computed it already (an upload), so the file is hashed once."""
     problems: list[str] = []
     if not folder.is_dir():
         return [f"{folder.name!r} is not a folder"]
@@ -151,13 +159,11 @@ def validate_adapter(
         method = method_of(config)
     except AdapterError as e:
         return [*problems, str(e)]
-    rank = config.get("r")
     if method == "lora":
         if config.get("use_dora") and not allow_dora:
             problems.append("DoRA adapters are not supported (they cannot share a mixed batch)")
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= max_rank:
-            problems.append(f"LoRA rank r={rank!r} is outside 1..{max_rank}")
-        alpha = config.get("lora_alpha", 8)
+        problems.extend(_check_ranks(config, max_rank))
+        alpha = config.get("lora_alpha", DEFAULT_ALPHA)
         if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0 < alpha <= MAX_ALPHA:
             problems.append(f"lora_alpha={alpha!r} is not a number in (0, {MAX_ALPHA}]")
     manifest: AdapterManifest | None = None
@@ -180,12 +186,36 @@ def validate_adapter(
             problems.append(str(e))
             ref = None  # shapes of another base say nothing more
     if (folder / WEIGHTS_FILE).is_file():
-        problems.extend(_check_weights(folder / WEIGHTS_FILE, config, method, ref, manifest))
+        problems.extend(_check_weights(folder / WEIGHTS_FILE, config, method, ref, manifest, weights_sha256))
     return problems
 
 
+def _check_ranks(config: dict[str, Any], max_rank: int) -> list[str]:
+    """`r`, and every rank of `rank_pattern`, an int in 1..max_rank."""
+    problems = []
+    rank = config.get("r")
+    if not _rank_ok(rank, max_rank):
+        problems.append(f"LoRA rank r={rank!r} is outside 1..{max_rank}")
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        return [*problems, f"rank_pattern={pattern!r} is not a mapping of module names to ranks"]
+    for key, value in pattern.items():
+        if not _rank_ok(value, max_rank):
+            problems.append(f"LoRA rank rank_pattern[{key!r}]={value!r} is outside 1..{max_rank}")
+    return problems
+
+
+def _rank_ok(rank: Any, max_rank: int) -> bool:
+    return isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= max_rank
+
+
 def _check_weights(
-    path: Path, config: dict[str, Any], method: str, ref: BaseRef | None, manifest: AdapterManifest | None
+    path: Path,
+    config: dict[str, Any],
+    method: str,
+    ref: BaseRef | None,
+    manifest: AdapterManifest | None,
+    weights_sha256: str | None,
 ) -> list[str]:
     from safetensors.torch import load
 
@@ -194,7 +224,7 @@ def _check_weights(
     except AdapterError as e:
         return [str(e)]
     problems: list[str] = []
-    if manifest and manifest.weights_sha256 != sha256_of(path):
+    if manifest and manifest.weights_sha256 != (weights_sha256 or sha256_of(path)):
         problems.append(f"{WEIGHTS_FILE} does not match the sha256 recorded in {MANIFEST_FILE}")
     try:
         # Read as bytes: safetensors' file-based loaders leak a little per call (see slots.load_tensors).
@@ -206,22 +236,72 @@ def _check_weights(
             problems.append(f"tensor {name} contains NaN or Inf")
     if method != "lora":
         return problems
-    if not any(_module_of(n) for n in header):
+    names = [n for n in header if n != "__metadata__"]
+    parsed = {n: parse_tensor_name(n) for n in names}
+    if not any(lt is not None and not lt.embedding for lt in parsed.values()):
         problems.append(f"{WEIGHTS_FILE} holds no LoRA A/B tensors")
-    rank = config.get("r")
-    if ref is None:
+    modules = base_modules(ref.load_path) if ref is not None else None
+    problems.extend(_check_targets(config, tensor_modules(names), ref, modules))
+    if ref is None or modules is None:
         return problems
-    shapes = linear_shapes(ref.load_path)
-    for name, info in header.items():
-        parsed = _module_of(name)
-        if parsed is None:
+    for name, lt in parsed.items():
+        if lt is None or lt.embedding:
             continue
-        module, ab = parsed
-        if module not in shapes:
-            problems.append(f"tensor {name} targets {module!r}, which base {ref.base_id!r} does not have")
+        shape = modules.get(lt.module)
+        if shape is None:
+            problems.append(f"tensor {name} targets {lt.module!r}, which base {ref.base_id!r} does not have")
             continue
-        fan_in, fan_out = shapes[module]
-        want = [rank, fan_in] if ab == "A" else [fan_out, rank]
-        if list(info["shape"]) != want:
-            problems.append(f"tensor {name} has shape {info['shape']}; base {ref.base_id!r} needs {want}")
+        fan_in, fan_out = shape
+        rank = lora_rank(config, lt.module)
+        want = [rank, fan_in] if lt.part == "A" else [fan_out, rank]
+        if list(header[name]["shape"]) != want:
+            problems.append(f"tensor {name} has shape {header[name]['shape']}; base {ref.base_id!r} needs {want}")
     return problems
+
+
+def _check_targets(
+    config: dict[str, Any],
+    weights: set[str],
+    ref: BaseRef | None,
+    modules: dict[str, tuple[int, int] | None] | None,
+) -> list[str]:
+    """The config's `target_modules`, the base's modules and the modules the tensors adapt must agree: the modules
+    the config targets on the base (PEFT's matching) are exactly those with weights, and every name the config
+    lists is a module of the base. PEFT refuses to load an adapter whose targets the base lacks, and the store
+    lists an adapter by its config's targets, so a mismatch is refused naming both lists. Without a base the
+    config is checked against the tensors alone."""
+    targets = config.get("target_modules")
+    if not weights or targets is None:
+        return []  # no LoRA tensors is reported on its own; no targets: PEFT picks the architecture's defaults
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return []  # every linear layer but the head: tensors on other modules fail the shape check
+    candidates = set(modules) if modules is not None else weights
+    try:
+        targeted = targeted_modules(config, candidates)
+    except AdapterError as e:
+        return [str(e)]
+    unmatched: list[str] = []
+    if isinstance(targets, list | tuple):
+        unmatched = sorted(str(t) for t in targets if not any(m == t or m.endswith(f".{t}") for m in candidates))
+    untargeted = {w for w in weights if w not in targeted and (modules is None or w in modules)}
+    without = targeted - weights
+    if not (unmatched or untargeted or without):
+        return []
+    why = []
+    if unmatched:
+        where = f"base {ref.base_id!r} has no module" if ref is not None else "no weights are for a module"
+        why.append(f"{where} named {', '.join(map(repr, unmatched))}")
+    if untargeted:
+        why.append(f"weights for modules the config does not target: {_some(untargeted)}")
+    if without:
+        why.append(f"no weights for targeted modules: {_some(without)}")
+    return [
+        f"{CONFIG_FILE} targets {describe_targets(config)} but {WEIGHTS_FILE} holds LoRA weights for "
+        f"{short_names(weights)} ({'; '.join(why)}); target_modules must name the modules the weights adapt"
+    ]
+
+
+def _some(modules: set[str], n: int = 3) -> str:
+    shown = sorted(modules)[:n]
+    more = len(modules) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")

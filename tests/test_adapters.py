@@ -26,7 +26,7 @@ from loraswap.adapters.manifest import (
     staging_dir,
     write_manifest,
 )
-from loraswap.adapters.store import AdapterStore
+from loraswap.adapters.store import AdapterStore, did_you_mean
 from loraswap.adapters.validate import check_compatible, validate_adapter
 from loraswap.train.trainer import TrainConfig, train_many
 
@@ -100,6 +100,32 @@ def test_store_lists_complete_adapters_and_suggests_names(adapter: Path, tmp_pat
     assert d["source"] == "user" and d["rank"] == 8 and d["method"] == "lora" and int(d["size_bytes"]) > 0  # type: ignore[call-overload]
     with pytest.raises(AdapterNotFound, match=r"'symtoms' not found; did you mean 'symptoms'"):
         store.get("symtoms")
+
+
+def test_store_add_publishes_a_staged_adapter_whole(adapter: Path, tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store", shipped_dir=None)
+    staged = store.stage("mine")
+    assert staged.parent == store.user_dir and staged.name.startswith(".tmp-mine-")
+    shutil.copytree(adapter, staged, dirs_exist_ok=True)
+    entry = store.add(staged, "mine")
+    assert entry.path == store.user_dir / "mine" and entry.source == "user" and entry.manifest.qtype == "symptoms"
+    assert store.names() == ["mine"] and not staged.exists()
+    again = store.stage("mine")
+    shutil.copytree(adapter, again, dirs_exist_ok=True)
+    with pytest.raises(FileExistsError, match="'mine' already exists"):
+        store.add(again, "mine")
+    assert not again.exists()
+    elsewhere = staging_dir(tmp_path / "other", "mine")
+    with pytest.raises(ValueError, match="not a staging folder of this store"):
+        store.add(elsewhere, "mine")
+    assert sorted(p.name for p in store.user_dir.iterdir()) == ["mine"] and elsewhere.is_dir()  # left untouched
+    with pytest.raises(AdapterError, match="invalid adapter name"):
+        store.stage("../x")
+
+
+def test_did_you_mean() -> None:
+    assert did_you_mean("symtoms", ["symptoms", "treatment"]) == "; did you mean 'symptoms'?"
+    assert did_you_mean("zzz", ["symptoms", "treatment"]) == ""
 
 
 def test_valid_adapter_passes(adapter: Path, tiny_base: Path) -> None:

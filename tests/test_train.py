@@ -13,6 +13,8 @@ from loraswap.adapters.manifest import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE,
 from loraswap.adapters.prompt import PROMPT_FORMAT_VERSION, build_example, prompt_ids
 from loraswap.adapters.store import AdapterStore
 from loraswap.adapters.validate import validate_adapter
+from loraswap.train.artifact import save_adapter
+from loraswap.train.batching import PadCollator
 from loraswap.train.data import load_qa, split
 from loraswap.train.evaluate import BASE, answer_nll, evaluate_adapters, greedy_answers
 from loraswap.train.trainer import TrainConfig, train_many
@@ -39,6 +41,31 @@ def test_prompt_is_masked_and_shared_with_serving(tiny_base: Path) -> None:
     cut = build_example(tok, "What are the symptoms of carditis ?", "word " * 300, max_len=len(p) + 10)
     assert cut is not None and len(cut.input_ids) == len(p) + 10  # answer cut, prompt kept
     assert build_example(tok, "What are the symptoms of carditis ?", "x", max_len=len(p) + 3) is None
+
+
+def test_collator_pads_to_a_multiple_of_eight_and_masks_the_padding() -> None:
+    causal = PadCollator(pad_id=0)
+    batch = causal([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5] * 9, "labels": [5] * 9}])
+    assert batch["input_ids"].shape == (2, 16) and batch["labels"].shape == (2, 16)
+    assert batch["input_ids"][0].tolist() == [5, 6, 7] + [0] * 13
+    assert batch["labels"][0].tolist() == [-100, 6, 7] + [-100] * 13
+    assert batch["attention_mask"].sum(1).tolist() == [3, 9]
+    assert (causal.tokens, causal.slots) == (12, 32)
+    seq2seq = PadCollator(pad_id=0, seq2seq=True)
+    batch = seq2seq([{"input_ids": [5, 6], "labels": [7] * 10}])
+    assert batch["input_ids"].shape == (1, 8) and batch["labels"].shape == (1, 16)  # labels padded to their own
+    assert (seq2seq.tokens, seq2seq.slots) == (2 + 10, 8 + 16)
+
+
+def test_a_failed_save_publishes_nothing(tiny_base: Path, tmp_path: Path) -> None:
+    class Unsaveable:
+        def save_pretrained(self, folder: str) -> None:
+            (Path(folder) / WEIGHTS_FILE).write_bytes(b"half")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(Unsaveable(), tmp_path, "symptoms", resolve_base(str(tiny_base)), [], "title")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_training_writes_a_complete_adapter(trained: Path, tiny_base: Path) -> None:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from loraswap.adapters.manifest import BASE
 from loraswap.adapters.prompt import build_example, generation_eos, normalize_answer, prompt_ids, stop_token_ids
+from loraswap.train.batching import PadCollator, is_seq2seq
 from loraswap.train.data import QA
 
 METRICS = ("nll", "rougeL")
@@ -27,8 +28,6 @@ def answer_nll(
     """Mean negative log-likelihood per answer token (the prompt is not scored). On a seq2seq base: the
     decoder's NLL of the answer given the prompt in the encoder."""
     import torch
-
-    from loraswap.train.trainer import PadCollator, is_seq2seq
 
     seq2seq = is_seq2seq(model)
     examples = [e for e in (build_example(tokenizer, r.question, r.answer, max_seq_len, seq2seq) for r in rows) if e]
@@ -70,8 +69,6 @@ def greedy_answers(
 ) -> list[str]:
     """Greedy answers, batched with left padding."""
     import torch
-
-    from loraswap.train.trainer import is_seq2seq
 
     device = next(model.parameters()).device
     out: list[str] = []

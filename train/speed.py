@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from loraswap.adapters.base import Quant, load_base, load_tokenizer, resolve_base
+from loraswap.train.batching import pick_rows, tokenize_rows
 from loraswap.train.data import load_qa, split
-from loraswap.train.trainer import TrainConfig, attach_adapter, pick_rows, run_trainer, tokenize_rows
+from loraswap.train.trainer import TrainConfig, attach_adapter, run_trainer
 
 
 def compare(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -23,19 +22,12 @@ from typing import Any
 
 from loraswap.adapters.arch import Architecture, architecture, kind_of
 from loraswap.adapters.base import BaseModelError, BaseRef, LoadedBase, Quant, load_base, resolve_base
-from loraswap.adapters.manifest import (
-    WEIGHTS_FILE,
-    AdapterManifest,
-    Method,
-    dump_json,
-    publish,
-    qtype_to_name,
-    sha256_of,
-    staging_dir,
-    write_manifest,
-)
-from loraswap.adapters.prompt import PROMPT_FORMAT_VERSION, Example, build_example
+from loraswap.adapters.manifest import Method, dump_json, qtype_to_name
+from loraswap.adapters.prompt import Example
+from loraswap.train.artifact import save_adapter
+from loraswap.train.batching import PadCollator, is_seq2seq, pick_rows, tokenize_rows
 from loraswap.train.data import QA, Split, check_qtypes, load_qa, split
+from loraswap.train.evaluate import answer_nll
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +57,21 @@ class TrainConfig:
     lr: float | None = None
     """Peak learning rate; None picks the method's default (5e-4 for LoRA, 1e-2 to 3e-2 for prompt methods)."""
     batch_size: int = 4
+    """Examples per micro-batch."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     max_steps: int = 60
     """Optimizer steps; -1 trains for `epochs` instead."""
     epochs: float = 1.0
+    """Epochs over the training rows when max_steps is -1."""
     max_examples: int | None = None
     """Use at most this many training rows (after the split), picked deterministically."""
     max_seq_len: int = 256
     """Prompt + answer tokens; longer answers are cut (the prompt never is)."""
     seed: int = 0
+    """Seed for sampling, shuffling and initialisation."""
     heldout_fraction: float = 0.1
+    """Share of distinct questions held out for evaluation."""
     quant: Quant = "nf4"
     """nf4 or fp4: QLoRA over the 4-bit base; int8: over the LLM.int8 base; none: the dense base."""
     double_quant: bool = True
@@ -82,6 +79,7 @@ class TrainConfig:
     bucketing: bool = True
     """Batch examples of similar length together (HF LengthGroupedSampler)."""
     gradient_checkpointing: bool = False
+    """Trade compute for memory (for large bases)."""
     save_steps: int = 20
     """Checkpoint every N steps, so an interrupted run resumes."""
     eval_examples: int = 16
@@ -141,61 +139,6 @@ def peft_config(cfg: TrainConfig, tokenizer: Any, arch: Architecture) -> Any:
             tokenizer_name_or_path=tokenizer.name_or_path,
         )
     return PromptEncoderConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, encoder_hidden_size=128)
-
-
-def tokenize_rows(rows: list[QA], tokenizer: Any, max_seq_len: int, seq2seq: bool = False) -> list[Example]:
-    examples = (build_example(tokenizer, r.question, r.answer, max_seq_len, seq2seq) for r in rows)
-    return [e for e in examples if e is not None]
-
-
-def pick_rows(rows: list[QA], limit: int | None, seed: int) -> list[QA]:
-    """A deterministic subset that does not depend on file order beyond the seed."""
-    if limit is None or limit >= len(rows):
-        return rows
-    import random
-
-    return random.Random(seed).sample(rows, limit)
-
-
-class PadCollator:
-    """Pads a batch to its longest member; labels padded with -100 so padding carries no loss. For a seq2seq
-    base the labels (the decoder's targets) are padded to their own longest; the model makes the decoder's
-    inputs from them (shifted right, from the start token)."""
-
-    def __init__(self, pad_id: int, multiple_of: int = 8, seq2seq: bool = False) -> None:
-        self.pad_id = pad_id
-        self.multiple_of = multiple_of
-        self.seq2seq = seq2seq
-        self.tokens = 0
-        """Real (non-padding) tokens collated so far."""
-        self.slots = 0
-        """Token slots collated so far, padding included."""
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
-        def width(key: str) -> int:
-            return math.ceil(max(len(f[key]) for f in features) / self.multiple_of) * self.multiple_of
-
-        ids = torch.full((len(features), width("input_ids")), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), width("labels" if self.seq2seq else "input_ids")), -100, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
-            mask[i, :n] = 1
-        self.tokens += int(mask.sum())
-        self.slots += mask.numel()
-        if self.seq2seq:  # the decoder's tokens count too
-            self.tokens += int((labels != -100).sum())
-            self.slots += labels.numel()
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def is_seq2seq(model: Any) -> bool:
-    """Whether `model` (a base or a PeftModel over one) is an encoder-decoder."""
-    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def _progress_callback() -> Any:
@@ -303,42 +246,6 @@ def run_trainer(
     return history, seconds, collator
 
 
-def plot_losses(history: list[dict[str, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [h["step"] for h in history]
-    losses = [h["loss"] for h in history]
-    ax.plot(steps, losses, lw=1, alpha=0.5, label="step loss")
-    if len(losses) >= 5:
-        k = max(2, len(losses) // 10)
-        smooth = [
-            sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))
-        ]
-        ax.plot(steps, smooth, lw=2, label=f"mean of {k}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("answer-token loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def portable_config(folder: Path, ref: BaseRef) -> None:
-    """PEFT records the base's load path (for the embedded base, a cache folder of this machine) and
-    writes a boilerplate model card that repeats it. An adapter names its base by id instead (a hub id
-    where there is one; the fingerprint in loraswap.json is what identifies it), and the card is dropped."""
-    config_path = folder / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = ref.spec if ref.weights_source.startswith("hub:") else ref.base_id
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "README.md").unlink(missing_ok=True)
-
-
 def _work_dir(out: Path, name: str, cfg: TrainConfig, ref: BaseRef, split_hash: str) -> Path:
     """Checkpoints live in out/.work/<name>; a run with a different config starts over."""
     work = out / ".work" / name
@@ -363,8 +270,6 @@ def train_qtype(
     progress: bool = True,
 ) -> TrainResult:
     """Train one adapter for `qtype` and publish it as out/<name>."""
-    from loraswap.train.evaluate import answer_nll
-
     name = name or qtype_to_name(qtype)
     ref = base_spec if isinstance(base_spec, BaseRef) else resolve_base(base_spec)
     sp: Split = split(rows, qtype, cfg.heldout_fraction)
@@ -401,34 +306,20 @@ def train_qtype(
         }
         print(f"[{name}] held-out answer NLL: base {base_nll:.3f} -> adapter {nll:.3f} ({metrics['nll_change']:+.1%})")
 
-    staged = staging_dir(out, name)
-    peft_model.save_pretrained(str(staged))
-    portable_config(staged, ref)
-    dump_json(staged / "loss.json", history)
-    if history:
-        plot_losses(history, staged / "loss.png", f"{name}: {cfg.method} r={cfg.rank} on {ref.base_id}")
-    pconf = peft_model.peft_config["default"]
-    targets = sorted(pconf.target_modules) if getattr(pconf, "target_modules", None) else []
-    manifest = AdapterManifest(
-        name=name,
+    final = save_adapter(
+        peft_model,
+        out,
+        name,
+        ref,
+        history,
+        f"{name}: {cfg.method} r={cfg.rank} on {ref.base_id}",
+        overwrite=overwrite,
         qtype=qtype,
-        method=cfg.method,
-        base_id=ref.base_id,
-        base_fingerprint=ref.fingerprint,
-        prompt_format_version=PROMPT_FORMAT_VERSION,
-        rank=cfg.rank if cfg.method == "lora" else None,
-        alpha=cfg.alpha if cfg.method == "lora" else None,
-        target_modules=targets,
-        num_virtual_tokens=None if cfg.method == "lora" else cfg.num_virtual_tokens,
         training={**cfg.describe(), "steps": len(history), "seconds": round(seconds, 1), "examples": len(examples)},
         data_source=data_source,
         split_hash=sp.hash,
         metrics=metrics,
-        weights_sha256=sha256_of(staged / WEIGHTS_FILE),
     )
-    write_manifest(staged, manifest)
-    final = out / name
-    publish(staged, final, overwrite=overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return TrainResult(name, final, len(history), seconds, collated.tokens, history, metrics)
 
