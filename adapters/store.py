@@ -38,12 +38,6 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 ROUTER_FILE = "router.json"
 
 
-def did_you_mean(name: str, names: Iterable[str]) -> str:
-    """The hint "; did you mean 'a', 'b'?" with up to three of `names` close to `name` (a misspelling), or ""."""
-    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-
-
 def default_user_dir() -> Path:
     return Path(os.environ.get("LORASWAP_ADAPTERS_DIR") or platformdirs.user_data_dir("loraswap")) / "adapters"
 

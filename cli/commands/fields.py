@@ -104,10 +104,8 @@ def _cli_type(f: ConfigField, owner: str) -> Any:
     return kind | None if optional else kind
 
 
-def _help(f: ConfigField, names: Iterable[str], owner: str, extra_help: Mapping[str, str]) -> str:
-    if f.doc and f.name in extra_help:
-        raise ValueError(f"{owner}.{f.name} has a docstring now: delete its help from the command's extra_help")
-    text = f.doc or extra_help.get(f.name, "")
+def _help(f: ConfigField, names: Iterable[str], owner: str) -> str:
+    text = f.doc
     if not text:
         raise ValueError(f"{owner}.{f.name} has no docstring: write one under the field, it is the option's --help")
     # `other_field` in a docstring is the option --other-field on the command line.
@@ -115,11 +113,11 @@ def _help(f: ConfigField, names: Iterable[str], owner: str, extra_help: Mapping[
     return text + (" Comma-separated." if f.is_tuple else "")
 
 
-def _parameter(f: ConfigField, names: Iterable[str], owner: str, extra_help: Mapping[str, str]) -> inspect.Parameter:
+def _parameter(f: ConfigField, names: Iterable[str], owner: str) -> inspect.Parameter:
     if f.default is NOT_LITERAL:
         raise ValueError(f"{owner}.{f.name}: an option needs a literal default (number, string, tuple); skip the field")
     kind = _cli_type(f, owner)
-    help_text = _help(f, names, owner, extra_help)
+    help_text = _help(f, names, owner)
     if kind is bool:
         decl = f.option if f.default is False else f"{f.option}/--no-{f.option[2:]}"
         option = typer.Option(decl, help=help_text)
@@ -141,17 +139,14 @@ def options_from(
     name: str,
     *,
     skip: Iterable[str] = (),
-    extra_help: Mapping[str, str] | None = None,
     into: str = "config",
 ) -> Callable[[F], F]:
     """A typer command decorator: every field of dataclass `module.name` but `skip` becomes an option after the
-    command's own parameters, and the command gets their values as one dict in its parameter `into`.
-
-    `extra_help` gives the help of fields that have no docstring yet; a field with both is an error (the
-    help is written in one place)."""
+    command's own parameters, and the command gets their values as one dict in its parameter `into`. Each
+    field's docstring is its option's help, so the help is written in one place."""
     fields = [f for f in read_fields(module, name) if f.name not in set(skip)]
     names = {f.name for f in fields}
-    generated = [_parameter(f, names, name, extra_help or {}) for f in fields]
+    generated = [_parameter(f, names, name) for f in fields]
 
     def wrap(fn: F) -> F:
         own = inspect.signature(fn, eval_str=True)

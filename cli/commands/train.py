@@ -29,19 +29,8 @@ from loraswap.commands.options import (
 
 CONFIG = ("loraswap.train.trainer", "TrainConfig")
 
-# Help for the TrainConfig fields that have no docstring yet. A field that gets one must leave this table
-# (the options module refuses a field with both), so each help text stays written once.
-UNDOCUMENTED = {
-    "batch_size": "Examples per micro-batch.",
-    "grad_accum": "Micro-batches per optimizer step.",
-    "epochs": "Epochs over the training rows when --max-steps is -1.",
-    "seed": "Seed for sampling, shuffling and initialisation.",
-    "heldout_fraction": "Share of distinct questions held out for evaluation.",
-    "gradient_checkpointing": "Trade compute for memory (for large bases).",
-}
 
-
-@options_from(*CONFIG, skip=("quant", "double_quant"), extra_help=UNDOCUMENTED)
+@options_from(*CONFIG, skip=("quant", "double_quant"))
 def train(
     config: dict[str, Any],
     qtype: Annotated[
