@@ -54,8 +54,8 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
     from loraswap.adapters.prompt import prompt_ids
     from loraswap.adapters.store import AdapterStore
     from loraswap.bench.load import QUESTIONS
-    from loraswap.server import fastpath
-    from loraswap.server.engine import Engine, GenRequest
+    from loraswap.server.worker import fastpath
+    from loraswap.server.worker.engine import Engine, GenRequest
     from loraswap.train.data import load_qa, split
     from loraswap.train.evaluate import answer_nll
 
@@ -143,7 +143,7 @@ def _settled_rss() -> dict[str, int]:
     import gc
     import re
 
-    from loraswap.server.engine import return_freed_memory
+    from loraswap.server.worker.engine import return_freed_memory
 
     gc.collect()
     return_freed_memory()

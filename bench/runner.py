@@ -346,7 +346,7 @@ def _churn(cfg: BenchConfig, folders: list[Path], out: Collected) -> None:
     import psutil
 
     from loraswap.adapters.base import load_base
-    from loraswap.server.slots import LoraSlots
+    from loraswap.server.worker.slots import LoraSlots
 
     say(f"churn: {cfg.churn_cycles} adapter load/evict cycles through the LoRA slots, in this process")
     base = load_base(cfg.base, quant=cfg.quant, double_quant=cfg.double_quant)  # type: ignore[arg-type]

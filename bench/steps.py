@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     from loraswap.adapters.store import AdapterStore
     from loraswap.bench.load import QUESTIONS
     from loraswap.bench.synth import archive, synth_lora
-    from loraswap.server import fastpath, prefix
-    from loraswap.server.engine import Engine, GenRequest
+    from loraswap.server.worker import fastpath, prefix
+    from loraswap.server.worker.engine import Engine, GenRequest
 
     ref = resolve_base(args.base)
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,8 +118,8 @@ def head_agreement(base: Any, store: Any, args: argparse.Namespace) -> None:
     from loraswap.adapters.prompt import prompt_ids
     from loraswap.adapters.store import SHIPPED_DIR, AdapterStore
     from loraswap.bench.load import QUESTIONS
-    from loraswap.server import fastpath
-    from loraswap.server.engine import Engine, GenRequest
+    from loraswap.server.worker import fastpath
+    from loraswap.server.worker.engine import Engine, GenRequest
 
     if not args.adapters:
         store = AdapterStore(store.user_dir, shipped_dir=SHIPPED_DIR)
@@ -156,7 +156,7 @@ def closed_loop(engine: Any, tokenizer: Any, args: argparse.Namespace) -> float:
     warm-up), counting the tokens of the requests that finished inside the window."""
     from loraswap.adapters.prompt import prompt_ids
     from loraswap.bench.load import QUESTIONS
-    from loraswap.server.engine import GenRequest
+    from loraswap.server.worker.engine import GenRequest
 
     sent = 0
 

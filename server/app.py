@@ -34,7 +34,7 @@ from loraswap.adapters.manifest import NAME_PATTERN
 from loraswap.server import playground
 from loraswap.server.protocol import AnswerRequest, APIError, ChatRequest
 from loraswap.server.settings import Settings
-from loraswap.server.worker import LoraswapAPI
+from loraswap.server.worker.api import LoraswapAPI
 
 log = logging.getLogger(__name__)
 

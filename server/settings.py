@@ -10,8 +10,8 @@ from pydantic import BaseModel, Field, SecretStr
 
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
-from loraswap.server import prefix
-from loraswap.server.fastpath import LmHead, Q4Kernel
+from loraswap.server.worker import prefix
+from loraswap.server.worker.fastpath import LmHead, Q4Kernel
 
 LoraImpl = Literal["batched", "peft"]
 

@@ -12,9 +12,9 @@ from loraswap.adapters.base import load_base
 from loraswap.adapters.manifest import AdapterNotFound
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
-from loraswap.server.engine import Engine, Event, GenRequest
-from loraswap.server.lru import AdapterLRU, CacheFull
 from loraswap.server.settings import LoraImpl
+from loraswap.server.worker.engine import Engine, Event, GenRequest
+from loraswap.server.worker.lru import AdapterLRU, CacheFull
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_a_cache_growing_past_its_spare_columns_while_rows_come_and_go_still_mat
 ) -> None:
     """The KV cache writes decoding steps in place and reallocates every ROOM columns; rows joining and leaving
     rebuild it. A long answer crosses that boundary with rows joining and leaving around it."""
-    from loraswap.server.kvcache import ROOM
+    from loraswap.server.worker.kvcache import ROOM
 
     engine = make_engine(lively_base, store)
     tok = engine.tokenizer
@@ -396,7 +396,7 @@ def test_prefix_cache_off_and_dropped_with_its_adapter(lively_base: Path, store:
 def test_prefix_cache_bookkeeping() -> None:
     import torch
 
-    from loraswap.server.prefix import PrefixCache
+    from loraswap.server.worker.prefix import PrefixCache
 
     def kv_of(t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:  # [layers, heads, tokens, dim]: token index
         k = torch.arange(t0, t1, dtype=torch.float32).view(1, 1, -1, 1).expand(2, 3, -1, 4).contiguous()
@@ -427,7 +427,7 @@ def test_prefix_cache_bookkeeping() -> None:
 def test_freed_memory_is_handed_back_when_the_last_request_leaves(
     lively_base: Path, store: AdapterStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from loraswap.server import engine as engine_module
+    from loraswap.server.worker import engine as engine_module
 
     engine = make_engine(lively_base, store)
     trims: list[tuple[int, int]] = []  # (step, rows running) at each hand-back
@@ -505,7 +505,7 @@ def test_short_requests_decode_every_step_and_long_ones_every_few(
 
 
 def test_front_first_moves_the_fewest_rows() -> None:
-    from loraswap.server.engine import front_first
+    from loraswap.server.worker.engine import front_first
 
     assert front_first([False, True, False, True]) == [3, 1, 2, 0]  # row 3 trades places with row 0
     assert front_first([True, True, False]) == [0, 1, 2]  # already in front: nothing moves

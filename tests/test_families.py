@@ -30,8 +30,8 @@ from loraswap.adapters.prompt import (
     render_prompt,
 )
 from loraswap.adapters.store import AdapterStore
-from loraswap.server.engine import Engine, GenRequest
 from loraswap.server.settings import LoraImpl
+from loraswap.server.worker.engine import Engine, GenRequest
 from loraswap.train.data import QA
 from loraswap.train.trainer import TrainConfig, train_qtype
 

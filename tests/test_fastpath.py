@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from loraswap.adapters.base import load_base
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
-from loraswap.server import fastpath
-from loraswap.server.engine import Engine, Event, GenRequest
 from loraswap.server.settings import Settings
+from loraswap.server.worker import fastpath
+from loraswap.server.worker.engine import Engine, Event, GenRequest
 
 needs_native_bf16 = pytest.mark.skipif(
     not fastpath.native_bf16_cpu(), reason="bitsandbytes' fused kernel needs a CPU with AVX512-BF16"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from loraswap.adapters.base import load_base
-from loraswap.server import fastpath, q4
+from loraswap.server.worker import fastpath, q4
 
 pytestmark = pytest.mark.skipif(
     not fastpath.native_bf16_cpu(), reason="the kernels work on bitsandbytes' packing for CPUs with AVX512-BF16"
@@ -163,7 +163,7 @@ def test_without_a_working_compiler_the_layers_keep_bitsandbytes_kernel(
     monkeypatch.setenv("CC", cc)
     base = load_base(str(lively_base), quant="nf4")
     layers = [m for m in base.model.modules() if isinstance(m, Linear4bit)]
-    with caplog.at_level(logging.WARNING, logger="loraswap.server.q4"):
+    with caplog.at_level(logging.WARNING, logger="loraswap.server.worker.q4"):
         assert fastpath.lean_4bit(base.model, "float32") == (len(layers), "bitsandbytes")
         assert fastpath.lean_4bit(base.model, "auto")[1] == "bitsandbytes"
     assert why in caplog.text and "4-bit layers keep bitsandbytes' own" in caplog.text

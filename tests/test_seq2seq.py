@@ -22,9 +22,9 @@ from loraswap.adapters.manifest import AdapterError, read_manifest
 from loraswap.adapters.prompt import prompt_ids, stop_token_ids
 from loraswap.adapters.store import AdapterStore
 from loraswap.adapters.validate import validate_adapter
-from loraswap.server.engine import Event, GenRequest
-from loraswap.server.seq2seq import Seq2SeqEngine
 from loraswap.server.settings import LoraImpl
+from loraswap.server.worker.engine import Event, GenRequest
+from loraswap.server.worker.seq2seq import Seq2SeqEngine
 from loraswap.train.data import load_qa
 from loraswap.train.trainer import TrainConfig, train_qtype
 

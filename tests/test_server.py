@@ -324,7 +324,7 @@ def test_each_worker_takes_the_cancels_of_its_own_requests(lively_base: Path, st
     """Cancels go through one dict shared by all workers: a worker applies those of its requests and
     leaves the others to the worker that runs them (stale ones expire)."""
     from loraswap.server.app import Settings
-    from loraswap.server.worker import LoraswapAPI
+    from loraswap.server.worker.api import LoraswapAPI
 
     cancels: dict[str, float] = {}
     api = LoraswapAPI(Settings(base=str(lively_base), quant="none", adapters_dir=store), cancels)
@@ -349,8 +349,8 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
     import asyncio
     import threading
 
-    from loraswap.server import worker
     from loraswap.server.app import Settings
+    from loraswap.server.worker import api as worker
 
     seen: dict[str, set[int]] = {"load": set(), "step": set()}
     real_load = worker.load_base

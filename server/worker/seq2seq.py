@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from loraswap.adapters.store import StoreEntry
-from loraswap.server.engine import Engine, Event, _Row
-from loraswap.server.prefix import KV
+from loraswap.server.worker.engine import Engine, Event, _Row
+from loraswap.server.worker.prefix import KV
 
 
 class Seq2SeqEngine(Engine):

@@ -41,7 +41,7 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn.functional as F
 
-from loraswap.server import q4
+from loraswap.server.worker import q4
 
 log = logging.getLogger(__name__)
 

@@ -73,9 +73,9 @@ class LoraswapAPI(ls.LitAPI):
         self.engine_thread.submit(self._load, device).result()
 
     def _load(self, device: str) -> None:
-        from loraswap.server import fastpath
-        from loraswap.server.engine import Engine
-        from loraswap.server.seq2seq import Seq2SeqEngine
+        from loraswap.server.worker import fastpath
+        from loraswap.server.worker.engine import Engine
+        from loraswap.server.worker.seq2seq import Seq2SeqEngine
 
         s = self.settings
         base = load_base(s.base, quant=s.quant, device=device, double_quant=s.double_quant)
@@ -99,7 +99,7 @@ class LoraswapAPI(ls.LitAPI):
         self.immediate: list[Output] = []
 
     def add_request(self, uid: Any, request: dict[str, Any]) -> None:
-        from loraswap.server.engine import GenRequest
+        from loraswap.server.worker.engine import GenRequest
 
         key = str(uid)
         self.uids[key] = uid
