@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     from loraswap.adapters.store import AdapterStore
     from loraswap.bench.load import QUESTIONS
     from loraswap.bench.synth import archive, synth_lora
-    from loraswap.server.worker import fastpath, prefix
+    from loraswap.server.settings import PREFIX_CACHE_BYTES
+    from loraswap.server.worker import fastpath
     from loraswap.server.worker.engine import Engine, GenRequest
 
     ref = resolve_base(args.base)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             max_loaded=max(1, args.adapters),
             lora_impl=args.impl,
             max_prefill_tokens=1 << 20,  # the whole batch joins in one prefill
-            prefix_cache_bytes=0 if args.no_prefix_cache else prefix.MAX_BYTES,
+            prefix_cache_bytes=0 if args.no_prefix_cache else PREFIX_CACHE_BYTES,
         )
 
         def run(tokens: int, tag: str) -> tuple[float, float]:

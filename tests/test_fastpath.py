@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from loraswap.adapters.base import load_base
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
-from loraswap.server.settings import Settings
+from loraswap.server.settings import Q4Kernel, Settings
 from loraswap.server.worker import fastpath
 from loraswap.server.worker.engine import Engine, Event, GenRequest
 
@@ -127,7 +127,7 @@ def test_the_bf16_measurement_times_both_dtypes(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize("q4_kernel", ["bitsandbytes", "float32", "bfloat16"])
 def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(
-    q4_kernel: fastpath.Q4Kernel, lively_base: Path, tmp_path: Path
+    q4_kernel: Q4Kernel, lively_base: Path, tmp_path: Path
 ) -> None:
     random_lora_adapter(lively_base, tmp_path, "symptoms", seed=1)
     random_lora_adapter(lively_base, tmp_path, "treatment", seed=2)

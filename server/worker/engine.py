@@ -43,12 +43,11 @@ import torch
 from loraswap.adapters.manifest import AdapterNotFound
 from loraswap.adapters.prompt import generation_eos, stop_token_ids
 from loraswap.adapters.store import StoreEntry
-from loraswap.server.settings import LoraImpl
+from loraswap.server.settings import PREFIX_CACHE_BYTES, LoraImpl
 from loraswap.server.worker.kvcache import concat_rows, keep_rows, new_cache
 from loraswap.server.worker.kvcache import left_pad as _left_pad  # noqa: F401  # importable from here, as before
 from loraswap.server.worker.lru import AdapterLRU, CacheFull
 from loraswap.server.worker.prefix import KV, PrefixCache
-from loraswap.server.worker.prefix import MAX_BYTES as PREFIX_CACHE_BYTES
 from loraswap.server.worker.slots import LoraSlots, load_tensors
 
 log = logging.getLogger(__name__)

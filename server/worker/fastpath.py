@@ -36,19 +36,17 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import Any, cast, get_args
 
 import torch
 import torch.nn.functional as F
 
+from loraswap.server.settings import LmHead, Q4Kernel
 from loraswap.server.worker import q4
 
 log = logging.getLogger(__name__)
 
-LmHead = Literal["auto", "float32", "bfloat16"]
-LM_HEADS: tuple[LmHead, ...] = ("auto", "float32", "bfloat16")
-Q4Kernel = Literal["auto", "bitsandbytes", "float32", "bfloat16"]
-Q4_KERNELS: tuple[Q4Kernel, ...] = ("auto", "bitsandbytes", "float32", "bfloat16")
+Q4_KERNELS: tuple[Q4Kernel, ...] = get_args(Q4Kernel)
 KERNEL_NAMES = {
     "bitsandbytes": "bitsandbytes' fused CPU kernel",
     "float32": "loraswap's float32 4-bit kernel",
