@@ -35,6 +35,7 @@ from loraswap.adapters.manifest import AdapterError, AdapterNotFound, check_name
 from loraswap.adapters.prompt import SYSTEM_PROMPT, render_chat
 from loraswap.adapters.store import StoreEntry
 from loraswap.server import playground
+from loraswap.server.jobs import ErrorKind, Job, failed
 from loraswap.server.metrics import Metrics
 from loraswap.server.protocol import (
     AnswerRequest,
@@ -81,9 +82,22 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _error_event(message: str, status: int) -> dict[str, Any]:
+def _error_event(message: str, kind: ErrorKind) -> dict[str, Any]:
     """A worker-style final event carrying an error (for requests the API process itself has to end)."""
-    return {"text": "", "finish_reason": "error", "error": message, "status": status}
+    return failed("", message, kind).to_wire()
+
+
+_STATUS: dict[str | None, int] = {
+    "adapter_not_found": 404,
+    "invalid_job": 400,
+    "generation_failed": 500,
+    "worker_lost": 503,
+}
+
+
+def _status(event: dict[str, Any]) -> int:
+    """The HTTP status of a failed job's event, by its error kind."""
+    return _STATUS.get(event.get("error_kind"), 500)
 
 
 class LoraswapSpec(LitSpec):
@@ -343,7 +357,7 @@ class LoraswapSpec(LitSpec):
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=q)
         self._watch_workers()
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), Job(uid=str(uid), **job)))
         finished = False
         try:
             async for data, status in self.data_streamer(q, event, send_status=True):
@@ -402,7 +416,7 @@ class LoraswapSpec(LitSpec):
                     self.response_buffer.pop(uid, None)
                     message = "the inference worker running this request stopped; it is being restarted, retry"
                     if item.response_queue is not None:
-                        item.response_queue.append((_error_event(message, 503), LitAPIStatus.OK))
+                        item.response_queue.append((_error_event(message, "worker_lost"), LitAPIStatus.OK))
                     item.event.set()
 
     # -- routes --
@@ -455,7 +469,7 @@ class LoraswapSpec(LitSpec):
         try:
             async for ev in self._events(job, "/v1/chat/completions"):
                 if ev.get("error"):
-                    yield sse(APIError(ev.get("status") or 500, ev["error"]).body)
+                    yield sse(APIError(_status(ev), ev["error"]).body)
                     return
                 if ev["text"]:
                     yield sse(chat_chunk(cid, model, created, {"content": ev["text"]}, None))
@@ -478,7 +492,7 @@ class LoraswapSpec(LitSpec):
         try:
             async for ev in self._events(job, route):
                 if ev.get("error"):
-                    return APIError(ev.get("status") or 500, ev["error"]).response()
+                    return APIError(_status(ev), ev["error"]).response()
                 parts.append(ev["text"])
                 if ev["finish_reason"]:
                     reason = "length" if ev["finish_reason"] == "length" else "stop"
@@ -550,7 +564,7 @@ class LoraswapSpec(LitSpec):
         try:
             async for ev in self._events(job, "/v1/answer"):
                 if ev.get("error"):
-                    yield sse(APIError(ev.get("status") or 500, ev["error"]).body)
+                    yield sse(APIError(_status(ev), ev["error"]).body)
                     return
                 out: dict[str, Any] = {**head, "delta": ev["text"]}
                 if ev["finish_reason"]:

@@ -12,8 +12,9 @@ from loraswap.adapters.base import load_base
 from loraswap.adapters.manifest import AdapterNotFound
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
+from loraswap.server.jobs import Job, JobEvent
 from loraswap.server.settings import LoraImpl
-from loraswap.server.worker.engine import Engine, Event, GenRequest
+from loraswap.server.worker.engine import Engine
 from loraswap.server.worker.lru import AdapterLRU, CacheFull
 
 
@@ -33,8 +34,8 @@ def make_engine(lively_base: Path, store: AdapterStore, impl: LoraImpl = "batche
     return Engine(base.model, base.tokenizer, store.get, lora_impl=impl, **kw)
 
 
-def run_all(engine: Engine, max_steps: int = 500) -> dict[str, list[Event]]:
-    events: dict[str, list[Event]] = {}
+def run_all(engine: Engine, max_steps: int = 500) -> dict[str, list[JobEvent]]:
+    events: dict[str, list[JobEvent]] = {}
     for _ in range(max_steps):
         if not engine.has_work():
             break
@@ -48,7 +49,7 @@ def solo_reference(lively_base: Path, store: AdapterStore, adapter: str | None, 
     return peft_reference(lively_base, None if adapter is None else store.get(adapter).path, question, n)
 
 
-def text_of(events: list[Event]) -> str:
+def text_of(events: list[JobEvent]) -> str:
     return "".join(e.text for e in events)
 
 
@@ -58,7 +59,7 @@ def test_mixed_batch_matches_each_adapter_alone(lively_base: Path, store: Adapte
     tok = engine.tokenizer
     plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2]), ("symptoms", QUESTIONS[3])]
     for i, (adapter, q) in enumerate(plan):
-        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=12))
+        engine.submit(Job(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=12))
     events = run_all(engine)
     outputs = {}
     for i, (adapter, q) in enumerate(plan):
@@ -77,12 +78,12 @@ def test_mixed_batch_matches_each_adapter_alone(lively_base: Path, store: Adapte
 def test_requests_join_a_running_batch_and_still_match(lively_base: Path, store: AdapterStore, impl: LoraImpl) -> None:
     engine = make_engine(lively_base, store, impl)
     tok = engine.tokenizer
-    engine.submit(GenRequest("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=16))
-    events: dict[str, list[Event]] = {}
+    engine.submit(Job("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=16))
+    events: dict[str, list[JobEvent]] = {}
     for step in range(200):
         if step == 3:
-            engine.submit(GenRequest("late", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=6))
-            engine.submit(GenRequest("late-base", prompt_ids(tok, QUESTIONS[2]), None, max_tokens=6))
+            engine.submit(Job("late", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=6))
+            engine.submit(Job("late-base", prompt_ids(tok, QUESTIONS[2]), None, max_tokens=6))
         if step > 3 and not engine.has_work():
             break
         for e in engine.step():
@@ -106,11 +107,11 @@ def test_a_cache_growing_past_its_spare_columns_while_rows_come_and_go_still_mat
     engine = make_engine(lively_base, store)
     tok = engine.tokenizer
     n = ROOM + 12
-    engine.submit(GenRequest("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=n))
-    events: dict[str, list[Event]] = {}
+    engine.submit(Job("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=n))
+    events: dict[str, list[JobEvent]] = {}
     for step in range(300):
         if step in (2, ROOM - 3):
-            engine.submit(GenRequest(f"join{step}", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
+            engine.submit(Job(f"join{step}", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
         if step > ROOM and not engine.has_work():
             break
         for e in engine.step():
@@ -126,8 +127,8 @@ def test_a_cache_growing_past_its_spare_columns_while_rows_come_and_go_still_mat
 def test_short_request_leaves_before_the_long_one(lively_base: Path, store: AdapterStore) -> None:
     engine = make_engine(lively_base, store)
     tok = engine.tokenizer
-    engine.submit(GenRequest("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=40))
-    engine.submit(GenRequest("short", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=2))
+    engine.submit(Job("long", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=40))
+    engine.submit(Job("short", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=2))
     finished_at: dict[str, int] = {}
     for step in range(100):
         for e in engine.step():
@@ -143,17 +144,17 @@ def test_short_request_leaves_before_the_long_one(lively_base: Path, store: Adap
 def test_unknown_adapter_is_refused_before_queueing(lively_base: Path, store: AdapterStore) -> None:
     engine = make_engine(lively_base, store)
     with pytest.raises(AdapterNotFound, match="did you mean 'symptoms'"):
-        engine.submit(GenRequest("x", [1, 2, 3], "symtoms"))
+        engine.submit(Job("x", [1, 2, 3], "symtoms"))
     assert not engine.has_work()
     with pytest.raises(ValueError, match="context holds"):
-        engine.submit(GenRequest("x", list(range(5000)), None))
+        engine.submit(Job("x", list(range(5000)), None))
 
 
 def test_cancel_frees_the_row(lively_base: Path, store: AdapterStore) -> None:
     engine = make_engine(lively_base, store)
     tok = engine.tokenizer
-    engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=50))
-    engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "symptoms", max_tokens=5))
+    engine.submit(Job("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=50))
+    engine.submit(Job("b", prompt_ids(tok, QUESTIONS[1]), "symptoms", max_tokens=5))
     engine.step()
     engine.cancel("a")
     events = run_all(engine)
@@ -166,8 +167,8 @@ def test_cancel_frees_the_row(lively_base: Path, store: AdapterStore) -> None:
 def test_lru_eviction_with_one_slot(lively_base: Path, store: AdapterStore, impl: LoraImpl) -> None:
     engine = make_engine(lively_base, store, impl, max_loaded=1)
     tok = engine.tokenizer
-    engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=4))
-    engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=4))
+    engine.submit(Job("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=4))
+    engine.submit(Job("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=4))
     events = run_all(engine)
     # "b" waits until "a" releases the only slot, then evicts it: both complete, correctly.
     for uid, adapter, q in [("a", "symptoms", QUESTIONS[0]), ("b", "treatment", QUESTIONS[1])]:
@@ -180,11 +181,11 @@ def test_lru_eviction_with_one_slot(lively_base: Path, store: AdapterStore, impl
 def test_stop_strings_cut_the_text(lively_base: Path, store: AdapterStore) -> None:
     engine = make_engine(lively_base, store)
     tok = engine.tokenizer
-    engine.submit(GenRequest("free", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=12))
+    engine.submit(Job("free", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=12))
     free = text_of(run_all(engine)["free"])
     assert len(free) > 4
     stop = free[2:4]
-    engine.submit(GenRequest("cut", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=12, stop=(stop,)))
+    engine.submit(Job("cut", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=12, stop=(stop,)))
     events = run_all(engine)["cut"]
     assert text_of(events) == free[: free.find(stop)]
     assert events[-1].finish_reason == "stop"
@@ -195,7 +196,7 @@ def test_a_failed_forward_fails_its_rows_and_the_engine_recovers(
 ) -> None:
     engine = make_engine(lively_base, store, "peft")
     tok = engine.tokenizer
-    engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=6))
+    engine.submit(Job("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=6))
     engine.step()
     head = engine.peft.get_base_model().lm_head
     real = head.forward
@@ -217,7 +218,7 @@ def test_a_failed_forward_fails_its_rows_and_the_engine_recovers(
     ]
     assert stale == []  # peft#3475: a failed call leaves its hooks attached unless they are removed
     monkeypatch.setattr(head, "forward", real)
-    engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
+    engine.submit(Job("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
     after = run_all(engine)
     ref = solo_reference(lively_base, store, "treatment", QUESTIONS[1], 5)
     assert text_of(after["b"]) == tok.decode(ref, skip_special_tokens=True)
@@ -228,7 +229,7 @@ def test_a_failed_batched_forward_leaves_no_rows_set(
 ) -> None:
     engine = make_engine(lively_base, store)
     tok = engine.tokenizer
-    engine.submit(GenRequest("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=6))
+    engine.submit(Job("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=6))
     engine.step()
     head = engine.base_model.lm_head
 
@@ -239,7 +240,7 @@ def test_a_failed_batched_forward_leaves_no_rows_set(
     assert run_all(engine)["a"][-1].finish_reason == "error"
     assert engine.slots is not None and engine.slots.rows is None
     monkeypatch.undo()
-    engine.submit(GenRequest("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
+    engine.submit(Job("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
     ref = solo_reference(lively_base, store, "treatment", QUESTIONS[1], 5)
     assert text_of(run_all(engine)["b"]) == tok.decode(ref, skip_special_tokens=True)
 
@@ -249,7 +250,7 @@ def test_sampling_is_reproducible_with_a_seed(lively_base: Path, store: AdapterS
     tok = engine.tokenizer
     texts = []
     for uid in ("s1", "s2"):
-        engine.submit(GenRequest(uid, prompt_ids(tok, QUESTIONS[0]), None, max_tokens=10, temperature=1.0, seed=7))
+        engine.submit(Job(uid, prompt_ids(tok, QUESTIONS[0]), None, max_tokens=10, temperature=1.0, seed=7))
         texts.append(text_of(run_all(engine)[uid]))
     assert texts[0] == texts[1]
 
@@ -302,7 +303,7 @@ def test_prompt_learning_adapters_mix_with_lora_and_match_peft(
         ("prefix", QUESTIONS[0]),
     ]
     for i, (adapter, q) in enumerate(plan):
-        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=8))
+        engine.submit(Job(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=8))
     events = run_all(engine)
     for i, (adapter, q) in enumerate(plan):
         ref = solo_reference(lively_base, prompt_store, adapter, q, 8)
@@ -315,10 +316,10 @@ def test_prompt_learning_adapters_mix_with_lora_and_match_peft(
 
 def test_cancels_of_finished_requests_are_forgotten(lively_base: Path, store: AdapterStore) -> None:
     engine = make_engine(lively_base, store)
-    engine.submit(GenRequest("a", prompt_ids(engine.tokenizer, QUESTIONS[0]), None, max_tokens=2))
+    engine.submit(Job("a", prompt_ids(engine.tokenizer, QUESTIONS[0]), None, max_tokens=2))
     run_all(engine)
     engine.cancel("a")  # the client left after the answer was complete
-    engine.submit(GenRequest("b", prompt_ids(engine.tokenizer, QUESTIONS[1]), None, max_tokens=2))
+    engine.submit(Job("b", prompt_ids(engine.tokenizer, QUESTIONS[1]), None, max_tokens=2))
     assert run_all(engine)["b"][-1].finish_reason in ("stop", "length")
     assert engine.cancelled == set()
 
@@ -327,8 +328,8 @@ def test_ignore_eos_generates_max_tokens_past_the_end_of_the_answer(lively_base:
     engine = make_engine(lively_base, store)
     ids = prompt_ids(engine.tokenizer, QUESTIONS[0])
     engine.stop_ids = set(range(len(engine.tokenizer)))  # every token ends an answer
-    engine.submit(GenRequest("plain", ids, "symptoms", max_tokens=6))
-    engine.submit(GenRequest("bench", ids, "symptoms", max_tokens=6, ignore_eos=True))
+    engine.submit(Job("plain", ids, "symptoms", max_tokens=6))
+    engine.submit(Job("bench", ids, "symptoms", max_tokens=6, ignore_eos=True))
     events = run_all(engine)
     assert (events["plain"][-1].finish_reason, events["plain"][-1].completion_tokens) == ("stop", 0)
     assert (events["bench"][-1].finish_reason, events["bench"][-1].completion_tokens) == ("length", 6)
@@ -338,7 +339,7 @@ def test_prefill_budget_admits_requests_over_several_steps(lively_base: Path, st
     engine = make_engine(lively_base, store, max_prefill_tokens=1)
     tok = engine.tokenizer
     for i in range(3):
-        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, QUESTIONS[i]), "symptoms", max_tokens=8, ignore_eos=True))
+        engine.submit(Job(f"r{i}", prompt_ids(tok, QUESTIONS[i]), "symptoms", max_tokens=8, ignore_eos=True))
     running = []
     for _ in range(3):
         engine.step()
@@ -359,10 +360,10 @@ def test_prefix_cache_reuses_prompt_blocks_of_the_same_adapter_and_matches_peft(
         [("r1", "symptoms", QUESTIONS[1]), ("r2", "treatment", QUESTIONS[1]), ("r3", None, QUESTIONS[2])],
         [("r4", "treatment", QUESTIONS[3]), ("r5", None, QUESTIONS[3])],
     ]
-    events: dict[str, list[Event]] = {}
+    events: dict[str, list[JobEvent]] = {}
     for wave in plan:  # each wave after the previous one's prefill: its blocks are in the cache
         for uid, adapter, q in wave:
-            engine.submit(GenRequest(uid, prompt_ids(tok, q), adapter, max_tokens=10))
+            engine.submit(Job(uid, prompt_ids(tok, q), adapter, max_tokens=10))
         events.update(run_all(engine))
     cached = {uid: events[uid][0].cached_tokens for wave in plan for uid, _, _ in wave}
     # The system turn is shared by every prompt, but blocks are per adapter: first use of each computes them.
@@ -380,15 +381,15 @@ def test_prefix_cache_off_and_dropped_with_its_adapter(lively_base: Path, store:
     off = make_engine(lively_base, store, prefix_cache_bytes=0)
     assert off.prompt_cache is None
     for uid in ("a", "b"):
-        off.submit(GenRequest(uid, prompt_ids(off.tokenizer, QUESTIONS[0]), "symptoms", max_tokens=2))
+        off.submit(Job(uid, prompt_ids(off.tokenizer, QUESTIONS[0]), "symptoms", max_tokens=2))
         assert run_all(off)[uid][0].cached_tokens == 0
     engine = make_engine(lively_base, store, max_loaded=1)
     cache = engine.prompt_cache
     assert cache is not None
-    engine.submit(GenRequest("a", prompt_ids(engine.tokenizer, QUESTIONS[0]), "symptoms", max_tokens=2))
+    engine.submit(Job("a", prompt_ids(engine.tokenizer, QUESTIONS[0]), "symptoms", max_tokens=2))
     run_all(engine)
     assert len(cache) > 0 and cache.bytes > 0
-    engine.submit(GenRequest("b", prompt_ids(engine.tokenizer, QUESTIONS[0]), "treatment", max_tokens=2))
+    engine.submit(Job("b", prompt_ids(engine.tokenizer, QUESTIONS[0]), "treatment", max_tokens=2))
     run_all(engine)  # "symptoms" was evicted for "treatment": its blocks went with it
     assert {name[0] for name in cache._blocks} == {engine.lru.names()[0]}
 
@@ -435,14 +436,14 @@ def test_freed_memory_is_handed_back_when_the_last_request_leaves(
     monkeypatch.setattr(engine_module, "return_freed_memory", lambda: trims.append((step, engine.running)))
     tok = engine.tokenizer
     for uid, n in (("a", 3), ("b", 6)):
-        engine.submit(GenRequest(uid, prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=n, ignore_eos=True))
+        engine.submit(Job(uid, prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=n, ignore_eos=True))
     finished: dict[str, int] = {}
     for step in range(20):
         for e in engine.step():
             if e.finish_reason:
                 finished[e.uid] = step
         if step == 10:  # the engine has been idle for a few steps: one more request, one more hand-back
-            engine.submit(GenRequest("c", prompt_ids(tok, QUESTIONS[1]), None, max_tokens=2))
+            engine.submit(Job("c", prompt_ids(tok, QUESTIONS[1]), None, max_tokens=2))
     assert finished["a"] < finished["b"] < finished["c"]
     assert trims == [(finished["b"], 0), (finished["c"], 0)]  # never while a request runs, once per idle spell
     engine_module.return_freed_memory()  # the real one runs here (glibc) or does nothing
@@ -459,11 +460,11 @@ def test_short_requests_go_first_and_every_answer_still_matches(lively_base: Pat
         ("short", "treatment", QUESTIONS[2], 9, 3),
         ("short-too", "symptoms", QUESTIONS[3], 7, 5),
     ]
-    events: dict[str, list[Event]] = {}
+    events: dict[str, list[JobEvent]] = {}
     for step in range(300):
         for uid, adapter, q, n, at in plan:
             if at == step:
-                engine.submit(GenRequest(uid, prompt_ids(tok, q), adapter, max_tokens=n))
+                engine.submit(Job(uid, prompt_ids(tok, q), adapter, max_tokens=n))
         if step > 5 and not engine.has_work():
             break
         for e in engine.step():
@@ -483,10 +484,10 @@ def test_short_requests_decode_every_step_and_long_ones_every_few(
     engine.stop_ids = set()  # every answer runs to its max_tokens
     tok = engine.tokenizer
     for i, adapter in enumerate(("symptoms", "treatment", None)):
-        engine.submit(GenRequest(f"long{i}", prompt_ids(tok, QUESTIONS[i]), adapter, max_tokens=64))
-    engine.submit(GenRequest("medium", prompt_ids(tok, QUESTIONS[3]), "symptoms", max_tokens=17))
+        engine.submit(Job(f"long{i}", prompt_ids(tok, QUESTIONS[i]), adapter, max_tokens=64))
+    engine.submit(Job("medium", prompt_ids(tok, QUESTIONS[3]), "symptoms", max_tokens=17))
     engine.step()  # their prefill and one decoding step: 2 tokens each
-    engine.submit(GenRequest("short", prompt_ids(tok, QUESTIONS[0]), "treatment", max_tokens=12))
+    engine.submit(Job("short", prompt_ids(tok, QUESTIONS[0]), "treatment", max_tokens=12))
     taken = 0
     while "short" in {r.req.uid for r in engine.rows} or taken == 0:
         engine.step()

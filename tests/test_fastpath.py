@@ -14,9 +14,10 @@ from pydantic import ValidationError
 from loraswap.adapters.base import load_base
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
+from loraswap.server.jobs import Job, JobEvent
 from loraswap.server.settings import Q4Kernel, Settings
 from loraswap.server.worker import fastpath
-from loraswap.server.worker.engine import Engine, Event, GenRequest
+from loraswap.server.worker.engine import Engine
 
 needs_native_bf16 = pytest.mark.skipif(
     not fastpath.native_bf16_cpu(), reason="bitsandbytes' fused kernel needs a CPU with AVX512-BF16"
@@ -142,8 +143,8 @@ def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(
     tok = base.tokenizer
     plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2]), ("symptoms", QUESTIONS[3])]
     for i, (adapter, q) in enumerate(plan):
-        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=12))
-    events: dict[str, list[Event]] = {}
+        engine.submit(Job(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=12))
+    events: dict[str, list[JobEvent]] = {}
     while engine.has_work():
         for e in engine.step():
             events.setdefault(e.uid, []).append(e)

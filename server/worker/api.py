@@ -9,7 +9,6 @@ process can tell when the worker running a request has died.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import sys
@@ -22,6 +21,7 @@ from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Outp
 from litserve.utils import LitAPIStatus
 
 from loraswap.adapters.base import load_base
+from loraswap.server.jobs import Job, JobEvent, failed
 from loraswap.server.settings import Settings
 from loraswap.server.spec import LoraswapSpec
 
@@ -98,18 +98,23 @@ class LoraswapAPI(ls.LitAPI):
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []
 
-    def add_request(self, uid: Any, request: dict[str, Any]) -> None:
-        from loraswap.server.worker.engine import GenRequest
+    def add_request(self, uid: Any, job: Job) -> None:
+        """Queue `job`, taken from LitServe's request queue under `uid` (the API process makes both the same)."""
+        from loraswap.server.worker.engine import failure_kind
 
-        key = str(uid)
-        self.uids[key] = uid
+        if not isinstance(job, Job):
+            message = f"a worker takes a loraswap.server.jobs.Job from the request queue, not {type(job).__name__}"
+            self._finish(uid, failed(str(uid), message, "invalid_job"))
+            return
+        self.uids[job.uid] = uid
         try:
-            self.engine.submit(GenRequest(uid=key, **request))
+            self.engine.submit(job)
         except Exception as e:  # validated in the API process; a store change in between lands here
-            self._finish(uid, {"error": str(e), "finish_reason": "error"})
+            del self.uids[job.uid]
+            self._finish(uid, failed(job.uid, str(e), failure_kind(e), len(job.prompt_ids)))
 
-    def _finish(self, uid: Any, data: dict[str, Any]) -> None:
-        self.immediate.append(Output(uid, data, LitAPIStatus.OK))
+    def _finish(self, uid: Any, event: JobEvent) -> None:
+        self.immediate.append(Output(uid, event.to_wire(), LitAPIStatus.OK))
         self.immediate.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
 
     def has_active_requests(self) -> bool:
@@ -137,11 +142,13 @@ class LoraswapAPI(ls.LitAPI):
         try:
             events = self.engine.step()
         except Exception as e:  # the engine contains per-request failures; this is the last guard
+            from loraswap.server.worker.engine import forward_failed
+
             log.exception("engine step failed")
-            events = self.engine.fail_running(f"generation failed: {type(e).__name__}")
+            events = self.engine.fail_running(forward_failed(e))
         for event in events:
             uid = self.uids[event.uid]
-            outputs.append(Output(uid, dataclasses.asdict(event), LitAPIStatus.OK))
+            outputs.append(Output(uid, event.to_wire(), LitAPIStatus.OK))
             if event.finish_reason:
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
                 del self.uids[event.uid]

@@ -36,13 +36,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from loraswap.adapters.manifest import AdapterNotFound
 from loraswap.adapters.prompt import generation_eos, stop_token_ids
 from loraswap.adapters.store import StoreEntry
+from loraswap.server.jobs import BASE, ErrorKind, FinishReason, Job, JobEvent, failed
 from loraswap.server.settings import PREFIX_CACHE_BYTES, LoraImpl
 from loraswap.server.worker.kvcache import concat_rows, keep_rows, new_cache
 from loraswap.server.worker.kvcache import left_pad as _left_pad  # noqa: F401  # importable from here, as before
@@ -52,59 +53,33 @@ from loraswap.server.worker.slots import LoraSlots, load_tensors
 
 log = logging.getLogger(__name__)
 
-BASE = "__base__"
 SHORT_RATIO = 4
 """A request is short, and goes first, when its max_tokens times this is at most the largest running one's."""
-FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
-@dataclass(frozen=True)
-class GenRequest:
-    uid: str
-    prompt_ids: list[int]
-    adapter: str | None
-    """Store name of the adapter, or None for the base model."""
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+class InvalidJob(ValueError):
+    """A job this engine cannot run: an empty prompt, or one over the context (the API process checks both first)."""
 
 
-@dataclass(frozen=True)
-class Event:
-    """What happened to one request in one step: new text, and the finish reason once it is done."""
+def failure_kind(e: Exception) -> ErrorKind:
+    """The kind of a job's failure before its forward: its adapter is no longer in the store, the job does not fit
+    the engine, or its adapter could not be loaded."""
+    if isinstance(e, AdapterNotFound):
+        return "adapter_not_found"
+    if isinstance(e, InvalidJob):
+        return "invalid_job"
+    return "generation_failed"
 
-    uid: str
-    text: str
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-    batch: int = 0
-    """Rows in the decoding step that produced this event."""
-    waiting: int = 0
-    """Requests queued behind the running batch at that step."""
-    loaded: int = 0
-    """Adapters loaded in this engine."""
-    load_ms: float | None = None
-    """Set on a request's first event when its adapter had to be loaded for it."""
-    cached_tokens: int = 0
-    """Prompt tokens whose keys and values came from the prefix cache (reported as OpenAI's cached_tokens)."""
-    loaded_names: tuple[str, ...] | None = None
-    """On a request's last event: the adapters this engine has loaded."""
-    worker: int = 0
-    """Process id of the engine's worker."""
-    status: int | None = None
-    """With `error`: the HTTP status it maps to (404: the adapter was deleted after the request was accepted)."""
-    prompt_cache_bytes: int = 0
-    """Keys and values the engine's prefix cache holds (its cached prompt blocks), in bytes."""
+
+def forward_failed(e: BaseException) -> str:
+    """The message of every job a failed forward ends (its traceback goes to the log)."""
+    detail = str(e).strip().splitlines()
+    return f"generation failed: {type(e).__name__}" + (f": {detail[0]}" if detail else "")
 
 
 @dataclass
 class _Row:
-    req: GenRequest
+    req: Job
     key: str  # loaded adapter key, or BASE
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
@@ -156,7 +131,7 @@ class Engine:
         self.last_logits_only: dict[str, Any] = {"logits_to_keep": 1} if takes else {}
         self.stop_ids = set(stop_token_ids(tokenizer, generation_eos(model)))
         self.device = next(model.parameters()).device
-        self.waiting: list[GenRequest] = []
+        self.waiting: list[Job] = []
         self.rows: list[_Row] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [rows, cache columns], 1 where the cache holds a real token
@@ -178,11 +153,11 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def submit(self, req: GenRequest) -> None:
+    def submit(self, req: Job) -> None:
         if not req.prompt_ids:
-            raise ValueError("empty prompt")
+            raise InvalidJob("empty prompt")
         if len(req.prompt_ids) + 1 > self.max_context:
-            raise ValueError(f"prompt is {len(req.prompt_ids)} tokens; the context holds {self.max_context}")
+            raise InvalidJob(f"prompt is {len(req.prompt_ids)} tokens; the context holds {self.max_context}")
         if req.adapter is not None:
             self.resolve(req.adapter)  # unknown names fail here, before the request is queued
         self.waiting.append(req)
@@ -253,10 +228,10 @@ class Engine:
 
     # ---- the step -------------------------------------------------------------------------------
 
-    def step(self) -> list[Event]:
+    def step(self) -> list[JobEvent]:
         if self.has_work():
             self.idle = False
-        events: list[Event] = []
+        events: list[JobEvent] = []
         events += self._drop_cancelled()
         events += self._admit()
         if self.rows:
@@ -264,7 +239,7 @@ class Engine:
                 events += self._decode()
             except Exception as e:  # one failed forward fails the running rows, not the engine
                 log.exception("decode step failed")
-                events += self.fail_running(f"generation failed: {type(e).__name__}")
+                events += self.fail_running(forward_failed(e))
         if not self.idle and not self.has_work():  # the last request just left
             self.idle = True
             return_freed_memory()
@@ -290,8 +265,8 @@ class Engine:
             _remove_adapter_name_hooks(self.peft)  # peft#3475: hooks survive an exception
             raise
 
-    def _admit(self) -> list[Event]:
-        events: list[Event] = []
+    def _admit(self) -> list[JobEvent]:
+        events: list[JobEvent] = []
         new: list[_Row] = []
         budget = self.max_prefill_tokens  # prompt tokens prefilled in one step: bounds the running rows' wait
         while self.waiting and len(self.rows) + len(new) < self.max_batch_size:
@@ -300,7 +275,7 @@ class Engine:
             req = self.waiting.pop(0)
             if req.uid in self.cancelled:
                 self.cancelled.discard(req.uid)
-                events.append(Event(req.uid, "", "cancelled", len(req.prompt_ids), 0))
+                events.append(JobEvent(req.uid, "", "cancelled", len(req.prompt_ids), 0))
                 continue
             try:
                 gen = None
@@ -313,8 +288,7 @@ class Engine:
                 self.waiting.insert(0, req)  # retry when a running request frees an adapter
                 break
             except Exception as e:  # this request fails; the others of the step go on
-                status = 404 if isinstance(e, AdapterNotFound) else 500
-                events.append(Event(req.uid, "", "error", len(req.prompt_ids), 0, error=str(e), status=status))
+                events.append(failed(req.uid, str(e), failure_kind(e), len(req.prompt_ids)))
                 continue
             if key != BASE:
                 self.lru.acquire(key)
@@ -326,9 +300,10 @@ class Engine:
             events += self._prefill(new)
         except Exception as e:
             log.exception("prefill failed")
+            message = forward_failed(e)
             for row in new:
                 self._release(row)
-                events.append(Event(row.req.uid, "", "error", len(row.req.prompt_ids), 0, error=type(e).__name__))
+                events.append(failed(row.req.uid, message, "generation_failed", len(row.req.prompt_ids)))
         return events
 
     def _load_prefix(self, entry: StoreEntry) -> KV:
@@ -367,7 +342,7 @@ class Engine:
             mask[i, width - n :] = 1
         return cache, mask, sizes
 
-    def _prefill(self, new: list[_Row]) -> list[Event]:
+    def _prefill(self, new: list[_Row]) -> list[JobEvent]:
         """All new prompts in one forward, left-padded. A row starts from past keys and values where it has
         them: a prefix-tuning adapter's prefix, or the prompt's leading blocks from the prefix cache (then only
         the rest of its prompt is computed). Rows of prompt and P-tuning adapters get their virtual tokens in
@@ -444,7 +419,7 @@ class Engine:
     def _lora_name(self, row: _Row) -> str:
         return BASE if row.key in self.virtual or row.key in self.prefixes else row.key
 
-    def _decode(self) -> list[Event]:
+    def _decode(self) -> list[JobEvent]:
         assert self.mask is not None
         rows = self.rows[: self._decoding_rows()]  # the rows behind wait this step out
         ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
@@ -490,8 +465,8 @@ class Engine:
             self.mask = self.mask[index]
             keep_rows(self.cache, index.to(self.device), 0)
 
-    def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[Event]:
-        events: list[Event] = []
+    def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> list[JobEvent]:
+        events: list[JobEvent] = []
         finished: list[_Row] = []
         logits = logits.float().cpu()
         greedy = logits.argmax(dim=-1).tolist()  # every row's in one kernel; sampling rows draw their own below
@@ -513,7 +488,7 @@ class Engine:
                 reason = "stop"
             if text or reason:
                 events.append(
-                    Event(
+                    JobEvent(
                         row.req.uid,
                         text,
                         reason,
@@ -607,7 +582,7 @@ class Engine:
         if row.key != BASE:
             self.lru.release(row.key)
 
-    def _drop_cancelled(self) -> list[Event]:
+    def _drop_cancelled(self) -> list[JobEvent]:
         if not self.cancelled:
             return []
         gone = [r for r in self.rows if r.req.uid in self.cancelled]
@@ -615,13 +590,13 @@ class Engine:
             self._retire(gone)
         # Cancels of waiting requests are applied when they are admitted; any other uid has finished already.
         self.cancelled &= {r.uid for r in self.waiting}
-        return [Event(r.req.uid, "", "cancelled", len(r.req.prompt_ids), len(r.generated)) for r in gone]
+        return [JobEvent(r.req.uid, "", "cancelled", len(r.req.prompt_ids), len(r.generated)) for r in gone]
 
-    def fail_running(self, message: str) -> list[Event]:
-        """Fail every running request (the engine's state after an unexpected error is not trusted); waiting
-        requests stay queued."""
+    def fail_running(self, message: str) -> list[JobEvent]:
+        """Fail every running request with `message` (a failed forward: the engine's state after an unexpected error
+        is not trusted); waiting requests stay queued."""
         events = [
-            Event(r.req.uid, "", "error", len(r.req.prompt_ids), len(r.generated), error=message) for r in self.rows
+            failed(r.req.uid, message, "generation_failed", len(r.req.prompt_ids), len(r.generated)) for r in self.rows
         ]
         for r in self.rows:
             self._release(r)
