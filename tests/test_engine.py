@@ -160,7 +160,7 @@ def test_cancel_frees_the_row(lively_base: Path, store: AdapterStore) -> None:
     events = run_all(engine)
     assert events["a"][-1].finish_reason == "cancelled"
     assert events["b"][-1].finish_reason in ("stop", "length")
-    assert engine.lru.in_use(next(iter(engine.lru.names()))) == 0
+    assert engine.residency.lru.in_use(next(iter(engine.residency.lru.names()))) == 0
 
 
 @IMPLS
@@ -174,8 +174,8 @@ def test_lru_eviction_with_one_slot(lively_base: Path, store: AdapterStore, impl
     for uid, adapter, q in [("a", "symptoms", QUESTIONS[0]), ("b", "treatment", QUESTIONS[1])]:
         ref = solo_reference(lively_base, store, adapter, q, 4)
         assert text_of(events[uid]) == tok.decode(ref, skip_special_tokens=True)
-    assert len(engine.lru) == 1
-    assert len(engine.slots if engine.slots is not None else engine.peft.peft_config) == 1
+    assert len(engine.residency.lru) == 1
+    assert len(engine.residency.slots if engine.residency.slots is not None else engine.residency.peft.peft_config) == 1
 
 
 def test_stop_strings_cut_the_text(lively_base: Path, store: AdapterStore) -> None:
@@ -198,7 +198,7 @@ def test_a_failed_forward_fails_its_rows_and_the_engine_recovers(
     tok = engine.tokenizer
     engine.submit(Job("a", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=6))
     engine.step()
-    head = engine.peft.get_base_model().lm_head
+    head = engine.residency.peft.get_base_model().lm_head
     real = head.forward
     calls = {"n": 0}
 
@@ -212,7 +212,7 @@ def test_a_failed_forward_fails_its_rows_and_the_engine_recovers(
     assert calls["n"] == 1
     stale = [
         h
-        for m in engine.peft.modules()
+        for m in engine.residency.peft.modules()
         for h in m._forward_pre_hooks.values()
         if getattr(getattr(h, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook"
     ]
@@ -238,7 +238,7 @@ def test_a_failed_batched_forward_leaves_no_rows_set(
 
     monkeypatch.setattr(head, "forward", boom)
     assert run_all(engine)["a"][-1].finish_reason == "error"
-    assert engine.slots is not None and engine.slots.rows is None
+    assert engine.residency.slots is not None and engine.residency.slots.rows is None
     monkeypatch.undo()
     engine.submit(Job("b", prompt_ids(tok, QUESTIONS[1]), "treatment", max_tokens=5))
     ref = solo_reference(lively_base, store, "treatment", QUESTIONS[1], 5)
@@ -391,7 +391,7 @@ def test_prefix_cache_off_and_dropped_with_its_adapter(lively_base: Path, store:
     assert len(cache) > 0 and cache.bytes > 0
     engine.submit(Job("b", prompt_ids(engine.tokenizer, QUESTIONS[0]), "treatment", max_tokens=2))
     run_all(engine)  # "symptoms" was evicted for "treatment": its blocks went with it
-    assert {name[0] for name in cache._blocks} == {engine.lru.names()[0]}
+    assert {name[0] for name in cache._blocks} == {engine.residency.lru.names()[0]}
 
 
 def test_prefix_cache_bookkeeping() -> None:
@@ -489,12 +489,12 @@ def test_short_requests_decode_every_step_and_long_ones_every_few(
     engine.step()  # their prefill and one decoding step: 2 tokens each
     engine.submit(Job("short", prompt_ids(tok, QUESTIONS[0]), "treatment", max_tokens=12))
     taken = 0
-    while "short" in {r.req.uid for r in engine.rows} or taken == 0:
+    while "short" in {r.req.uid for r in engine.batch.rows} or taken == 0:
         engine.step()
         taken += 1
     assert taken == 11  # one token from its prefill, then one at every step, whatever the others do
     # The long requests (and the medium one: 17 * 4 > 64, not short) decoded in every (steps + 1)th step meanwhile.
-    generated = {r.req.uid: len(r.generated) for r in engine.rows}
+    generated = {r.req.uid: len(r.generated) for r in engine.batch.rows}
     assert generated == dict.fromkeys(("long0", "long1", "long2", "medium"), 2 + 11 // (steps + 1))
     events = run_all(engine)  # and they all finish
     assert {uid: events[uid][-1].completion_tokens for uid in ("long0", "long1", "long2", "medium")} == {
@@ -506,7 +506,7 @@ def test_short_requests_decode_every_step_and_long_ones_every_few(
 
 
 def test_front_first_moves_the_fewest_rows() -> None:
-    from loraswap.server.worker.engine import front_first
+    from loraswap.server.worker.batch import front_first
 
     assert front_first([False, True, False, True]) == [3, 1, 2, 0]  # row 3 trades places with row 0
     assert front_first([True, True, False]) == [0, 1, 2]  # already in front: nothing moves

@@ -24,6 +24,7 @@ from loraswap.adapters.base import load_base
 from loraswap.server.jobs import Job, JobEvent, failed
 from loraswap.server.settings import Settings
 from loraswap.server.spec import LoraswapSpec
+from loraswap.server.worker.failures import failure_kind, forward_failed
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ class LoraswapAPI(ls.LitAPI):
 
     def add_request(self, uid: Any, job: Job) -> None:
         """Queue `job`, taken from LitServe's request queue under `uid` (the API process makes both the same)."""
-        from loraswap.server.worker.engine import failure_kind
-
         if not isinstance(job, Job):
             message = f"a worker takes a loraswap.server.jobs.Job from the request queue, not {type(job).__name__}"
             self._finish(uid, failed(str(uid), message, "invalid_job"))
@@ -142,8 +141,6 @@ class LoraswapAPI(ls.LitAPI):
         try:
             events = self.engine.step()
         except Exception as e:  # the engine contains per-request failures; this is the last guard
-            from loraswap.server.worker.engine import forward_failed
-
             log.exception("engine step failed")
             events = self.engine.fail_running(forward_failed(e))
         for event in events:
