@@ -144,7 +144,7 @@ def _settled_rss() -> dict[str, int]:
     import gc
     import re
 
-    from loraswap.server.worker.engine import return_freed_memory
+    from loraswap.server.worker.memory import return_freed_memory
 
     gc.collect()
     return_freed_memory()

@@ -34,6 +34,7 @@ from loraswap.adapters.manifest import NAME_PATTERN
 from loraswap.server import playground
 from loraswap.server.protocol import AnswerRequest, APIError, ChatRequest
 from loraswap.server.settings import Settings
+from loraswap.server.spec import LoraswapSpec
 from loraswap.server.worker.api import LoraswapAPI
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def report_store(settings: Settings) -> dict[str, str]:
 def build_server(
     settings: Settings, cancels: Any = None, workers: Any = None, unusable: dict[str, str] | None = None
 ) -> ls.LitServer:
-    api = LoraswapAPI(settings, cancels, workers, unusable)
+    api = LoraswapAPI(settings, LoraswapSpec(settings, cancels, workers, unusable), cancels, workers)
     server = ls.LitServer(
         api,
         accelerator="auto",

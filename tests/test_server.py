@@ -324,14 +324,17 @@ def test_each_worker_takes_the_cancels_of_its_own_requests(lively_base: Path, st
     """Cancels go through one dict shared by all workers: a worker applies those of its requests and
     leaves the others to the worker that runs them (stale ones expire)."""
     from loraswap.server.app import Settings
+    from loraswap.server.jobs import Job
+    from loraswap.server.spec import LoraswapSpec
     from loraswap.server.worker.api import LoraswapAPI
 
     cancels: dict[str, float] = {}
-    api = LoraswapAPI(Settings(base=str(lively_base), quant="none", adapters_dir=store), cancels)
+    settings = Settings(base=str(lively_base), quant="none", adapters_dir=store)
+    api = LoraswapAPI(settings, LoraswapSpec(settings, cancels), cancels)
     api.setup("cpu")
     tok = api.engine.tokenizer
     for uid in ("mine", "mine-too"):
-        api.add_request(uid, {"prompt_ids": prompt_ids(tok, QUESTIONS[0]), "adapter": None, "max_tokens": 50})
+        api.add_request(uid, Job(uid, prompt_ids(tok, QUESTIONS[0]), None, max_tokens=50))
     api.step(None)
     cancels.update({"mine": time.monotonic(), "elsewhere": time.monotonic(), "stale": time.monotonic() - 120})
     outputs = api.step(None)
@@ -350,6 +353,8 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
     import threading
 
     from loraswap.server.app import Settings
+    from loraswap.server.jobs import Job
+    from loraswap.server.spec import LoraswapSpec
     from loraswap.server.worker import api as worker
 
     seen: dict[str, set[int]] = {"load": set(), "step": set()}
@@ -360,7 +365,8 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(worker, "load_base", load)
-    api = worker.LoraswapAPI(Settings(base=str(lively_base), quant="none", adapters_dir=store), {})
+    settings = Settings(base=str(lively_base), quant="none", adapters_dir=store)
+    api = worker.LoraswapAPI(settings, LoraswapSpec(settings, {}), {})
     api.setup("cpu")
     real_step = api.step
 
@@ -370,7 +376,7 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
 
     api.step = step  # type: ignore[method-assign]
     ids = prompt_ids(api.engine.tokenizer, QUESTIONS[0])
-    api.add_request("q", {"prompt_ids": ids, "adapter": "symptoms", "max_tokens": 8})
+    api.add_request("q", Job("q", ids, "symptoms", max_tokens=8))
 
     async def many(loop: worker.EngineLoop) -> None:
         for _ in range(20):  # the default pool's threads kept busy beside each step

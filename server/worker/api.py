@@ -1,9 +1,13 @@
 """The worker side: one base and one `Engine` per process, driven by LitServe's continuous-batching loop.
 
-Each loop step is one engine step over every running request. Requests arrive already validated by
-the API process (`spec.py`); the shared `cancels` dict names requests whose client went away, and each
-worker records its process id in the shared `workers` dict (by LitServe's worker index), so the API
-process can tell when the worker running a request has died.
+Each loop step is one engine step over every running request. Requests arrive as `jobs.Job`s already
+validated by the API process (whose LitSpec, with its routes, this API is handed: the worker imports
+nothing of the API side); each step's `jobs.JobEvent`s go back as plain data. The shared `cancels` dict
+names requests whose client went away, and each worker records its process id in the shared `workers`
+dict (by LitServe's worker index), so the API process can tell when the worker running a request has died.
+
+No torch at import: the API process imports this module to build the server; the engine is imported in
+the worker, in `setup`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from typing import Any
 
 import litserve as ls
 from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
+from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus
 
 from loraswap.adapters.base import load_base
 from loraswap.server.jobs import Job, JobEvent, failed
 from loraswap.server.settings import Settings
-from loraswap.server.spec import LoraswapSpec
 from loraswap.server.worker.failures import failure_kind, forward_failed
 
 log = logging.getLogger(__name__)
@@ -52,15 +56,10 @@ class EngineLoop(ContinuousBatchingLoop):
 
 
 class LoraswapAPI(ls.LitAPI):
-    def __init__(
-        self, settings: Settings, cancels: Any = None, workers: Any = None, unusable: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(
-            max_batch_size=settings.max_batch_size,
-            stream=True,
-            spec=LoraswapSpec(settings, cancels, workers, unusable),
-            loop=EngineLoop(),
-        )
+    def __init__(self, settings: Settings, spec: LitSpec, cancels: Any = None, workers: Any = None) -> None:
+        """`spec`: the API process's LitSpec (its routes put Jobs on the request queue and read the events back);
+        `cancels` and `workers`: the dicts shared with it (a multiprocessing manager's), or None."""
+        super().__init__(max_batch_size=settings.max_batch_size, stream=True, spec=spec, loop=EngineLoop())
         self.settings = settings
         self.cancels = cancels
         self.workers = workers
