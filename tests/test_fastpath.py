@@ -1,8 +1,11 @@
-"""The serving fast paths (`server/fastpath.py`): the direct 4-bit kernel is bit for bit bitsandbytes' own, the
+"""The serving fast paths (`server/worker/fastpath.py`): the direct 4-bit kernel is bit for bit bitsandbytes' own, the
 bf16 LM head keeps the float32 head's greedy choice and top logits, and an engine on them matches PEFT."""
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,31 @@ def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(
         assert text == tok.decode(ref, skip_special_tokens=True), (adapter, q)
         texts.add(text)
     assert len(texts) == len(plan)  # the adapters change the answers: the parity could fail
+
+
+@pytest.fixture
+def fresh_probes() -> Iterator[None]:
+    """fastpath's once-only probes of bitsandbytes forgotten before and after the test."""
+    probes = (fastpath.native_bf16_cpu, fastpath._bitsandbytes_cpu_kernels, fastpath._linear4bit)
+    for probe in probes:
+        probe.cache_clear()
+    yield
+    for probe in probes:
+        probe.cache_clear()
+
+
+def test_a_fast_path_not_taken_says_why_once_in_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fresh_probes: None
+) -> None:
+    """Where a part of bitsandbytes cannot be imported, its fast path is not taken, and the log says so once."""
+    for module in ("bitsandbytes.functional", "bitsandbytes.backends.cpu", "bitsandbytes.nn"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it raises ModuleNotFoundError
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with caplog.at_level(logging.INFO, logger="loraswap.server.worker.fastpath"):
+        for _ in range(3):
+            assert fastpath.native_bf16_cpu() is False
+            assert fastpath._packed_kernel(model[0]) is None
+            assert fastpath._pack(model) == []
+    assert caplog.text.count("bf16 instructions cannot run (ModuleNotFoundError") == 1
+    assert caplog.text.count("fused CPU 4-bit kernel cannot be called directly (ModuleNotFoundError") == 1
+    assert caplog.text.count("no 4-bit fast path: bitsandbytes cannot be imported (ModuleNotFoundError") == 1

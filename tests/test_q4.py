@@ -1,7 +1,7 @@
-"""loraswap's CPU kernels (`server/q4.py`, `server/kernels/q4_cpu.c`): each 4-bit kernel computes what the
-layer's 4-bit weight means (checked against a dequantization written here from bitsandbytes' storage format,
-not from the kernels' packed layout), at every row count around the 8-row tiles, and the LM head's kernel what
-its bf16 weight means; they are built once and cached; without a compiler, or where the build fails, the
+"""loraswap's CPU kernels (`server/worker/q4.py`, `server/worker/kernels/q4_cpu.c`): each 4-bit kernel computes
+what the layer's 4-bit weight means (checked against a dequantization written here from bitsandbytes' storage
+format, not from the kernels' packed layout), at every row count around the 8-row tiles, and the LM head's kernel
+what its bf16 weight means; they are built once and cached; without a compiler, or where the build fails, the
 layers keep bitsandbytes' kernel."""
 
 from __future__ import annotations
