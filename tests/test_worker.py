@@ -21,7 +21,7 @@ from loraswap.adapters.base import load_base
 from loraswap.adapters.manifest import AdapterNotFound
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
-from loraswap.server.jobs import Job, JobEvent
+from loraswap.server.jobs import BASE, Job, JobEvent
 from loraswap.server.settings import Settings
 from loraswap.server.worker.batch import Batch, Row
 from loraswap.server.worker.engine import Engine
@@ -84,7 +84,7 @@ class CharTokenizer:
 
 
 def row_of(text: str, stop: tuple[str, ...] = ()) -> Row:
-    return Row(Job("r", [1], None, stop=stop), "__base__", None, generated=[ord(c) for c in text])
+    return Row(Job("r", [1], None, stop=stop), BASE, None, generated=[ord(c) for c in text])
 
 
 def test_new_text_holds_back_what_may_still_change() -> None:
@@ -112,7 +112,7 @@ def batch_of(n: int, columns: list[int]) -> Batch:
     keys = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 2, width, 4).clone()
     cache = DynamicCache()
     cache.update(keys, keys.clone(), 0)
-    rows = [Row(Job(f"r{i}", [1], None), "__base__", None) for i in range(n)]
+    rows = [Row(Job(f"r{i}", [1], None), BASE, None) for i in range(n)]
     batch.join(rows, cache, mask)
     return batch
 

@@ -50,7 +50,9 @@ SHORT_RATIO = 4
 
 class Engine:
     batch_class: type[Batch] = Batch
+    """The running batch's bookkeeping (an encoder-decoder engine keeps the encoder's output too: `seq2seq.py`)."""
     residency_class: type[Residency] = Residency
+    """Where adapters are held (an encoder-decoder engine serves LoRA adapters only)."""
 
     def __init__(
         self,
@@ -115,6 +117,7 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------
 
     def submit(self, req: Job) -> None:
+        """Queue `req`; raises, and queues nothing, where it cannot run (InvalidJob, AdapterNotFound)."""
         if not req.prompt_ids:
             raise InvalidJob("empty prompt")
         if len(req.prompt_ids) + 1 > self.max_context:
