@@ -8,7 +8,7 @@ FROM ${BASE_IMAGE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # The CUDA images have no Python; the slim image has one. make and a venv are all the install needs; gcc builds
-# loraswap's 4-bit CPU kernels (server/q4.py; without it the server keeps bitsandbytes' own).
+# loraswap's 4-bit CPU kernels (server/worker/q4.py; without it the server keeps bitsandbytes' own).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends make gcc libc6-dev python3 python3-venv python3-pip \
  && rm -rf /var/lib/apt/lists/* \
@@ -21,7 +21,7 @@ USER loraswap
 # so start-up is fast.
 RUN make install PY=python3 TORCH_INDEX=${TORCH_INDEX} \
  && .venv/bin/python -c "from loraswap.adapters.base import resolve_base; resolve_base('embedded')" \
- && .venv/bin/python -c "from loraswap.server import q4; q4.build(q4.cache_dir())"
+ && .venv/bin/python -c "from loraswap.server.worker import q4; q4.build(q4.cache_dir())"
 
 ENV LORASWAP_HOST=0.0.0.0 LORASWAP_PORT=8000
 EXPOSE 8000

@@ -54,8 +54,9 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
     from loraswap.adapters.prompt import prompt_ids
     from loraswap.adapters.store import AdapterStore
     from loraswap.bench.load import QUESTIONS
-    from loraswap.server import fastpath
-    from loraswap.server.engine import Engine, GenRequest
+    from loraswap.server.jobs import Job
+    from loraswap.server.worker import fastpath
+    from loraswap.server.worker.engine import Engine
     from loraswap.train.data import load_qa, split
     from loraswap.train.evaluate import answer_nll
 
@@ -72,7 +73,7 @@ def measure(args: argparse.Namespace, quant: str, double_quant: bool) -> dict[st
     questions = [QUESTIONS[i * 7 % len(QUESTIONS)] for i in range(args.prompts + 1)]
     seconds, tokens = 0.0, 0
     for i, q in enumerate(questions):  # the first is the warm-up (adapter load, first-call costs)
-        req = GenRequest(f"q{i}", prompt_ids(base.tokenizer, q), args.adapter, max_tokens=args.tokens, ignore_eos=True)
+        req = Job(f"q{i}", prompt_ids(base.tokenizer, q), args.adapter, max_tokens=args.tokens, ignore_eos=True)
         start = time.perf_counter()
         engine.submit(req)
         done = 0
@@ -143,7 +144,7 @@ def _settled_rss() -> dict[str, int]:
     import gc
     import re
 
-    from loraswap.server.engine import return_freed_memory
+    from loraswap.server.worker.memory import return_freed_memory
 
     gc.collect()
     return_freed_memory()

@@ -231,7 +231,7 @@ def churn(b: Bench) -> None:
     import psutil
 
     from loraswap.adapters.base import load_base
-    from loraswap.server.slots import LoraSlots
+    from loraswap.server.worker.slots import LoraSlots
 
     cfg = b.cfg
     folders = [b.folders[n] for n in b.names[:16]]

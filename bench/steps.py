@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     from loraswap.adapters.store import AdapterStore
     from loraswap.bench.load import QUESTIONS
     from loraswap.bench.synth import archive, synth_lora
-    from loraswap.server import fastpath, prefix
-    from loraswap.server.engine import Engine, GenRequest
+    from loraswap.server.jobs import Job
+    from loraswap.server.settings import PREFIX_CACHE_BYTES
+    from loraswap.server.worker import fastpath
+    from loraswap.server.worker.engine import Engine
 
     ref = resolve_base(args.base)
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,14 +79,14 @@ def main(argv: list[str] | None = None) -> None:
             max_loaded=max(1, args.adapters),
             lora_impl=args.impl,
             max_prefill_tokens=1 << 20,  # the whole batch joins in one prefill
-            prefix_cache_bytes=0 if args.no_prefix_cache else prefix.MAX_BYTES,
+            prefix_cache_bytes=0 if args.no_prefix_cache else PREFIX_CACHE_BYTES,
         )
 
         def run(tokens: int, tag: str) -> tuple[float, float]:
             for i in range(args.batch):
                 adapter = f"a{i % args.adapters:02d}" if args.adapters else None
                 ids = prompt_ids(base.tokenizer, QUESTIONS[i % len(QUESTIONS)])
-                engine.submit(GenRequest(f"{tag}{i}", ids, adapter, max_tokens=tokens, ignore_eos=True))
+                engine.submit(Job(f"{tag}{i}", ids, adapter, max_tokens=tokens, ignore_eos=True))
             start = time.perf_counter()
             engine.step()
             prefill = time.perf_counter() - start
@@ -118,8 +120,9 @@ def head_agreement(base: Any, store: Any, args: argparse.Namespace) -> None:
     from loraswap.adapters.prompt import prompt_ids
     from loraswap.adapters.store import SHIPPED_DIR, AdapterStore
     from loraswap.bench.load import QUESTIONS
-    from loraswap.server import fastpath
-    from loraswap.server.engine import Engine, GenRequest
+    from loraswap.server.jobs import Job
+    from loraswap.server.worker import fastpath
+    from loraswap.server.worker.engine import Engine
 
     if not args.adapters:
         store = AdapterStore(store.user_dir, shipped_dir=SHIPPED_DIR)
@@ -131,7 +134,7 @@ def head_agreement(base: Any, store: Any, args: argparse.Namespace) -> None:
     def answers(tag: str) -> dict[int, str]:
         for i, q in enumerate(QUESTIONS):
             ids = prompt_ids(base.tokenizer, q)
-            engine.submit(GenRequest(f"{tag}{i}", ids, names[i % len(names)], max_tokens=args.tokens, ignore_eos=True))
+            engine.submit(Job(f"{tag}{i}", ids, names[i % len(names)], max_tokens=args.tokens, ignore_eos=True))
         text: dict[int, str] = {}
         while engine.has_work():
             for e in engine.step():
@@ -156,7 +159,7 @@ def closed_loop(engine: Any, tokenizer: Any, args: argparse.Namespace) -> float:
     warm-up), counting the tokens of the requests that finished inside the window."""
     from loraswap.adapters.prompt import prompt_ids
     from loraswap.bench.load import QUESTIONS
-    from loraswap.server.engine import GenRequest
+    from loraswap.server.jobs import Job
 
     sent = 0
 
@@ -164,7 +167,7 @@ def closed_loop(engine: Any, tokenizer: Any, args: argparse.Namespace) -> float:
         nonlocal sent
         adapter = f"a{sent % args.adapters:02d}" if args.adapters else None
         ids = prompt_ids(tokenizer, QUESTIONS[sent % len(QUESTIONS)])
-        engine.submit(GenRequest(f"c{sent}", ids, adapter, max_tokens=tokens, ignore_eos=True))
+        engine.submit(Job(f"c{sent}", ids, adapter, max_tokens=tokens, ignore_eos=True))
         sent += 1
 
     for i in range(args.batch):  # staggered lengths: from then on requests finish and join one by one

@@ -1,4 +1,7 @@
-"""Server settings: defaults, overridden by LORASWAP_* environment variables (read once) and CLI options."""
+"""Server settings: defaults, overridden by LORASWAP_* environment variables (read once) and CLI options.
+
+Both processes read them (the API process and every worker), so this module holds the closed choices as plain
+`Literal`s and imports neither torch nor the worker's kernel code."""
 
 from __future__ import annotations
 
@@ -10,10 +13,17 @@ from pydantic import BaseModel, Field, SecretStr
 
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
-from loraswap.server import prefix
-from loraswap.server.fastpath import LmHead, Q4Kernel
 
 LoraImpl = Literal["batched", "peft"]
+"""How a worker computes LoRA rows (`Settings.lora_impl`)."""
+LmHead = Literal["auto", "float32", "bfloat16"]
+"""The LM head's compute dtype on CPU (`Settings.lm_head`, `server/worker/fastpath.py`)."""
+Q4Kernel = Literal["auto", "bitsandbytes", "float32", "bfloat16"]
+"""The kernel of the 4-bit layers on CPU (`Settings.q4_kernel`, `server/worker/fastpath.py`, `server/worker/q4.py`)."""
+
+PREFIX_CACHE_BYTES = 256 << 20
+"""The default bound on a worker's cached prompt blocks (`LORASWAP_PREFIX_CACHE_BYTES`, `server/worker/prefix.py`):
+room for 64 adapters' system turns on the embedded base (1.05 MiB each) and their questions' first blocks."""
 
 
 class Settings(BaseModel):
@@ -32,7 +42,7 @@ class Settings(BaseModel):
     max_prefill_tokens: int = 1024
     """Prompt tokens prefilled together in one step (at least one request): bounds how long running
     requests wait while new ones join."""
-    prefix_cache_bytes: int = prefix.MAX_BYTES
+    prefix_cache_bytes: int = PREFIX_CACHE_BYTES
     """Bytes of prompt-prefix keys and values a worker keeps for reuse (0: no prefix caching). Each adapter has its
     own: the 24-token system turn alone is 1.05 MiB per adapter on the embedded base (30 layers, 3 key-value heads
     of 64 floats), so 64 MiB could not hold 64 adapters' system turns, and traffic over 64 adapters evicted the
@@ -56,11 +66,11 @@ class Settings(BaseModel):
     lm_head: LmHead = "auto"
     """The output projection's compute dtype on CPU: "auto" (bf16 where the CPU has native bf16 dot products and
     a bf16 matmul measures faster there at the batch size, with each position's top logits recomputed in float32),
-    "float32" or "bfloat16" (`fastpath.py`)."""
+    "float32" or "bfloat16" (`server/worker/fastpath.py`)."""
     q4_kernel: Q4Kernel = "auto"
     """The kernel of the 4-bit layers on CPUs with AVX512-BF16: "auto" (the fastest at the batch size, timed at
     start-up), "bitsandbytes" (its fused kernel, one row at a time), "float32" or "bfloat16" (loraswap's, a tile
-    of weights dequantized once for 8 rows: `q4.py`)."""
+    of weights dequantized once for 8 rows: `server/worker/q4.py`)."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
 

@@ -252,7 +252,7 @@ def peft_reference(
 
     base = load_base(str(base_path), quant=quant)  # type: ignore[arg-type]
     if q4_kernel is not None:
-        from loraswap.server import fastpath
+        from loraswap.server.worker import fastpath
 
         fastpath.lean_4bit(base.model, q4_kernel)  # type: ignore[arg-type]
     model = base.model if adapter_path is None else PeftModel.from_pretrained(base.model, str(adapter_path))

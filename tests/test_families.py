@@ -30,8 +30,9 @@ from loraswap.adapters.prompt import (
     render_prompt,
 )
 from loraswap.adapters.store import AdapterStore
-from loraswap.server.engine import Engine, GenRequest
+from loraswap.server.jobs import Job
 from loraswap.server.settings import LoraImpl
+from loraswap.server.worker.engine import Engine
 from loraswap.train.data import QA
 from loraswap.train.trainer import TrainConfig, train_qtype
 
@@ -123,7 +124,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def run_engine(engine: Engine, plan: list[tuple[str | None, str]], n: int) -> dict[int, str]:
     """Every request of `plan` in one batch; the text of each."""
     for i, (adapter, q) in enumerate(plan):
-        engine.submit(GenRequest(f"r{i}", prompt_ids(engine.tokenizer, q), adapter, max_tokens=n))
+        engine.submit(Job(f"r{i}", prompt_ids(engine.tokenizer, q), adapter, max_tokens=n))
     text: dict[int, str] = {}
     batches = []
     while engine.has_work():

@@ -1,8 +1,11 @@
-"""The serving fast paths (`server/fastpath.py`): the direct 4-bit kernel is bit for bit bitsandbytes' own, the
+"""The serving fast paths (`server/worker/fastpath.py`): the direct 4-bit kernel is bit for bit bitsandbytes' own, the
 bf16 LM head keeps the float32 head's greedy choice and top logits, and an engine on them matches PEFT."""
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,10 @@ from pydantic import ValidationError
 from loraswap.adapters.base import load_base
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
-from loraswap.server import fastpath
-from loraswap.server.engine import Engine, Event, GenRequest
-from loraswap.server.settings import Settings
+from loraswap.server.jobs import Job, JobEvent
+from loraswap.server.settings import Q4Kernel, Settings
+from loraswap.server.worker import fastpath
+from loraswap.server.worker.engine import Engine
 
 needs_native_bf16 = pytest.mark.skipif(
     not fastpath.native_bf16_cpu(), reason="bitsandbytes' fused kernel needs a CPU with AVX512-BF16"
@@ -127,7 +131,7 @@ def test_the_bf16_measurement_times_both_dtypes(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize("q4_kernel", ["bitsandbytes", "float32", "bfloat16"])
 def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(
-    q4_kernel: fastpath.Q4Kernel, lively_base: Path, tmp_path: Path
+    q4_kernel: Q4Kernel, lively_base: Path, tmp_path: Path
 ) -> None:
     random_lora_adapter(lively_base, tmp_path, "symptoms", seed=1)
     random_lora_adapter(lively_base, tmp_path, "treatment", seed=2)
@@ -142,8 +146,8 @@ def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(
     tok = base.tokenizer
     plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2]), ("symptoms", QUESTIONS[3])]
     for i, (adapter, q) in enumerate(plan):
-        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=12))
-    events: dict[str, list[Event]] = {}
+        engine.submit(Job(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=12))
+    events: dict[str, list[JobEvent]] = {}
     while engine.has_work():
         for e in engine.step():
             events.setdefault(e.uid, []).append(e)
@@ -155,3 +159,31 @@ def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(
         assert text == tok.decode(ref, skip_special_tokens=True), (adapter, q)
         texts.add(text)
     assert len(texts) == len(plan)  # the adapters change the answers: the parity could fail
+
+
+@pytest.fixture
+def fresh_probes() -> Iterator[None]:
+    """fastpath's once-only probes of bitsandbytes forgotten before and after the test."""
+    probes = (fastpath.native_bf16_cpu, fastpath._bitsandbytes_cpu_kernels, fastpath._linear4bit)
+    for probe in probes:
+        probe.cache_clear()
+    yield
+    for probe in probes:
+        probe.cache_clear()
+
+
+def test_a_fast_path_not_taken_says_why_once_in_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fresh_probes: None
+) -> None:
+    """Where a part of bitsandbytes cannot be imported, its fast path is not taken, and the log says so once."""
+    for module in ("bitsandbytes.functional", "bitsandbytes.backends.cpu", "bitsandbytes.nn"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it raises ModuleNotFoundError
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with caplog.at_level(logging.INFO, logger="loraswap.server.worker.fastpath"):
+        for _ in range(3):
+            assert fastpath.native_bf16_cpu() is False
+            assert fastpath._packed_kernel(model[0]) is None
+            assert fastpath._pack(model) == []
+    assert caplog.text.count("bf16 instructions cannot run (ModuleNotFoundError") == 1
+    assert caplog.text.count("fused CPU 4-bit kernel cannot be called directly (ModuleNotFoundError") == 1
+    assert caplog.text.count("no 4-bit fast path: bitsandbytes cannot be imported (ModuleNotFoundError") == 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from loraswap.server import kvcache
-from loraswap.server.kvcache import ROOM, RoomyLayer, concat_rows, keep_rows, new_cache
+from loraswap.server.worker import kvcache
+from loraswap.server.worker.kvcache import ROOM, RoomyLayer, concat_rows, keep_rows, new_cache
 
 CONFIG = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
 

@@ -1,7 +1,7 @@
-"""loraswap's CPU kernels (`server/q4.py`, `server/kernels/q4_cpu.c`): each 4-bit kernel computes what the
-layer's 4-bit weight means (checked against a dequantization written here from bitsandbytes' storage format,
-not from the kernels' packed layout), at every row count around the 8-row tiles, and the LM head's kernel what
-its bf16 weight means; they are built once and cached; without a compiler, or where the build fails, the
+"""loraswap's CPU kernels (`server/worker/q4.py`, `server/worker/kernels/q4_cpu.c`): each 4-bit kernel computes
+what the layer's 4-bit weight means (checked against a dequantization written here from bitsandbytes' storage
+format, not from the kernels' packed layout), at every row count around the 8-row tiles, and the LM head's kernel
+what its bf16 weight means; they are built once and cached; without a compiler, or where the build fails, the
 layers keep bitsandbytes' kernel."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from loraswap.adapters.base import load_base
-from loraswap.server import fastpath, q4
+from loraswap.server.worker import fastpath, q4
 
 pytestmark = pytest.mark.skipif(
     not fastpath.native_bf16_cpu(), reason="the kernels work on bitsandbytes' packing for CPUs with AVX512-BF16"
@@ -163,7 +163,7 @@ def test_without_a_working_compiler_the_layers_keep_bitsandbytes_kernel(
     monkeypatch.setenv("CC", cc)
     base = load_base(str(lively_base), quant="nf4")
     layers = [m for m in base.model.modules() if isinstance(m, Linear4bit)]
-    with caplog.at_level(logging.WARNING, logger="loraswap.server.q4"):
+    with caplog.at_level(logging.WARNING, logger="loraswap.server.worker.q4"):
         assert fastpath.lean_4bit(base.model, "float32") == (len(layers), "bitsandbytes")
         assert fastpath.lean_4bit(base.model, "auto")[1] == "bitsandbytes"
     assert why in caplog.text and "4-bit layers keep bitsandbytes' own" in caplog.text

@@ -22,9 +22,9 @@ from loraswap.adapters.manifest import AdapterError, read_manifest
 from loraswap.adapters.prompt import prompt_ids, stop_token_ids
 from loraswap.adapters.store import AdapterStore
 from loraswap.adapters.validate import validate_adapter
-from loraswap.server.engine import Event, GenRequest
-from loraswap.server.seq2seq import Seq2SeqEngine
+from loraswap.server.jobs import Job, JobEvent
 from loraswap.server.settings import LoraImpl
+from loraswap.server.worker.seq2seq import Seq2SeqEngine
 from loraswap.train.data import load_qa
 from loraswap.train.trainer import TrainConfig, train_qtype
 
@@ -46,11 +46,9 @@ def store_dir(t5: Path, qa_csv: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-def run(
-    engine: Seq2SeqEngine, joins: dict[int, list[GenRequest]]
-) -> tuple[dict[str, list[Event]], dict[str, list[int]]]:
+def run(engine: Seq2SeqEngine, joins: dict[int, list[Job]]) -> tuple[dict[str, list[JobEvent]], dict[str, list[int]]]:
     """Step the engine to the end, submitting `joins[step]` at that step; events and generated ids by request."""
-    events: dict[str, list[Event]] = {}
+    events: dict[str, list[JobEvent]] = {}
     generated: dict[str, list[int]] = {}
     retire = engine._retire
 
@@ -83,9 +81,9 @@ def test_mixed_batch_with_joins_matches_each_adapter_alone(t5: Path, store_dir: 
         ("symptoms", QUESTIONS[2], 3),
         ("trained", QUESTIONS[0], 5),
     ]
-    joins: dict[int, list[GenRequest]] = {}
+    joins: dict[int, list[Job]] = {}
     for i, (adapter, q, step) in enumerate(plan):
-        joins.setdefault(step, []).append(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=10))
+        joins.setdefault(step, []).append(Job(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=10))
     events, generated = run(engine, joins)
     assert engine.running == 0 and not engine.has_work()
     for i, (adapter, q, _) in enumerate(plan):
@@ -107,7 +105,7 @@ def test_a_cancelled_row_leaves_and_the_others_still_match(t5: Path, store_dir: 
     tok = base.tokenizer
     plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1]), (None, QUESTIONS[2])]
     for i, (adapter, q) in enumerate(plan):
-        engine.submit(GenRequest(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=10))
+        engine.submit(Job(f"r{i}", prompt_ids(tok, q), adapter, max_tokens=10))
     engine.step()
     engine.step()
     engine.cancel("r1")  # the row with the longest prompt, in the middle of the batch's caches
@@ -128,7 +126,7 @@ def test_nf4_base_serves_and_matches_peft_on_the_same_nf4_weights(t5: Path, stor
     tok = base.tokenizer
     plan = [("symptoms", QUESTIONS[0]), ("treatment", QUESTIONS[1])]
     _, generated = run(
-        engine, {0: [GenRequest(f"r{i}", prompt_ids(tok, q), a, max_tokens=8) for i, (a, q) in enumerate(plan)]}
+        engine, {0: [Job(f"r{i}", prompt_ids(tok, q), a, max_tokens=8) for i, (a, q) in enumerate(plan)]}
     )
     assert "Linear4bit" in type(base.model.encoder.block[0].layer[0].SelfAttention.q.base_layer).__name__
     for i, (adapter, q) in enumerate(plan):  # each adapter alone on a fresh load of the NF4 base

@@ -326,7 +326,7 @@ def test_each_worker_takes_the_cancels_of_its_own_requests(lively_base: Path, st
     from loraswap.server.api.spec import LoraswapSpec
     from loraswap.server.jobs import Job
     from loraswap.server.settings import Settings
-    from loraswap.server.worker import LoraswapAPI
+    from loraswap.server.worker.api import LoraswapAPI
 
     cancels: dict[str, float] = {}
     settings = Settings(base=str(lively_base), quant="none", adapters_dir=store)
@@ -352,10 +352,10 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
     import asyncio
     import threading
 
-    from loraswap.server import worker
     from loraswap.server.api.spec import LoraswapSpec
     from loraswap.server.jobs import Job
     from loraswap.server.settings import Settings
+    from loraswap.server.worker import api as worker
 
     seen: dict[str, set[int]] = {"load": set(), "step": set()}
     real_load = worker.load_base

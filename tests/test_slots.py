@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loraswap.adapters.manifest import AdapterError
-from loraswap.server.slots import LoraSlots
+from loraswap.server.worker.slots import LoraSlots
 
 PROMPTS = torch.tensor([[1, 5, 9, 14, 3, 7], [2, 8, 8, 11, 4, 6], [3, 3, 12, 5, 9, 1], [4, 10, 2, 6, 13, 8]])
 
@@ -113,7 +113,7 @@ def test_running_rows_stay_gathered_through_joins_leaves_and_reused_slots(
     gathered again, so every row still gets its own adapter's logits."""
     from transformers import AutoModelForCausalLM
 
-    from loraswap.server.slots import SlotLinear
+    from loraswap.server.worker.slots import SlotLinear
 
     refs: dict[str | None, torch.Tensor] = {None: reference_logits(lively_base, None, PROMPTS)}
     refs.update({name: reference_logits(lively_base, path, PROMPTS) for name, path in adapters.items()})

@@ -37,7 +37,7 @@ from loraswap.server.api.protocol import AnswerRequest, ChatRequest
 from loraswap.server.api.routes import playground
 from loraswap.server.api.spec import LoraswapSpec
 from loraswap.server.settings import Settings
-from loraswap.server.worker import LoraswapAPI
+from loraswap.server.worker.api import LoraswapAPI
 
 __all__ = ["build_server", "report_store", "serve"]
 

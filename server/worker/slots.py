@@ -28,17 +28,15 @@ PEFT's within float tolerance (tests compare them).
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from loraswap.adapters.lora import lora_pairs, lora_scale
 from loraswap.adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterError
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 # PEFT LoRA features this path does not compute; such adapters are refused with the reason.
 _UNSUPPORTED = {
     "use_dora": "DoRA",
@@ -192,7 +190,7 @@ class LoraSlots:
             raise AdapterError(f"all {self.capacity - 1} adapter slots are in use")
         config = json.loads((folder / CONFIG_FILE).read_text())
         _check_supported(config)
-        weights = _read_pairs(folder / WEIGHTS_FILE)
+        weights = lora_pairs(load_tensors(folder / WEIGHTS_FILE))
         for module, (a, b) in weights.items():
             base = self._base_linear(module)
             if a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
@@ -217,7 +215,7 @@ class LoraSlots:
                         layer.write(slot, None, None, 0.0)
                     else:
                         a, b = pair
-                        layer.write(slot, a, b, _scaling(config, module, a.shape[0]))
+                        layer.write(slot, a, b, lora_scale(config, module, a.shape[0]))
         except BaseException:
             self.free.append(slot)
             raise
@@ -301,33 +299,3 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     return load(path.read_bytes())
-
-
-def _read_pairs(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module: (A [r, in], B [out, r])} from a PEFT LoRA safetensors file."""
-    tensors = load_tensors(path)
-    if any("lora_embedding_" in name for name in tensors):
-        raise AdapterError("LoRA on embedding layers is not served; only linear layers are")
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        m = _KEY.match(name)
-        if m is None:
-            raise AdapterError(f"unexpected tensor {name!r} in a LoRA adapter")
-        found.setdefault(m["module"], {})[m["ab"]] = tensor
-    pairs = {}
-    for module, ab in found.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterError(f"LoRA weights of {module} lack lora_{'A' if 'A' not in ab else 'B'}")
-        pairs[module] = (ab["A"], ab["B"])
-    if not pairs:
-        raise AdapterError("the adapter has no LoRA weights")
-    return pairs
-
-
-def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
-    """PEFT's scaling of `module`: lora_alpha (or its alpha_pattern entry) over r, or over sqrt(r) with rsLoRA."""
-    from peft.utils.other import get_pattern_key
-
-    pattern = config.get("alpha_pattern") or {}
-    alpha = float(pattern.get(get_pattern_key(list(pattern), module), config.get("lora_alpha", 8)))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

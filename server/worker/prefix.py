@@ -24,13 +24,11 @@ import torch
 KV = tuple[torch.Tensor, torch.Tensor]
 """Keys and values of a run of tokens for every layer: two tensors of [layers, kv heads, tokens, head dim]."""
 
-MAX_BYTES = 256 << 20
-"""The default bound on cached blocks (`LORASWAP_PREFIX_CACHE_BYTES`): room for 64 adapters' system turns on the
-embedded base (1.05 MiB each) and their questions' first blocks."""
-
 
 class PrefixCache:
-    def __init__(self, block: int = 8, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, block: int, max_bytes: int) -> None:
+        """Blocks of `block` tokens, at most `max_bytes` of keys and values in all (the engine's default:
+        `settings.PREFIX_CACHE_BYTES`)."""
         if block < 1 or max_bytes < 1:
             raise ValueError(f"block ({block}) and max_bytes ({max_bytes}) must be positive")
         self.block = block

@@ -17,11 +17,14 @@ masked NaN would still poison attention's weighted sum).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+log = logging.getLogger(__name__)
 
 ROOM = 32
 """Spare columns a buffer gets when it is (re)allocated: one full copy per ROOM decoding steps."""
@@ -105,6 +108,43 @@ def new_cache(config: Any) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def plain_cache(config: Any) -> bool:
+    """Whether every layer of the cache of `config`'s model keeps every token's keys and values (no sliding window,
+    no recurrent state): only then are cached prompt blocks the same as recomputed ones, and only then may a step
+    run over the first rows alone."""
+    try:
+        cache = DynamicCache(config=config)
+    except Exception as e:  # a model type transformers builds no cache for from its config
+        kind = getattr(config, "model_type", type(config).__name__)
+        log.info("no prefix caching or short-first steps on this %s base: its KV cache cannot be built (%s)", kind, e)
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def past_cache(
+    config: Any, pasts: list[tuple[torch.Tensor, torch.Tensor] | None]
+) -> tuple[Any, torch.Tensor, list[int]]:
+    """A cache holding each row's past keys and values (each [layers, kv heads, tokens, head dim], or None for a row
+    without), right-aligned, zeros elsewhere; with its mask and each row's number of past tokens."""
+    sizes = [0 if p is None else p[0].shape[2] for p in pasts]
+    width = max(sizes)
+    some = next(p for p in pasts if p is not None)
+    layers, heads, _, dim = some[0].shape
+    keys = some[0].new_zeros(layers, len(pasts), heads, width, dim)
+    values = keys.clone()
+    for i, p in enumerate(pasts):
+        if p is not None:
+            keys[:, i, :, width - sizes[i] :] = p[0]
+            values[:, i, :, width - sizes[i] :] = p[1]
+    cache = new_cache(config)
+    for layer in range(layers):
+        cache.update(keys[layer], values[layer], layer)
+    mask = torch.zeros((len(pasts), width), dtype=torch.long)
+    for i, n in enumerate(sizes):
+        mask[i, width - n :] = 1
+    return cache, mask, sizes
 
 
 def concat_rows(old: Any, new: Any, width: int, capacity: int = 0) -> None:

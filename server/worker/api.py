@@ -1,16 +1,18 @@
 """The worker side: one base and one `Engine` per process, driven by LitServe's continuous-batching loop.
 
-Each loop step is one engine step over every running request. Requests arrive already validated by
-the API process (`server/api/`) as `Job`s, and every event goes back as a `JobEvent` (`server/jobs.py`);
-the shared `cancels` dict names requests whose client went away, and each worker records its process id
-in the shared `workers` dict (by LitServe's worker index), so the API process can tell when the worker
-running a request has died.
+Each loop step is one engine step over every running request. Requests arrive as `jobs.Job`s already
+validated by the API process (whose LitSpec, with its routes, this API is handed: the worker imports
+nothing of the API side); each step's `jobs.JobEvent`s go back as plain data. The shared `cancels` dict
+names requests whose client went away, and each worker records its process id in the shared `workers`
+dict (by LitServe's worker index), so the API process can tell when the worker running a request has died.
+
+No torch at import: the API process imports this module to build the server; the engine is imported in
+the worker, in `setup`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import sys
@@ -20,12 +22,13 @@ from typing import Any
 
 import litserve as ls
 from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
+from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus
 
 from loraswap.adapters.base import load_base
-from loraswap.adapters.manifest import AdapterNotFound
-from loraswap.server.jobs import ErrorKind, Job, failed
+from loraswap.server.jobs import Job, JobEvent, failed
 from loraswap.server.settings import Settings
+from loraswap.server.worker.failures import failure_kind, forward_failed
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,9 @@ class EngineLoop(ContinuousBatchingLoop):
 
 
 class LoraswapAPI(ls.LitAPI):
-    def __init__(self, settings: Settings, spec: ls.LitSpec, cancels: Any = None, workers: Any = None) -> None:
+    def __init__(self, settings: Settings, spec: LitSpec, cancels: Any = None, workers: Any = None) -> None:
+        """`spec`: the API process's LitSpec (its routes put Jobs on the request queue and read the events back);
+        `cancels` and `workers`: the dicts shared with it (a multiprocessing manager's), or None."""
         super().__init__(max_batch_size=settings.max_batch_size, stream=True, spec=spec, loop=EngineLoop())
         self.settings = settings
         self.cancels = cancels
@@ -68,9 +73,9 @@ class LoraswapAPI(ls.LitAPI):
         self.engine_thread.submit(self._load, device).result()
 
     def _load(self, device: str) -> None:
-        from loraswap.server import fastpath
-        from loraswap.server.engine import Engine
-        from loraswap.server.seq2seq import Seq2SeqEngine
+        from loraswap.server.worker import fastpath
+        from loraswap.server.worker.engine import Engine
+        from loraswap.server.worker.seq2seq import Seq2SeqEngine
 
         s = self.settings
         base = load_base(s.base, quant=s.quant, device=device, double_quant=s.double_quant)
@@ -93,19 +98,21 @@ class LoraswapAPI(ls.LitAPI):
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []
 
-    def add_request(self, uid: Any, request: Job) -> None:
-        from loraswap.server.engine import GenRequest
-
-        key = str(uid)
-        self.uids[key] = uid
+    def add_request(self, uid: Any, job: Job) -> None:
+        """Queue `job`, taken from LitServe's request queue under `uid` (the API process makes both the same)."""
+        if not isinstance(job, Job):
+            message = f"a worker takes a loraswap.server.jobs.Job from the request queue, not {type(job).__name__}"
+            self._finish(uid, failed(str(uid), message, "invalid_job"))
+            return
+        self.uids[job.uid] = uid
         try:
-            self.engine.submit(GenRequest(**dataclasses.asdict(request)))
+            self.engine.submit(job)
         except Exception as e:  # validated in the API process; a store change in between lands here
-            kind: ErrorKind = "adapter_not_found" if isinstance(e, AdapterNotFound) else "invalid_job"
-            self._finish(uid, failed(key, str(e), kind).to_wire())
+            del self.uids[job.uid]
+            self._finish(uid, failed(job.uid, str(e), failure_kind(e), len(job.prompt_ids)))
 
-    def _finish(self, uid: Any, data: dict[str, Any]) -> None:
-        self.immediate.append(Output(uid, data, LitAPIStatus.OK))
+    def _finish(self, uid: Any, event: JobEvent) -> None:
+        self.immediate.append(Output(uid, event.to_wire(), LitAPIStatus.OK))
         self.immediate.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
 
     def has_active_requests(self) -> bool:
@@ -134,15 +141,10 @@ class LoraswapAPI(ls.LitAPI):
             events = self.engine.step()
         except Exception as e:  # the engine contains per-request failures; this is the last guard
             log.exception("engine step failed")
-            events = self.engine.fail_running(f"generation failed: {type(e).__name__}")
+            events = self.engine.fail_running(forward_failed(e))
         for event in events:
             uid = self.uids[event.uid]
-            data = dataclasses.asdict(event)
-            if data.pop("status") == 404:
-                data["error_kind"] = "adapter_not_found"
-            elif data["error"] is not None:
-                data["error_kind"] = "generation_failed"
-            outputs.append(Output(uid, data, LitAPIStatus.OK))
+            outputs.append(Output(uid, event.to_wire(), LitAPIStatus.OK))
             if event.finish_reason:
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
                 del self.uids[event.uid]

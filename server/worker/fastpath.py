@@ -36,19 +36,17 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import Any, cast, get_args
 
 import torch
 import torch.nn.functional as F
 
-from loraswap.server import q4
+from loraswap.server.settings import LmHead, Q4Kernel
+from loraswap.server.worker import q4
 
 log = logging.getLogger(__name__)
 
-LmHead = Literal["auto", "float32", "bfloat16"]
-LM_HEADS: tuple[LmHead, ...] = ("auto", "float32", "bfloat16")
-Q4Kernel = Literal["auto", "bitsandbytes", "float32", "bfloat16"]
-Q4_KERNELS: tuple[Q4Kernel, ...] = ("auto", "bitsandbytes", "float32", "bfloat16")
+Q4_KERNELS: tuple[Q4Kernel, ...] = get_args(Q4Kernel)
 KERNEL_NAMES = {
     "bitsandbytes": "bitsandbytes' fused CPU kernel",
     "float32": "loraswap's float32 4-bit kernel",
@@ -57,14 +55,46 @@ KERNEL_NAMES = {
 RESCORED = 8  # logits per position the bf16 head recomputes in float32
 
 
+@functools.cache
 def native_bf16_cpu() -> bool:
     """Whether this CPU has bf16 dot-product instructions (bitsandbytes' own test)."""
     try:
         from bitsandbytes.functional import has_avx512bf16
 
         return bool(has_avx512bf16())
-    except Exception:  # no bitsandbytes, or a build without its CPU library
+    except Exception as e:  # no bitsandbytes, or a build without its CPU library
+        log.info(
+            "no bf16 fast paths: bitsandbytes' test for bf16 instructions cannot run (%s: %s)", type(e).__name__, e
+        )
         return False
+
+
+@functools.cache
+def _bitsandbytes_cpu_kernels() -> tuple[Any, Any] | None:
+    """bitsandbytes' CPU ops and C library (where its fused 4-bit kernels are), or None, said once in the log."""
+    try:
+        from bitsandbytes.backends.cpu import ops
+        from bitsandbytes.cextension import lib
+    except Exception as e:  # a bitsandbytes without its CPU backend, or another layout of it
+        log.warning(
+            "bitsandbytes' fused CPU 4-bit kernel cannot be called directly (%s: %s); a 4-bit layer that "
+            "loraswap's kernels do not take runs as loaded",
+            type(e).__name__,
+            e,
+        )
+        return None
+    return ops, lib
+
+
+@functools.cache
+def _linear4bit() -> type | None:
+    """bitsandbytes' 4-bit layer class, or None, said once in the log."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception as e:  # no bitsandbytes: there are no 4-bit layers to speed up
+        log.info("no 4-bit fast path: bitsandbytes cannot be imported (%s: %s)", type(e).__name__, e)
+        return None
+    return cast(type, Linear4bit)
 
 
 def _device(model: Any) -> torch.device:
@@ -174,11 +204,10 @@ def _patch(module: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tens
 def _packed_kernel(module: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A direct call of bitsandbytes' fused CPU 4-bit kernel for `module`, once its weight is in the kernel's
     packed layout; None where that layout or kernel is not there (another bitsandbytes, no AVX512-BF16)."""
-    try:
-        from bitsandbytes.backends.cpu import ops
-        from bitsandbytes.cextension import lib
-    except Exception:
+    kernels = _bitsandbytes_cpu_kernels()
+    if kernels is None:
         return None
+    ops, lib = kernels
     state = getattr(module.weight, "quant_state", None)
     if state is None or not getattr(state, "packing_format_for_cpu", False) or module.training:
         return None
@@ -220,11 +249,10 @@ def _packed_kernel(module: Any) -> Callable[[torch.Tensor], torch.Tensor] | None
 def _pack(model: Any) -> list[Any]:
     """The model's 4-bit layers, after one token has run through the model (bitsandbytes packs a layer's
     weight for its CPU kernel at the layer's first inference forward); [] where no CPU kernel applies."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except Exception:
+    linear4bit = _linear4bit()
+    if linear4bit is None:
         return []
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    layers = [m for m in model.modules() if isinstance(m, linear4bit)]
     if not layers or _device(model).type != "cpu" or not native_bf16_cpu():
         return []
     token = torch.zeros((1, 1), dtype=torch.long)
