@@ -71,6 +71,10 @@ class Settings(BaseModel):
     """The kernel of the 4-bit layers on CPUs with AVX512-BF16: "auto" (the fastest at the batch size, timed at
     start-up), "bitsandbytes" (its fused kernel, one row at a time), "float32" or "bfloat16" (loraswap's, a tile
     of weights dequantized once for 8 rows: `server/worker/q4.py`)."""
+    threads: int | None = Field(None, ge=1)
+    """Compute threads of a CPU worker, fixed. Unset: as many as the worker may use (its CPU affinity mask, no more
+    than its cgroup's CPU quota), one fewer while other processes keep its threads waiting for a CPU, and back
+    when a CPU stays idle (`server/worker/threads.py`). CUDA workers keep torch's default."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
 

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from loraswap.server.threads import Sample, SchedProbe, ThreadGovernor, cgroup_cpu_quota, thread_budget
+from loraswap.server.worker.threads import (
+    CpuThreads,
+    Sample,
+    SchedProbe,
+    ThreadGovernor,
+    cgroup_cpu_quota,
+    thread_budget,
+)
 
 
 def write(path: Path, text: str) -> None:
@@ -182,3 +189,36 @@ def test_reset_forgets_the_window() -> None:
     assert gov.observe(clock.step(0.1, 0.0, 0.0)) is None
     assert gov.observe(clock.step(0.6, 0.0, 0.0)) is None
     assert gov.threads == 2
+
+
+class FakeProbe(SchedProbe):
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+
+    def sample(self) -> Sample | None:
+        return self.samples.pop(0)
+
+
+def test_cpu_threads_fixed_by_the_setting_never_adapts() -> None:
+    applied: list[int] = []
+    said: list[str] = []
+    threads = CpuThreads(3, applied.append, report=said.append, probe=FakeProbe([]))
+    for _ in range(10):
+        threads.after_step(busy=True)  # the fake probe would fail if it were read
+    assert applied == [3] and threads.threads == 3
+    assert said and "LORASWAP_THREADS=3" in said[0] and "fixed" in said[0]
+
+
+def test_cpu_threads_applies_the_governors_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("loraswap.server.worker.threads.cgroup_cpu_quota", lambda *a: None)
+    clock = Clock()
+    samples = [clock.step(0.3, 1.0, 0.0) for _ in range(4)]  # waiting a whole CPU-second per second
+    applied: list[int] = []
+    said: list[str] = []
+    threads = CpuThreads(None, applied.append, report=said.append, probe=FakeProbe(samples))
+    threads.after_step(busy=False)  # idle engine: the probe is not read
+    for _ in range(4):
+        threads.after_step(busy=True)
+    assert applied == [2, 1] and threads.threads == 1
+    assert "2 CPUs in the affinity mask" in said[0] and "waiting for a CPU" in said[-1]

@@ -63,6 +63,14 @@ def serve(
             "[default], 'bitsandbytes', or loraswap's 'float32' or 'bfloat16'.",
         ),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="Compute threads of a CPU worker, fixed. Default: the CPUs the worker may use (affinity mask, "
+            "cgroup CPU quota), one fewer while other processes keep them busy.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
     from loraswap.server.api.app import serve as run_server
@@ -80,6 +88,7 @@ def serve(
         lora_impl=lora_impl,
         lm_head=lm_head,
         q4_kernel=q4_kernel,
+        threads=threads,
     )
     code = run_server(settings)
     if code:

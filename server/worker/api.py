@@ -29,6 +29,7 @@ from loraswap.adapters.base import load_base
 from loraswap.server.jobs import Job, JobEvent, failed
 from loraswap.server.settings import Settings
 from loraswap.server.worker.failures import failure_kind, forward_failed
+from loraswap.server.worker.threads import CpuThreads
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,14 @@ class LoraswapAPI(ls.LitAPI):
         from loraswap.server.worker.seq2seq import Seq2SeqEngine
 
         s = self.settings
+        self.threads: CpuThreads | None = None
+        if device == "cpu":  # before the kernels are timed: they run with the threads the steps will have
+            import torch
+
+            self.threads = CpuThreads(s.threads, torch.set_num_threads, report=self._say)
         base = load_base(s.base, quant=s.quant, device=device, double_quant=s.double_quant)
         fast = fastpath.apply(base.model, s.lm_head, rows=s.max_batch_size, q4_kernel=s.q4_kernel)
-        print(f"loraswap: worker {os.getpid()}: {fastpath.describe(fast)}", file=sys.stderr, flush=True)
+        self._say(fastpath.describe(fast))
         store = self.settings.store()
         engine_class = Seq2SeqEngine if base.ref.kind == "seq2seq" else Engine
         self.engine = engine_class(
@@ -97,6 +103,10 @@ class LoraswapAPI(ls.LitAPI):
         )
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []
+
+    @staticmethod
+    def _say(message: str) -> None:
+        print(f"loraswap: worker {os.getpid()}: {message}", file=sys.stderr, flush=True)
 
     def add_request(self, uid: Any, job: Job) -> None:
         """Queue `job`, taken from LitServe's request queue under `uid` (the API process makes both the same)."""
@@ -148,6 +158,8 @@ class LoraswapAPI(ls.LitAPI):
             if event.finish_reason:
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
                 del self.uids[event.uid]
+        if self.threads is not None:
+            self.threads.after_step(busy=self.engine.has_work())
         return outputs
 
     def encode_response(self, output: Any, **kwargs: Any) -> Any:

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,3 +224,65 @@ class ThreadGovernor:
         self.threads = threads
         self.changed_at = when
         return threads
+
+
+class CpuThreads:
+    """The worker's compute threads over its life: the budget at start-up, then the governor between steps.
+
+    `apply` sets the thread count (`torch.set_num_threads`, called on the engine thread, whose OpenMP teams the
+    steps use); `report` says each choice (the worker prints it). The budget is read again every `recheck`
+    seconds, so a quota changed at run time (a container's CPUs resized) is followed. A budget set by
+    LORASWAP_THREADS is kept as it is."""
+
+    def __init__(
+        self,
+        setting: int | None,
+        apply: Callable[[int], None],
+        report: Callable[[str], None] = log.info,
+        recheck: float = 5.0,
+        probe: SchedProbe | None = None,
+    ) -> None:
+        self.setting, self.apply, self.report, self.recheck = setting, apply, report, recheck
+        self.budget = thread_budget(setting)
+        self.governor = ThreadGovernor(self.budget.threads)
+        self.probe = probe or SchedProbe()
+        self.checked = time.monotonic()
+        apply(self.budget.threads)
+        adapting = "fixed" if self.budget.fixed else "fewer while other processes hold the CPUs"
+        report(f"compute threads: {self.budget.threads} ({self.budget.reason}; {adapting})")
+
+    @property
+    def threads(self) -> int:
+        return self.governor.threads
+
+    def after_step(self, busy: bool) -> None:
+        """Called after each engine step; `busy`: requests are still running or waiting."""
+        if self.budget.fixed:
+            return
+        if not busy:
+            self.governor.reset()
+            return
+        sample = self.probe.sample()
+        if sample is None:
+            return
+        if sample.wall - self.checked >= self.recheck:
+            self.checked = sample.wall
+            self._recheck_budget()
+        change = self.governor.observe(sample)
+        if change is not None:
+            self.apply(change)
+            self.report(f"compute threads: {change} of {self.budget.threads} ({self._why(change)})")
+
+    def _recheck_budget(self) -> None:
+        budget = thread_budget(self.setting)
+        if budget.threads == self.budget.threads:
+            return
+        self.budget = budget
+        self.governor = ThreadGovernor(budget.threads)
+        self.apply(budget.threads)
+        self.report(f"compute threads: {budget.threads} (the budget changed: {budget.reason})")
+
+    def _why(self, threads: int) -> str:
+        if threads < self.budget.threads:
+            return "the worker's threads were waiting for a CPU"
+        return "a CPU stayed idle"
