@@ -21,6 +21,8 @@ WHAT = {
     "short_with_long": "the same short requests beside long ones",
     "long_with_short": "the long requests of that mix",
     "llamacpp": "llama.cpp on the base GGUF, single stream",
+    "single_neighbour": "the single scenario's requests while another process spins on a core",
+    "single_quota": "the single scenario's requests with the server in a one-CPU cgroup quota",
 }
 GOALS = {
     "mixed16_vs_single": (">=", 0.90),
@@ -28,6 +30,8 @@ GOALS = {
     "single_vs_naive": (">=", 8.0),
     "short_p50_with_long_vs_alone": ("<=", 1.5),
     "single_vs_llamacpp": (">=", 2.0),
+    "single_with_neighbour_vs_single": (">=", 0.45),
+    "single_ttft_p50_with_neighbour_vs_single": ("<=", 3.0),
 }
 
 

@@ -13,7 +13,7 @@ from loraswap.bench.config import BenchConfig
 from loraswap.bench.load import Run
 from loraswap.bench.probes import histogram_quantile
 
-THROUGHPUT = ("single", "mixed4", "mixed16", "mixed64", "skewed64", "base")
+THROUGHPUT = ("single", "mixed4", "mixed16", "mixed64", "skewed64", "base", "single_neighbour", "single_quota")
 """The closed-loop throughput scenarios, in the order the report and its charts list them."""
 
 
@@ -74,6 +74,9 @@ def summary(c: Collected) -> dict[str, Any]:
         "single_vs_base": ratio("single", "base"),
         "short_p50_with_long_vs_alone": ratio("short_with_long", "short_alone", "p50_ms"),
         "single_vs_llamacpp": ratio("single", "llamacpp"),
+        "single_with_neighbour_vs_single": ratio("single_neighbour", "single"),
+        "single_ttft_p50_with_neighbour_vs_single": ratio("single_neighbour", "single", "ttft_p50_ms"),
+        "single_in_quota_vs_single": ratio("single_quota", "single"),
     }
     cold = sorted(1000 * (a - b) for a, b in c.cold)
     up = [1000 * u for u in c.upload_to_first]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from loraswap.bench import scenarios
+from loraswap.bench import cpu, scenarios
 from loraswap.bench.config import BenchConfig
 from loraswap.bench.probes import adapter_load_times, machine_info
 from loraswap.bench.results import Collected
@@ -41,6 +41,10 @@ def run_bench(cfg: BenchConfig) -> Collected:
         for n in names + cold:
             session.upload(n, folders[n])
         bench = scenarios.Bench(cfg, session, url, names, cold, uploads, folders, out)
+        no_quota = "the server was not started by the bench" if session.proc is None else cpu.quota_unavailable()
+        bench.quota = no_quota is None
+        if no_quota:
+            say(f"skipping the single scenario in a one-CPU quota: {no_quota}")
         scenarios.warm_up(bench)
         bench.naive = scenarios.load_naive(cfg, {n: folders[n] for n in names[:16]})
         for r in range(cfg.rounds):

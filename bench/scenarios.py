@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from loraswap.bench import load
+from loraswap.bench import cpu, load
 from loraswap.bench.config import BenchConfig
 from loraswap.bench.load import Job, Result, Run
 from loraswap.bench.probes import prompt_cache_mb, worker_rss_mb
@@ -47,6 +47,8 @@ class Bench:
     out: Collected
     naive: Any = None
     """PEFT's plain recipe loaded in this process (None: not measured)."""
+    quota: bool = False
+    """Run the single scenario inside a one-CPU cgroup quota too (a server started here, cgroups writable)."""
 
 
 def round_steps(b: Bench, r: int) -> list[tuple[str, Step]]:
@@ -63,6 +65,10 @@ def round_steps(b: Bench, r: int) -> list[tuple[str, Step]]:
         "base": load.jobs(["base"], n, t, seed + 5),
     }
     steps: list[tuple[str, Step]] = [(name, partial(closed, b, work)) for name, work in traffic.items()]
+    # The single scenario's own requests again, beside a busy process and inside a one-CPU quota.
+    steps.append(("single_neighbour", partial(beside_neighbour, b, traffic["single"])))
+    if b.quota:
+        steps.append(("single_quota", partial(in_quota, b, traffic["single"])))
     if b.naive is not None:
         steps.append(("naive", partial(in_process, b.naive, load.jobs(names[:16], cfg.naive_per_round, t, seed + 6))))
     steps.append(("short_long", partial(short_long, b, seed + 7)))
@@ -87,6 +93,24 @@ def run_round(b: Bench, r: int) -> None:
 def closed(b: Bench, work: list[Job]) -> Run:
     """`work` from `clients` closed-loop clients."""
     return asyncio.run(load.closed_loop(b.url, work, b.cfg.clients, b.cfg.api_key))
+
+
+def beside_neighbour(b: Bench, work: list[Job]) -> Run:
+    """`work` while one other process spins on a core (it starts with the slice: the server adapts meanwhile)."""
+    with cpu.busy_neighbour():
+        return closed(b, work)
+
+
+def in_quota(b: Bench, work: list[Job]) -> Run:
+    """`work` with every process of the server in a cgroup limited to one CPU, as in a container given one CPU."""
+    import psutil
+
+    if b.session.proc is None:
+        raise RuntimeError("the quota scenario needs a server started by the bench")
+    server = psutil.Process(b.session.proc.pid)
+    pids = [server.pid] + [p.pid for p in server.children(recursive=True)]
+    with cpu.cpu_quota(pids, cpus=1.0):
+        return closed(b, work)
 
 
 def in_process(engine: Any, work: list[Job]) -> Run:

@@ -14,6 +14,7 @@ from loraswap.adapters.base import resolve_base
 from loraswap.adapters.validate import validate_adapter
 from loraswap.bench import load
 from loraswap.bench.config import BenchConfig
+from loraswap.bench.cpu import quota_unavailable
 from loraswap.bench.load import Job, Result, Run
 from loraswap.bench.results import Collected
 from loraswap.bench.scenarios import Bench
@@ -79,7 +80,12 @@ def quick_run(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 def test_quick_bench_measures_every_scenario_without_errors(quick_run: tuple[dict, Path]) -> None:  # type: ignore[type-arg]
     result, _ = quick_run
     scen = result["scenarios"]
-    for name in ("single", "mixed4", "mixed16", "mixed64", "skewed64", "base", "naive", "short_alone", "open50"):
+    scenarios = ["single", "mixed4", "mixed16", "mixed64", "skewed64", "base", "naive", "short_alone", "open50"]
+    scenarios.append("single_neighbour")
+    if quota_unavailable() is None:  # root on a machine with a writable cgroup cpu controller
+        scenarios.append("single_quota")
+        assert result["ratios"]["single_in_quota_vs_single"] > 0
+    for name in scenarios:
         row = scen[name]
         assert row["requests"] > 0 and row["errors"] == 0, (name, row)
         assert row["tok_s"] > 0 and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
@@ -89,7 +95,10 @@ def test_quick_bench_measures_every_scenario_without_errors(quick_run: tuple[dic
     assert scen["short_with_long"]["requests"] == scen["short_alone"]["requests"] == 4
     assert scen["short_with_long"]["errors"] == 0
     assert scen["short_with_long"]["long_streamed_tok_s"] > 0  # the long requests streamed meanwhile
-    for key in ("mixed16_vs_single", "mixed64_vs_single", "single_vs_naive", "skewed64_vs_single"):
+    assert scen["single_neighbour"]["requests"] == scen["single"]["requests"]  # the same requests, beside a neighbour
+    assert result["ratios"]["single_ttft_p50_with_neighbour_vs_single"] > 0
+    ratios = ("mixed16_vs_single", "mixed64_vs_single", "single_vs_naive", "skewed64_vs_single")
+    for key in (*ratios, "single_with_neighbour_vs_single"):
         assert result["ratios"][key] > 0
     # Every adapter loaded once: 4 in the warm-up, 3 cold, 2 uploaded; the server timed each load.
     assert result["cold_load_ms"]["n"] == 9 and result["cold_load_ms"]["p50"] > 0
@@ -151,10 +160,14 @@ def _bench_for_steps(naive: object = None) -> Bench:
 def test_every_interleaved_scenario_is_one_step_of_a_round() -> None:
     from loraswap.bench.scenarios import round_steps
 
-    order = ["single", "mixed4", "mixed16", "mixed64", "skewed64", "base", "short_long", "cold", "upload"]
+    order = ["single", "mixed4", "mixed16", "mixed64", "skewed64", "base", "single_neighbour"]
+    order += ["short_long", "cold", "upload"]
     assert [name for name, _ in round_steps(_bench_for_steps(), 0)] == order
     with_naive = [name for name, _ in round_steps(_bench_for_steps(naive=object()), 0)]
-    assert with_naive == [*order[:6], "naive", *order[6:]]
+    assert with_naive == [*order[:7], "naive", *order[7:]]
+    bench = _bench_for_steps()
+    bench.quota = True
+    assert [name for name, _ in round_steps(bench, 0)] == [*order[:7], "single_quota", *order[7:]]
 
 
 def test_rounds_rotate_the_scenarios_and_record_their_runs(monkeypatch: pytest.MonkeyPatch) -> None:

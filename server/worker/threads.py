@@ -239,7 +239,7 @@ class CpuThreads:
         setting: int | None,
         apply: Callable[[int], None],
         report: Callable[[str], None] = log.info,
-        recheck: float = 5.0,
+        recheck: float = 1.0,
         probe: SchedProbe | None = None,
     ) -> None:
         self.setting, self.apply, self.report, self.recheck = setting, apply, report, recheck
