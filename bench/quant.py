@@ -13,7 +13,7 @@ base and measures, in this order:
   warm-up answer (serving), when every weight has been read (a dense load maps the file lazily, so right
   after loading little of it is resident yet);
 - decoding speed: generated tokens/s of one stream, greedy, through the server's engine (with its CPU fast
-  paths, `server/fastpath.py`) with the adapter in its slot: the same questions, each answered with exactly
+  paths, `server/worker/fastpath.py`) with the adapter in its slot: the same questions, each answered with exactly
   `--tokens` tokens (end-of-turn ignored), after one warm-up answer;
 - quality: the adapter's held-out answer NLL (per answer token, as `loraswap eval` scores it) on the first
   `--questions` held-out questions of its qtype, the split its training used.

@@ -347,7 +347,7 @@ def test_the_worker_loads_its_model_and_runs_every_step_on_one_thread(
     lively_base: Path, store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each thread that calls into torch gets an OpenMP team of its own, and with more of them than cores libgomp
-    stops spin-waiting between parallel regions (server/worker.py): the model is loaded on the thread that then
+    stops spin-waiting between parallel regions (server/worker/api.py): the model is loaded on the thread that then
     runs every step, however busy the event loop's default pool is."""
     import asyncio
     import threading
