@@ -147,6 +147,7 @@ class LoraswapAPI(ls.LitAPI):
     def step(self, prev_outputs: Any) -> list[Output]:
         self._apply_cancels()
         outputs, self.immediate = self.immediate, []
+        rows = self.engine.running
         try:
             events = self.engine.step()
         except Exception as e:  # the engine contains per-request failures; this is the last guard
@@ -159,7 +160,7 @@ class LoraswapAPI(ls.LitAPI):
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
                 del self.uids[event.uid]
         if self.threads is not None:
-            self.threads.after_step(busy=self.engine.has_work())
+            self.threads.after_step(rows, busy=self.engine.has_work())
         return outputs
 
     def encode_response(self, output: Any, **kwargs: Any) -> Any:

@@ -16,6 +16,7 @@ torch's defaults.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -133,6 +134,8 @@ class Sample:
     """Time the process's threads have spent runnable but waiting for a CPU, summed over its threads."""
     idle: float
     """Idle time of the CPUs in the affinity mask, summed over them."""
+    work: float = 0.0
+    """Work the engine has done: rows decoded, summed over its steps."""
 
 
 class SchedProbe:
@@ -165,16 +168,22 @@ class SchedProbe:
 
 
 class ThreadGovernor:
-    """Decides, between engine steps, how many of `budget` threads the next steps run.
+    """Decides, between engine steps, how many of `budget` threads the next steps run: it tries a count when the
+    scheduler's accounts suggest it, and keeps it only if the steps did more work with it.
 
-    Over each window of at least `window` seconds: with more than one thread, when the process's threads waited
-    for a CPU more than `contended` seconds per second, one thread is dropped at once; with fewer than the budget,
-    when the mask's CPUs were idle at least `spare` CPU-seconds per second and the last change is `hold` seconds
-    old, one is taken back. A thread taken back and dropped again within two windows doubles the hold (up to
-    `max_hold`), so a neighbour that takes whatever CPU is idle costs one slow window per `max_hold` seconds, not
-    one per window; a thread taken back that stays doubles nothing and the hold returns to `hold`.
-    Measured on 2 cores with the embedded base: at its budget, quiet, a worker waited 0.00-0.03 s/s; beside one
-    busy process, about 1.0 s/s with two threads; with one thread, 0.97 CPUs stayed idle once the neighbour left."""
+    Over each window of at least `window` seconds it measures the work done (rows decoded per second), the time
+    the process's threads waited for a CPU and the mask's idle CPU time. With more than one thread, waiting above
+    `contended` seconds per second suggests one thread fewer; below the budget, at least `spare` idle CPUs
+    suggest one more. A suggestion starts a trial: the next window runs the new count, and it is kept if it did at
+    least `gain` times the work of the window before, else the old count comes back and that direction waits
+    twice as long as before (from `hold` up to `max_hold` seconds) before its next trial. A kept trial resets
+    that direction's wait. Where the work of a window collapses below `collapse` of the recent best while the
+    threads wait, the trial starts at once, whatever the wait: a neighbour that arrives is answered within two
+    windows.
+
+    The waiting alone cannot decide: a server's own API process and its clients make the worker's threads wait
+    too (0.3-0.6 s/s on 2 cores under 16 streaming clients, quiet), and there two threads still do 1.4x the work
+    of one; beside a busy process two threads did a tenth of one thread's work (2 cores, the embedded base)."""
 
     def __init__(
         self,
@@ -182,16 +191,22 @@ class ThreadGovernor:
         window: float = 0.5,
         contended: float = 0.25,
         spare: float = 0.6,
+        gain: float = 1.05,
+        collapse: float = 0.5,
         hold: float = 2.0,
         max_hold: float = 30.0,
     ) -> None:
         self.budget = budget
         self.threads = budget
-        self.window, self.contended, self.spare = window, contended, spare
-        self.base_hold, self.hold, self.max_hold = hold, hold, max_hold
+        self.window, self.contended, self.spare, self.gain, self.collapse = window, contended, spare, gain, collapse
+        self.base_hold, self.max_hold = hold, max_hold
+        self.hold = {-1: hold, 1: hold}  # per direction: fewer (-1) and more (+1) threads
+        self.next_try = {-1: 0.0, 1: 0.0}
         self.start: Sample | None = None
-        self.changed_at = -math.inf
-        self.raised_at = -math.inf
+        self.trial: tuple[int, float] | None = None
+        """While a count is on trial: the count before it and the work per second it did."""
+        self.best = 0.0
+        """The most work per second of recent windows at the current count (decaying)."""
 
     def reset(self) -> None:
         """Forget the window: the engine was idle, and idle time says nothing about the steps."""
@@ -205,25 +220,39 @@ class ThreadGovernor:
         span = now.wall - self.start.wall
         if span < self.window:
             return None
+        rate = (now.work - self.start.work) / span
         waiting = (now.run_delay - self.start.run_delay) / span
         idle = (now.idle - self.start.idle) / span
         self.start = now
-        recently_raised = now.wall - self.raised_at <= 2 * self.window + span
-        if self.threads > 1 and waiting > self.contended:
-            if recently_raised:
-                self.hold = min(self.max_hold, 2 * self.hold)  # the CPU it saw idle was taken again
-            return self._set(self.threads - 1, now.wall)
-        if self.threads == self.budget and not recently_raised:
-            self.hold = self.base_hold  # settled at the budget: the next contention starts afresh
-        if self.threads < self.budget and idle >= self.spare and now.wall - self.changed_at >= self.hold:
-            self.raised_at = now.wall
-            return self._set(self.threads + 1, now.wall)
+        if self.trial is not None:
+            before, baseline = self.trial
+            self.trial = None
+            return self._judge(before, baseline, rate, now.wall)
+        collapsed = rate < self.collapse * self.best
+        self.best = max(rate, 0.8 * self.best)
+        if self.threads > 1 and waiting > self.contended and (now.wall >= self.next_try[-1] or collapsed):
+            return self._try(self.threads - 1, rate)
+        if self.threads < self.budget and idle >= self.spare and now.wall >= self.next_try[1]:
+            return self._try(self.threads + 1, rate)
         return None
 
-    def _set(self, threads: int, when: float) -> int:
+    def _try(self, threads: int, rate: float) -> int:
+        self.trial = (self.threads, rate)
         self.threads = threads
-        self.changed_at = when
         return threads
+
+    def _judge(self, before: int, baseline: float, rate: float, when: float) -> int | None:
+        """Keep the count on trial if it did more work than `before` did (`baseline`), else go back."""
+        direction = 1 if self.threads > before else -1
+        if rate >= self.gain * baseline:
+            self.hold[direction] = self.base_hold
+            self.best = rate
+            return None
+        self.next_try[direction] = when + self.hold[direction]
+        self.hold[direction] = min(self.max_hold, 2 * self.hold[direction])
+        self.threads = before
+        self.best = baseline
+        return before
 
 
 class CpuThreads:
@@ -246,6 +275,9 @@ class CpuThreads:
         self.budget = thread_budget(setting)
         self.governor = ThreadGovernor(self.budget.threads)
         self.probe = probe or SchedProbe()
+        self.work = 0.0
+        self.settled = self.budget.threads
+        """The count last reported: trials are not reported, the counts kept are."""
         self.checked = time.monotonic()
         apply(self.budget.threads)
         adapting = "fixed" if self.budget.fixed else "fewer while other processes hold the CPUs"
@@ -255,23 +287,27 @@ class CpuThreads:
     def threads(self) -> int:
         return self.governor.threads
 
-    def after_step(self, busy: bool) -> None:
-        """Called after each engine step; `busy`: requests are still running or waiting."""
+    def after_step(self, rows: int, busy: bool) -> None:
+        """Called after each engine step: `rows` it decoded; `busy`: requests are still running or waiting."""
         if self.budget.fixed:
             return
         if not busy:
             self.governor.reset()
             return
+        self.work += rows
         sample = self.probe.sample()
         if sample is None:
             return
         if sample.wall - self.checked >= self.recheck:
             self.checked = sample.wall
             self._recheck_budget()
-        change = self.governor.observe(sample)
+        change = self.governor.observe(dataclasses.replace(sample, work=self.work))
         if change is not None:
             self.apply(change)
-            self.report(f"compute threads: {change} of {self.budget.threads} ({self._why(change)})")
+        if self.governor.trial is None and self.governor.threads != self.settled:
+            self.settled = self.governor.threads
+            why = "other processes held the CPUs" if self.settled < self.budget.threads else "a CPU is free again"
+            self.report(f"compute threads: {self.settled} of {self.budget.threads} ({why}: the steps did more work)")
 
     def _recheck_budget(self) -> None:
         budget = thread_budget(self.setting)
@@ -279,10 +315,6 @@ class CpuThreads:
             return
         self.budget = budget
         self.governor = ThreadGovernor(budget.threads)
+        self.settled = budget.threads
         self.apply(budget.threads)
         self.report(f"compute threads: {budget.threads} (the budget changed: {budget.reason})")
-
-    def _why(self, threads: int) -> str:
-        if threads < self.budget.threads:
-            return "the worker's threads were waiting for a CPU"
-        return "a CPU stayed idle"
