@@ -3,12 +3,14 @@
 Every decoding step runs hundreds of small OpenMP parallel regions (torch's ops and loraswap's 4-bit kernels), and
 each region ends at a barrier where the team's threads spin until the last one arrives. When another process takes
 one of the cores, the thread it displaced reaches each barrier a scheduler slice late while its teammates spin:
-with one busy neighbour on a 2-core machine, a 16-row step of the embedded base went from 76 ms to 0.9-1.8 s, and
-most of the worker's samples in `perf` were libgomp's spin loop. One thread on the free core ran the same step in
-107-164 ms. So a worker runs as many threads as it may use (`thread_budget`: the affinity mask and the cgroup CPU
-quota) and, while it steps, drops one thread when its threads keep waiting for a CPU and takes it back when a
-CPU it may use has stayed idle (`ThreadGovernor`). The scheduler's own accounts tell which: the run-queue wait of
-the process's threads (`/proc/self/task/*/schedstat`) and the idle time of the CPUs in its mask (`/proc/stat`).
+with one busy neighbour on a 2-core machine, a 16-row decoding step of the embedded base went from 64.5 ms to
+566 ms (`python -m loraswap.bench.steps --batch 16 --adapters 1 --tokens 32`), and 83% of the engine's samples in
+`perf` were libgomp's spin loop. One thread on the free core ran such a step in 107-164 ms. So a worker runs as
+many threads as it may use (`thread_budget`: the affinity mask and the cgroup CPU quota) and, while it steps, tries
+one thread fewer when its threads keep waiting for a CPU and one more when a CPU it may use stays idle, keeping a
+count only where the steps did more work with it (`ThreadGovernor`). The scheduler's own accounts suggest the
+trials: the run-queue wait of the process's threads (`/proc/self/task/*/schedstat`) and the idle time of the CPUs
+in its mask (`/proc/stat`).
 
 No torch here: the worker applies the counts (`torch.set_num_threads` on its engine thread); CUDA workers keep
 torch's defaults.
