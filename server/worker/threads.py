@@ -5,7 +5,7 @@ each region ends at a barrier where the team's threads spin until the last one a
 one of the cores, the thread it displaced reaches each barrier a scheduler slice late while its teammates spin:
 with one busy neighbour on a 2-core machine, a 16-row decoding step of the embedded base went from 64.5 ms to
 566 ms (`python -m loraswap.bench.steps --batch 16 --adapters 1 --tokens 32`), and 83% of the engine's samples in
-`perf` were libgomp's spin loop. One thread on the free core ran such a step in 107-164 ms. So a worker runs as
+`perf` were libgomp's spin loop. So a worker runs as
 many threads as it may use (`thread_budget`: the affinity mask and the cgroup CPU quota) and, while it steps, tries
 one thread fewer when its threads keep waiting for a CPU and one more when a CPU it may use stays idle, keeping a
 count only where the steps did more work with it (`ThreadGovernor`). The scheduler's own accounts suggest the
@@ -184,8 +184,8 @@ class ThreadGovernor:
     windows.
 
     The waiting alone cannot decide: a server's own API process and its clients make the worker's threads wait
-    too (0.3-0.6 s/s on 2 cores under 16 streaming clients, quiet), and there two threads still do 1.4x the work
-    of one; beside a busy process two threads did a tenth of one thread's work (2 cores, the embedded base)."""
+    too, and there two threads still do more work than one (2 cores, 16 streaming clients); beside a busy process
+    two threads did a fraction of one thread's work."""
 
     def __init__(
         self,
