@@ -101,9 +101,9 @@ def test_probe_reads_this_process() -> None:
 
 class World:
     """A 2-core machine as the worker sees it, per thread count: rows decoded per second, seconds its threads wait
-    for a CPU per second, idle CPUs. The figures are the shapes measured with the embedded base (quiet: 2
-    threads 1.4x one, the server's own API process making the threads wait; beside a busy process: 2 threads a
-    tenth of one)."""
+    for a CPU per second, idle CPUs. A model of the two cases the governor must tell apart: quiet, two threads do
+    more work than one while the server's own API process makes them wait; beside a busy process, two threads
+    do a fraction of one thread's work."""
 
     QUIET: ClassVar[dict[int, tuple[float, float, float]]] = {2: (210.0, 0.5, 0.0), 1: (150.0, 0.05, 0.9)}
     NEIGHBOUR: ClassVar[dict[int, tuple[float, float, float]]] = {2: (15.0, 1.0, 0.0), 1: (130.0, 0.1, 0.0)}
