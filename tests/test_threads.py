@@ -144,7 +144,7 @@ def test_a_quiet_server_whose_threads_wait_tries_one_thread_rarely_and_goes_back
     world.run(120, World.QUIET)
     assert gov.threads == 2
     one = world.counts.count(1) / len(world.counts)
-    assert 0 < one < 0.05  # a few trial windows in two minutes, each undone
+    assert 0 < one < 0.1  # a few trials (two windows each) in two minutes, each undone
     trials = world.run(60, World.QUIET)
     assert len(trials) <= 2 * 3  # at most one trial (and its undoing) per 30 s once backed off
 
@@ -177,8 +177,9 @@ def test_the_neighbour_gone_brings_the_thread_back() -> None:
     assert gov.threads == 1
     assert world.run(1.5, World.QUIET)[0] == 2  # a CPU idle: tried, and two threads did more work
     start = len(world.counts)
-    world.run(10, World.QUIET)
-    assert gov.threads == 2 and world.counts[start:].count(2) / len(world.counts[start:]) > 0.8
+    world.run(40, World.QUIET)  # its waiting threads suggest fewer now and then: tried, undone, backed off
+    assert gov.threads == 2 or gov.trial is not None
+    assert world.counts[start:].count(2) / len(world.counts[start:]) > 0.8
 
 
 def test_a_greedy_neighbour_backs_the_retries_off() -> None:
@@ -187,7 +188,7 @@ def test_a_greedy_neighbour_backs_the_retries_off() -> None:
     world.run(200, World.GREEDY)
     assert gov.threads == 1 or gov.trial is not None
     two = world.counts.count(2) / len(world.counts)
-    assert two < 0.05  # each retry costs one window, and the retries grow apart
+    assert two < 0.1  # each retry costs two windows, and the retries grow apart
     assert gov.hold[1] == 16.0
 
 

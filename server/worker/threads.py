@@ -176,12 +176,13 @@ class ThreadGovernor:
     Over each window of at least `window` seconds it measures the work done (rows decoded per second), the time
     the process's threads waited for a CPU and the mask's idle CPU time. With more than one thread, waiting above
     `contended` seconds per second suggests one thread fewer; below the budget, at least `spare` idle CPUs
-    suggest one more. A suggestion starts a trial: the next window runs the new count, and it is kept if it did at
-    least `gain` times the work of the window before, else the old count comes back and that direction waits
-    twice as long as before (from `hold` up to `max_hold` seconds) before its next trial. A kept trial resets
-    that direction's wait. Where the work of a window collapses below `collapse` of the recent best while the
-    threads wait, the trial starts at once, whatever the wait: a neighbour that arrives is answered within two
-    windows.
+    suggest one more. A suggestion starts a trial: the next two windows run the new count, and it is kept if they
+    did at least `gain` times the work per second of the window before, else the old count comes back and that
+    direction waits twice as long as before (from `hold` up to `max_hold` seconds) before its next trial. A kept
+    trial of one more thread resets that direction's wait; one of fewer threads does not, since a quiet server's
+    waiting threads keep suggesting fewer. Where the work of a window collapses below `collapse` of the recent best
+    while the threads wait, the trial starts at once, whatever the wait: a neighbour that arrives is answered
+    within three windows.
 
     The waiting alone cannot decide: a server's own API process and its clients make the worker's threads wait
     too, and there two threads still do more work than one (2 cores, 16 streaming clients); beside a busy process
@@ -220,7 +221,7 @@ class ThreadGovernor:
             self.start = now
             return None
         span = now.wall - self.start.wall
-        if span < self.window:
+        if span < self.window * (2 if self.trial is not None else 1):  # a trial is judged on two windows' work
             return None
         rate = (now.work - self.start.work) / span
         waiting = (now.run_delay - self.start.run_delay) / span
@@ -247,13 +248,14 @@ class ThreadGovernor:
         """Keep the count on trial if it did more work than `before` did (`baseline`), else go back."""
         direction = 1 if self.threads > before else -1
         if rate >= self.gain * baseline:
-            self.hold[direction] = self.base_hold
+            if direction == 1:  # a CPU came back: the next time one is idle, try it at once
+                self.hold[1] = self.base_hold
             self.best = rate
             return None
         self.next_try[direction] = when + self.hold[direction]
         self.hold[direction] = min(self.max_hold, 2 * self.hold[direction])
         self.threads = before
-        self.best = baseline
+        self.best = max(self.best, baseline)  # the best before the trial: a collapse still starts the next one
         return before
 
 
