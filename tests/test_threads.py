@@ -226,7 +226,8 @@ def test_cpu_threads_applies_and_reports_what_the_governor_keeps(monkeypatch: py
     samples = [Sample(0.3 * i, 1.0 * 0.3 * i, 0.0) for i in range(1, 8)]
     applied: list[int] = []
     said: list[str] = []
-    threads = CpuThreads(None, applied.append, report=said.append, probe=FakeProbe(samples))
+    ticks = iter(0.3 * i for i in range(100))  # the worker's clock, as the samples' walls
+    threads = CpuThreads(None, applied.append, report=said.append, probe=FakeProbe(samples), clock=lambda: next(ticks))
     threads.after_step(0, busy=False)  # idle engine: the probe is not read
     for _ in range(7):
         # Two threads decode a row per step, one thread ten (the neighbour's core is left to it).
@@ -234,3 +235,13 @@ def test_cpu_threads_applies_and_reports_what_the_governor_keeps(monkeypatch: py
     assert applied == [2, 1] and threads.threads == 1
     assert "2 CPUs in the affinity mask" in said[0]
     assert said[1:] == ["compute threads: 1 of 2 (other processes held the CPUs: the steps did more work)"]
+
+
+def test_cpu_threads_reads_the_accounts_a_few_times_a_window_not_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("loraswap.server.worker.threads.cgroup_cpu_quota", lambda *a: None)
+    probe = FakeProbe([Sample(0.0, 0.0, 0.0)])  # a second read would fail: the list is empty
+    threads = CpuThreads(None, lambda n: None, report=lambda m: None, probe=probe, clock=lambda: 5.0)
+    for _ in range(50):  # fifty steps within one instant of the worker's clock
+        threads.after_step(16, busy=True)
+    assert probe.samples == [] and threads.work == 50 * 16
