@@ -176,6 +176,53 @@ def manifest_for_upload(folder: Path, name: str, ref: BaseRef, weights_sha256: s
     return build_manifest(folder, name, ref, weights_sha256, data_source="upload")
 
 
+def prepare_archive(
+    data: bytes,
+    name: str,
+    staged: Path,
+    ref: BaseRef,
+    max_rank: int = DEFAULT_MAX_RANK,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> None:
+    """Extract the archive `data` into the empty folder `staged`, give it its manifest for `name`, and validate it
+    against `ref`: an AdapterError (naming `name`, not the folder) when anything is wrong. The caller publishes
+    the folder (into a store, or to the registry) or removes it."""
+    try:
+        extract_adapter(data, staged, max_bytes=max_bytes)
+    except AdapterError as e:
+        raise AdapterError(str(e).replace(repr(staged.name), repr(name))) from None
+    _describe_and_validate(staged, name, ref, max_rank)
+
+
+def prepare_folder(src: Path, name: str, staged: Path, ref: BaseRef, max_rank: int = DEFAULT_MAX_RANK) -> None:
+    """`prepare_archive` for an adapter folder (a PEFT `save_pretrained` folder, with or without loraswap.json):
+    its adapter files are copied into `staged`, anything else is left out."""
+    if not src.is_dir():
+        raise AdapterError(f"{src.name!r} is not a folder")
+    for f in sorted(src.iterdir()):
+        if f.name.endswith(PICKLE_SUFFIXES):
+            raise AdapterError(f"{f.name}: pickled weights are refused (they can run code); use safetensors")
+        if f.name in ALLOWED_FILES and f.is_file() and not f.is_symlink():
+            shutil.copyfile(f, staged / f.name)
+    _describe_and_validate(staged, name, ref, max_rank)
+
+
+def _describe_and_validate(staged: Path, name: str, ref: BaseRef, max_rank: int) -> None:
+    try:
+        for required in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (staged / required).is_file():
+                raise AdapterError(f"adapter {name!r} has no {required}")
+        weights_sha256 = sha256_of(staged / WEIGHTS_FILE)  # once: the manifest records it, validation compares
+        # A manifest is needed for validation; an upload without one is described for this base.
+        write_manifest(staged, manifest_for_upload(staged, name, ref, weights_sha256))
+        problems = validate_adapter(staged, ref, max_rank=max_rank, weights_sha256=weights_sha256)
+        if problems:
+            raise AdapterError("; ".join(problems))
+    except AdapterError as e:
+        # Messages name the folder they read: the hidden staging name means nothing to the uploader.
+        raise AdapterError(str(e).replace(repr(staged.name), repr(name))) from None
+
+
 def install_archive(
     data: bytes,
     name: str,
@@ -193,18 +240,8 @@ def install_archive(
         raise FileExistsError(f"adapter {name!r} already exists")
     staged = store.stage(name)
     try:
-        extract_adapter(data, staged, max_bytes=max_bytes)
-        weights_sha256 = sha256_of(staged / WEIGHTS_FILE)  # once: the manifest records it, validation compares
-        # A manifest is needed for validation; an upload without one is described for this base.
-        write_manifest(staged, manifest_for_upload(staged, name, ref, weights_sha256))
-        problems = validate_adapter(staged, ref, max_rank=max_rank, weights_sha256=weights_sha256)
-        if problems:
-            raise AdapterError("; ".join(problems))
+        prepare_archive(data, name, staged, ref, max_rank, max_bytes)
         return store.add(staged, name, overwrite=overwrite).path
-    except AdapterError as e:
-        shutil.rmtree(staged, ignore_errors=True)
-        # Messages name the folder they read: the hidden staging name means nothing to the uploader.
-        raise AdapterError(str(e).replace(repr(staged.name), repr(name))) from None
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

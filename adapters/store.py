@@ -32,7 +32,7 @@ from loraswap.adapters.manifest import (
     staging_dir,
 )
 
-Source = Literal["shipped", "user"]
+Source = Literal["shipped", "user", "registry"]
 # resolve(): in an editable install __file__ is a link; the shipped folder is beside the real file.
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 ROUTER_FILE = "router.json"
@@ -51,25 +51,34 @@ class StoreEntry:
 
     @property
     def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file() and not f.name.startswith("."))
+
+    @property
+    def created(self) -> int:
+        """When the adapter got its name here (Unix seconds), for /v1/models."""
+        return int(self.path.stat().st_mtime)
 
     def describe(self) -> dict[str, object]:
-        m = self.manifest
-        return {
-            "name": self.name,
-            "qtype": m.qtype,
-            "method": m.method,
-            "rank": m.rank,
-            "alpha": m.alpha,
-            "target_modules": m.target_modules,
-            "size_bytes": self.size_bytes,
-            "source": self.source,
-            "base_id": m.base_id,
-            "base_fingerprint": m.base_fingerprint,
-            "prompt_format_version": m.prompt_format_version,
-            "metrics": m.metrics,
-            "created_at": m.created_at,
-        }
+        return describe(self.name, self.manifest, self.size_bytes, self.source)
+
+
+def describe(name: str, m: AdapterManifest, size_bytes: int, source: Source) -> dict[str, object]:
+    """An adapter as the API and the CLI list it."""
+    return {
+        "name": name,
+        "qtype": m.qtype,
+        "method": m.method,
+        "rank": m.rank,
+        "alpha": m.alpha,
+        "target_modules": m.target_modules,
+        "size_bytes": size_bytes,
+        "source": source,
+        "base_id": m.base_id,
+        "base_fingerprint": m.base_fingerprint,
+        "prompt_format_version": m.prompt_format_version,
+        "metrics": m.metrics,
+        "created_at": m.created_at,
+    }
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
@@ -91,17 +100,26 @@ def _load_entry(folder: Path, source: Source) -> StoreEntry:
 class AdapterStore:
     user_dir: Path
     shipped_dir: Path | None = SHIPPED_DIR
+    registry_dir: Path | None = None
+    """A server's local copies of registry adapters (`adapters/replica.py`), when it serves a registry: read-only
+    here, written by the replica only; a registry adapter shadows a user or shipped one of the same name."""
 
     @classmethod
-    def default(cls, user_dir: Path | None = None, include_shipped: bool = True) -> AdapterStore:
-        return cls(user_dir or default_user_dir(), SHIPPED_DIR if include_shipped else None)
+    def default(
+        cls, user_dir: Path | None = None, include_shipped: bool = True, registry_dir: Path | None = None
+    ) -> AdapterStore:
+        return cls(user_dir or default_user_dir(), SHIPPED_DIR if include_shipped else None, registry_dir)
+
+    def _roots(self) -> tuple[tuple[Path | None, Source], ...]:
+        """The folders searched, first match wins."""
+        return ((self.registry_dir, "registry"), (self.user_dir, "user"), (self.shipped_dir, "shipped"))
 
     def _scan(self) -> tuple[dict[str, StoreEntry], dict[str, str]]:
         """(usable adapters, unusable folders with the reason). Hidden folders (staging, trash) are
-        not adapters; a user adapter shadows a shipped one of the same name."""
+        not adapters; a user adapter shadows a shipped one of the same name, a registry one both."""
         found: dict[str, StoreEntry] = {}
         problems: dict[str, str] = {}
-        roots: tuple[tuple[Path | None, Source], ...] = ((self.shipped_dir, "shipped"), (self.user_dir, "user"))
+        roots = self._roots()[::-1]
         for root, source in roots:
             if root is None or not root.is_dir():
                 continue
@@ -136,8 +154,7 @@ class AdapterStore:
         same however many adapters the store holds. Only a miss scans the store, for close names."""
         with contextlib.suppress(AdapterError):
             check_name(name)
-            roots: tuple[tuple[Path | None, Source], ...] = ((self.user_dir, "user"), (self.shipped_dir, "shipped"))
-            for root, source in roots:
+            for root, source in self._roots():
                 if root is not None and (root / name).is_dir():
                     with contextlib.suppress(AdapterError):
                         return _load_entry(root / name, source)

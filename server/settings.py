@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
@@ -77,6 +77,31 @@ class Settings(BaseModel):
     when a CPU stays idle (`server/worker/threads.py`). CUDA workers keep torch's default."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
+    registry: str | None = None
+    """An adapter registry shared by several servers, `s3://BUCKET/PREFIX` (`adapters/registry.py`): uploads and
+    deletes go there, and adapters are pulled from it on first use. Unset: the local store only."""
+    registry_cache_dir: Path | None = None
+    """Where this server keeps the registry adapters it pulled (default: the user cache folder, per registry)."""
+    registry_cache_bytes: int = Field(4 << 30, ge=1)
+    """Bytes of pulled adapters kept on local disk (least recently used out first)."""
+    registry_poll_seconds: float = Field(2.0, gt=0)
+    """How often the registry is listed: the bound on how stale this server's view of it is."""
+    registry_timeout: float = Field(5.0, gt=0)
+    """Seconds a registry request may take (connect, read) before it counts as unavailable."""
+    registry_conditional_writes: bool = True
+    """Publish with If-None-Match / If-Match (one winner of a race, the others get a 409); false for stores that do
+    not support conditional writes (then racing publishers of one name end with the last one's adapter)."""
+    hub_adapters: bool = False
+    """Serve `hf:org/name` adapters from the Hugging Face hub, downloaded on first use."""
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_uri(cls, v: str | None) -> str | None:
+        if v:
+            from loraswap.adapters.registry import RegistryURI
+
+            return str(RegistryURI.parse(v))
+        return None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
@@ -86,5 +111,18 @@ class Settings(BaseModel):
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)
 
-    def store(self) -> AdapterStore:
-        return AdapterStore.default(self.adapters_dir)
+    def registry_dir(self) -> Path | None:
+        """The folder of this server's copies of registry adapters (None without a registry)."""
+        if not self.registry:
+            return None
+        if self.registry_cache_dir is not None:
+            return self.registry_cache_dir
+        import platformdirs
+
+        from loraswap.adapters.registry import RegistryURI
+
+        uri = RegistryURI.parse(self.registry)
+        return Path(platformdirs.user_cache_dir("loraswap")) / "registry" / uri.bucket / (uri.prefix or "_")
+
+    def store(self, with_registry: bool = True) -> AdapterStore:
+        return AdapterStore.default(self.adapters_dir, registry_dir=self.registry_dir() if with_registry else None)

@@ -52,6 +52,14 @@ AdaptersDirOpt = Annotated[
         "shipped adapters are always included.",
     ),
 ]
+RegistryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--registry",
+        help="Adapter registry shared by several servers, s3://BUCKET/PREFIX (default: $LORASWAP_REGISTRY). boto3's "
+        "credential chain; AWS_ENDPOINT_URL for MinIO, Ceph, R2 or GCS.",
+    ),
+]
 LoraImplOpt = Annotated[
     str | None,
     typer.Option(

@@ -12,6 +12,7 @@ from loraswap.commands.options import (
     LoraImplOpt,
     NoQuantOpt,
     QuantOpt,
+    RegistryOpt,
     UsageError,
     pick_quant,
     quiet_libraries,
@@ -71,6 +72,7 @@ def serve(
             "cgroup CPU quota), one fewer while other processes keep them busy.",
         ),
     ] = None,
+    registry: RegistryOpt = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
     from loraswap.server.api.app import serve as run_server
@@ -89,6 +91,7 @@ def serve(
         lm_head=lm_head,
         q4_kernel=q4_kernel,
         threads=threads,
+        registry=registry,
     )
     code = run_server(settings)
     if code:

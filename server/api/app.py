@@ -51,7 +51,7 @@ def report_store(settings: Settings) -> dict[str, str]:
     from loraswap.adapters.validate import validate_adapter
 
     ref = resolve_base(settings.base)
-    store = settings.store()
+    store = settings.store(with_registry=False)  # registry adapters are checked in full as they are pulled
     for line in recover(store.user_dir):
         print(f"loraswap: store recovery: {line}", file=sys.stderr)
     entries = store.entries()

@@ -3,16 +3,24 @@
 Every lookup reads the store on disk (uploads and deletes are atomic renames there), so every API process and
 worker sees the same adapters; nothing here is a copy that could go stale, except the router, which is reloaded
 when its file changes.
+
+With a registry (`Settings.registry`), its adapters are served too (they shadow local ones of the same name):
+`resolve` pulls one into this server's cache before its request is queued (`adapters/replica.py`), and the listing
+it follows is at most `registry_poll_seconds` old.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from loraswap.adapters.base import BaseRef, resolve_base
 from loraswap.adapters.manifest import AdapterNotFound
+from loraswap.adapters.registry import AdapterRefused, RegistryUnavailable
+from loraswap.adapters.replica import RegistryEntry, Replica
 from loraswap.adapters.store import StoreEntry, did_you_mean
-from loraswap.server.api.errors import APIError
+from loraswap.server.api.errors import APIError, from_registry
 from loraswap.server.jobs import BASE
 from loraswap.server.settings import Settings
 
@@ -26,6 +34,28 @@ class Catalog:
         self.unusable = dict(unusable or {})  # adapters that failed the start-up check: name -> why
         self._ref: BaseRef | None = None
         self._router: tuple[tuple[str, int], Any] | None = None  # ((path, mtime), Router)
+        self._replica: tuple[int, Replica] | None = None  # (pid, the registry's replica in that process)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_replica": None}  # the workers read the cache folder, never the registry
+
+    @property
+    def replica(self) -> Replica | None:
+        """The registry's replica in this process, listing in the background (None without a registry)."""
+        s = self.settings
+        if not s.registry:
+            return None
+        if self._replica is None or self._replica[0] != os.getpid():
+            from loraswap.adapters.registry import Registry
+
+            registry = Registry(s.registry, s.registry_conditional_writes, s.registry_timeout)
+            cache = s.registry_dir() or s.store().user_dir / ".registry"  # registry_dir is set with the registry
+            replica = Replica(
+                registry, cache, lambda: self.ref, s.max_rank, s.registry_cache_bytes, s.registry_poll_seconds
+            )
+            self._replica = (os.getpid(), replica)
+            replica.start()
+        return self._replica[1]
 
     @property
     def ref(self) -> BaseRef:
@@ -39,14 +69,43 @@ class Catalog:
         s = self.settings
         return {"quant": s.quant, "double_quant": s.double_quant if s.quant in ("nf4", "fp4") else None}
 
-    def entries(self) -> dict[str, StoreEntry]:
-        """The adapters served: the store's, for this base, less the unusable ones."""
+    def entries(self) -> dict[str, StoreEntry | RegistryEntry]:
+        """The adapters served: the store's, for this base, less the unusable ones; and the registry's (as last
+        listed, less those refused)."""
         fp = self.ref.fingerprint
-        return {
+        served: dict[str, StoreEntry | RegistryEntry] = {
             n: e
-            for n, e in self.settings.store().entries().items()
+            for n, e in self.settings.store(with_registry=False).entries().items()
             if e.manifest.base_fingerprint == fp and n not in self.unusable
         }
+        replica = self.replica
+        if replica is not None:
+            for name, record in (replica.listing or {}).items():
+                if record.adapter.base_fingerprint == fp and replica.refused.get(name, ("",))[0] != record.etag:
+                    served[name] = RegistryEntry(name, record)
+        return served
+
+    async def resolve(self, name: str, param: str) -> str | None:
+        """`lookup`, after making sure a registry adapter is pulled, verified and cached here: 503 when the registry
+        is needed and cannot be reached, 502 when what it holds is refused."""
+        replica = self.replica
+        if replica is not None and name not in BASE_NAMES and name != self.ref.base_id:
+            try:
+                if replica.ready(name) or await asyncio.to_thread(replica.ensure, name):
+                    return name
+            except RegistryUnavailable as e:
+                if not self._local(name):
+                    raise from_registry(e, param) from None
+            except AdapterRefused as e:
+                raise from_registry(e, param) from None
+        return self.lookup(name, param)
+
+    def _local(self, name: str) -> bool:
+        try:
+            self.settings.store(with_registry=False).get(name)
+            return True
+        except AdapterNotFound:
+            return False
 
     def lookup(self, name: str, param: str) -> str | None:
         """None for the base; the adapter's name if it exists for this base; else 404 with close names
@@ -77,9 +136,9 @@ class Catalog:
             code="model_not_found",
         )
 
-    def route(self, question: str) -> tuple[str | None, dict[str, Any]]:
-        """adapter 'auto': the router's qtype, served by an adapter of that qtype (the base if none); with what
-        the router said."""
+    async def route(self, question: str) -> tuple[str | None, dict[str, Any]]:
+        """adapter 'auto': the router's qtype, served by an adapter of that qtype (the base if none, resolved as
+        `resolve` does); with what the router said."""
         from loraswap.adapters.router import Router
 
         path = self.settings.store().router_path()
@@ -97,4 +156,5 @@ class Catalog:
         names = sorted(
             n for n, e in self.entries().items() if e.manifest.qtype == qtype and e.manifest.method == "lora"
         )
-        return (names[0] if names else None), {"qtype": qtype, "probability": round(prob, 4)}
+        adapter = await self.resolve(names[0], "adapter") if names else None
+        return adapter, {"qtype": qtype, "probability": round(prob, 4)}

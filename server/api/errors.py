@@ -4,8 +4,8 @@
   carries the server's file-system paths (`scrub_paths`).
 - `KIND_STATUS`: a failed job's `ErrorKind` (what a worker reports, `server/jobs.py`) -> its status. Workers
   never name a status; this table is the only place a kind becomes one.
-- `from_validation`, `from_install`, `from_remove`, `from_form`: library exceptions (pydantic, the adapter
-  store, starlette's form parser) -> their status and message.
+- `from_validation`, `from_install`, `from_remove`, `from_form`, `from_registry`: library exceptions (pydantic,
+  the adapter store and registry, starlette's form parser) -> their status and message.
 - `install_handlers`: errors raised outside the routes (an unknown path, a wrong method, a body over LitServe's
   payload limit, an unexpected exception) get the same body.
 """
@@ -114,6 +114,10 @@ def from_name(e: AdapterError) -> APIError:
 def from_install(e: Exception, name: str) -> APIError:
     """An uploaded adapter the store did not take: the name is taken (409), the adapter fails validation (422),
     or the store's disk failed (507 when full, else 500; said without paths)."""
+    from loraswap.adapters.registry import RegistryError
+
+    if isinstance(e, RegistryError):
+        return from_registry(e)
     if isinstance(e, FileExistsError):
         return APIError(
             409, f"adapter {name!r} exists; send overwrite=true to replace it", param="name", code="adapter_exists"
@@ -125,6 +129,21 @@ def from_install(e: Exception, name: str) -> APIError:
         status = 507 if e.errno == errno.ENOSPC else 500
         return APIError(status, f"the adapter could not be stored: {e.strerror}")
     raise TypeError(f"no HTTP status for {type(e).__name__} from an upload; expected an AdapterError or OSError")
+
+
+def from_registry(e: Exception, param: str | None = None) -> APIError:
+    """The adapter registry failed: unreachable or refusing (503, retry later), a publish that lost a race (409),
+    or an adapter in it that is corrupt, tampered or invalid (502: the registry's content is at fault, not the
+    request). The messages carry no credentials (`adapters/registry.py`)."""
+    from loraswap.adapters.registry import AdapterRefused, RegistryConflict, RegistryUnavailable
+
+    if isinstance(e, RegistryUnavailable):
+        return APIError(503, str(e), param=param, code="registry_unavailable")
+    if isinstance(e, RegistryConflict):
+        return APIError(409, str(e), param="name", code="adapter_exists")
+    if isinstance(e, AdapterRefused):
+        return APIError(502, str(e), param=param, code="adapter_refused")
+    raise TypeError(f"no HTTP status for {type(e).__name__} from the registry")
 
 
 def from_remove(e: AdapterError) -> APIError:

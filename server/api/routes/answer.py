@@ -27,9 +27,9 @@ async def answer(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Re
         prompts.check_text_fits(len(body.question.encode()), "question")
         routed = None
         if body.adapter == "auto":
-            adapter, routed = catalog.route(body.question)
+            adapter, routed = await catalog.route(body.question)
         else:
-            adapter = catalog.lookup(body.adapter, "adapter")
+            adapter = await catalog.resolve(body.adapter, "adapter")
         request.state.adapter = adapter or "base"
         question = body.question
         job = prompts.job(

@@ -35,7 +35,7 @@ async def chat(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Requ
     try:
         authorize(request, settings)
         body = await read_body(request, ChatRequest, settings.max_body_bytes)
-        adapter = catalog.lookup(body.model, "model")
+        adapter = await catalog.resolve(body.model, "model")
         request.state.adapter = adapter or "base"  # only known names become labels
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompts.check_text_fits(sum(len(m["content"].encode()) for m in messages), "messages")

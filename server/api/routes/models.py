@@ -18,6 +18,5 @@ async def models(catalog: Catalog, request: Request) -> Response:
     base = catalog.ref.base_id
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "loraswap", "parent": None, **catalog.quant}]
     for name, entry in sorted(catalog.entries().items()):
-        created = int(entry.path.stat().st_mtime)
-        data.append({"id": name, "object": "model", "created": created, "owned_by": "loraswap", "parent": base})
+        data.append({"id": name, "object": "model", "created": entry.created, "owned_by": "loraswap", "parent": base})
     return JSONResponse({"object": "list", "data": data})
