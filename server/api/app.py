@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from loraswap.adapters.manifest import NAME_PATTERN
 from loraswap.server.api.errors import install_handlers
 from loraswap.server.api.protocol import AnswerRequest, ChatRequest
-from loraswap.server.api.routes import playground
+from loraswap.server.api.routes import lora, playground
 from loraswap.server.api.spec import LoraswapSpec
 from loraswap.server.settings import Settings
 from loraswap.server.worker.api import LoraswapAPI
@@ -100,7 +100,12 @@ def build_server(
 def _document_bodies(app: FastAPI) -> None:
     """Describe the request bodies in /openapi.json: the routes read the raw request (to answer bad bodies
     with their own errors), so FastAPI cannot see them."""
-    json_bodies: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatRequest, "/v1/answer": AnswerRequest}
+    json_bodies: dict[str, type[BaseModel]] = {
+        "/v1/chat/completions": ChatRequest,
+        "/v1/answer": AnswerRequest,
+        "/v1/load_lora_adapter": lora.LoadLoRAAdapterRequest,
+        "/v1/unload_lora_adapter": lora.UnloadLoRAAdapterRequest,
+    }
     upload = {
         "type": "object",
         "required": ["name", "file"],

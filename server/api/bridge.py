@@ -73,6 +73,8 @@ class Bridge:
         spec.response_buffer[job.uid] = ResponseBufferItem(event=event, response_queue=q)
         self._watch_workers()
         spec.request_queue.put((spec.response_queue_id, job.uid, time.monotonic(), job))
+        m.inflight.queued(job.adapter)
+        started = False
         finished = False
         try:
             async for data, status in spec.data_streamer(q, event, send_status=True):
@@ -80,6 +82,9 @@ class Bridge:
                     finished = True
                     raise APIError(500, "the inference worker failed on this request")
                 ev = JobEvent.from_wire(json.loads(data) if isinstance(data, str) else data)
+                if not started:
+                    m.inflight.started(job.adapter)
+                    started = True
                 m.event(ev)
                 if ev.loaded_names is not None:
                     self._loaded[ev.worker] = set(ev.loaded_names)
@@ -96,6 +101,7 @@ class Bridge:
                         m.errors.labels(route, adapter).inc()
                 yield ev
         finally:
+            m.inflight.ended(job.adapter, started)
             spec.response_buffer.pop(job.uid, None)  # LitServe's own spec leaks this entry (litserve#452)
             if not finished:
                 # Whichever worker runs it sees this at its next step (the queue cannot address a worker).

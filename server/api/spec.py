@@ -22,7 +22,7 @@ from loraswap.server.api.bridge import Bridge
 from loraswap.server.api.catalog import Catalog
 from loraswap.server.api.metrics import Metrics
 from loraswap.server.api.prompts import Prompts
-from loraswap.server.api.routes import adapters, answer, chat, models, playground
+from loraswap.server.api.routes import adapters, answer, chat, lora, models, playground
 from loraswap.server.api.routes import metrics as metrics_route
 from loraswap.server.settings import Settings
 
@@ -39,7 +39,7 @@ class LoraswapSpec(LitSpec):
         super().__init__()
         self.settings = settings
         self.api_path = chat.ROUTE
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.base, settings.max_loaded_adapters, settings.max_batch_size * settings.workers)
         self.catalog = Catalog(settings, unusable)
         self.prompts = Prompts(settings, self.catalog)
         self.bridge = Bridge(self, self.metrics, cancels, workers)
@@ -51,6 +51,8 @@ class LoraswapSpec(LitSpec):
             ("/v1/adapters", _bind(adapters.list_adapters, c, b), "GET"),
             ("/v1/adapters", _bind(adapters.upload, c), "POST"),
             ("/v1/adapters/{name}", _bind(adapters.delete, c), "DELETE"),
+            ("/v1/load_lora_adapter", _bind(lora.load, c), "POST"),
+            ("/v1/unload_lora_adapter", _bind(lora.unload, c), "POST"),
         ]
         for path, handler, method in tracked:
             self.add_endpoint(path, self._tracked(path, handler), [method])
