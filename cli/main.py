@@ -2,7 +2,7 @@
 place where an error becomes an exit status.
 
 Exit statuses: 0 done; 1 a check failed (`adapters validate`, `bench --soak`); 2 a usage error or an error the
-user can fix (bad option, data, adapter or base), printed as one line; 130 interrupted.
+user can fix (bad option, data, adapter, base or registry), printed as one line; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from loraswap.adapters.arch import UnknownArchitectureError
     from loraswap.adapters.base import BaseModelError
     from loraswap.adapters.manifest import AdapterError
+    from loraswap.adapters.registry import RegistryError
     from loraswap.commands.options import UsageError
     from loraswap.train.data import DataError
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         # Standalone: typer shows its own usage errors (an unknown option, a value of the wrong type) with the
         # usage line and exits 2, exits with a command's typer.Exit status, 130 on Ctrl-C, 0 when done.
         app(argv)
-    except (UsageError, DataError, AdapterError, BaseModelError, UnknownArchitectureError) as e:
+    except (UsageError, DataError, AdapterError, BaseModelError, UnknownArchitectureError, RegistryError) as e:
         print(f"loraswap: error: {e}", file=sys.stderr)
         sys.exit(2)
     except SystemExit as e:

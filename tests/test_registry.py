@@ -11,7 +11,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import random_lora_adapter
+from conftest import random_lora_adapter, run_cli
 from s3 import CREDENTIALS, S3, make_bucket, moto_s3
 
 from loraswap.adapters.base import BaseRef, resolve_base
@@ -265,3 +265,41 @@ def test_background_listing_sees_a_publish_within_the_interval(
         assert "late" in (replica.listing or {})
     finally:
         replica.stop()
+
+
+def test_cli_push_list_pull_remove_and_train_push(
+    registry: Registry,
+    folders: dict[str, Path],
+    tiny_base: Path,
+    qa_csv: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    uri, base = str(registry.uri), str(tiny_base)
+    code, out, err = run_cli(["adapters", "push", str(folders["one"]), "--registry", uri, "--base", base], capsys)
+    assert code == 0 and "pushed one" in out, err
+    code, _, err = run_cli(
+        ["adapters", "push", str(folders["two"]), "--name", "one", "--registry", uri, "--base", base], capsys
+    )
+    assert code == 2 and "exists in the registry" in err
+    code, out, _ = run_cli(["adapters", "list", "--registry", uri, "--json"], capsys)
+    assert [d["name"] for d in json.loads(out)] == ["one"] and json.loads(out)[0]["source"] == "registry"
+    store = tmp_path / "store"
+    code, out, err = run_cli(
+        ["adapters", "pull", "one", "--registry", uri, "--adapters-dir", str(store), "--base", base], capsys
+    )
+    assert code == 0, err
+    assert sha256_of(store / "one" / WEIGHTS_FILE) == sha256_of(folders["one"] / WEIGHTS_FILE)
+    code, _, err = run_cli(
+        ["adapters", "pull", "nope", "--registry", uri, "--adapters-dir", str(store), "--base", base], capsys
+    )
+    assert code == 2 and "not in the registry" in err and not any(p.name.startswith(".") for p in store.iterdir())
+    code, out, _ = run_cli(["adapters", "remove", "one", "--registry", uri], capsys)
+    assert code == 0 and registry.list() == {}
+    code, _, err = run_cli(["adapters", "list", "--registry", "not-s3"], capsys)
+    assert code == 2 and "s3://BUCKET" in err
+    train = ["train", "--qtype", "symptoms", "--data", str(qa_csv), "--out", str(tmp_path / "trained"), "--base", base]
+    train += ["--max-steps", "2", "--no-quant", "--eval-examples", "1", "--push", "--registry", uri]
+    code, out, err = run_cli(train, capsys)
+    assert code == 0 and "pushed symptoms" in out, err
+    assert registry.record("symptoms").adapter.qtype == "symptoms"

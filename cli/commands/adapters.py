@@ -1,4 +1,5 @@
-"""`loraswap adapters list|validate|install|remove` and `loraswap export`: the adapter store from the shell."""
+"""`loraswap adapters list|validate|install|remove|push|pull` and `loraswap export`: the adapter store, and an
+adapter registry (`--registry s3://BUCKET/PREFIX`), from the shell."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from typing import Annotated, cast
 
 import typer
 
-from loraswap.commands.options import AdaptersDirOpt, BaseOpt, UsageError, quiet_libraries
+from loraswap.commands.options import (
+    AdaptersDirOpt,
+    BaseOpt,
+    RegistryOpt,
+    UsageError,
+    open_registry,
+    quiet_libraries,
+)
 
 app = typer.Typer(help="Inspect and check the adapter store.", no_args_is_help=True)
 
@@ -18,12 +26,19 @@ app = typer.Typer(help="Inspect and check the adapter store.", no_args_is_help=T
 def adapters_list(
     adapters_dir: AdaptersDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="A JSON list of adapter descriptions.")] = False,
+    registry: RegistryOpt = None,
 ) -> None:
-    """List the store: shipped adapters and the user directory."""
+    """List the store (shipped adapters and the user directory), or with --registry the registry's adapters."""
     from loraswap.adapters.store import AdapterStore
 
     store = AdapterStore.default(adapters_dir)
-    described = [e.describe() for e in store.entries().values()]
+    if registry:
+        from loraswap.adapters.replica import RegistryEntry
+
+        reg = open_registry(registry)
+        described = [RegistryEntry(n, reg.record(n)).describe() for n in sorted(reg.list())]
+    else:
+        described = [e.describe() for e in store.entries().values()]
     if as_json:
         print(json.dumps(described, indent=2))
         return
@@ -34,7 +49,7 @@ def adapters_list(
             f"{d['name']!s:22s} {d['qtype'] or '-'!s:18s} {d['method']!s:7s} {d['rank'] or '-'!s:>4s} "
             f"{size:>9s}  {d['source']!s:7s} {d['base_id']} ({d['base_fingerprint']})"
         )
-    for name, why in store.problems().items():
+    for name, why in ({} if registry else store.problems()).items():
         print(f"unusable: {name}: {why}", file=sys.stderr)
 
 
@@ -87,14 +102,75 @@ def adapters_install(
 
 @app.command("remove")
 def adapters_remove(
-    name: Annotated[str, typer.Argument(help="Adapter to delete from the user store.")],
+    name: Annotated[str, typer.Argument(help="Adapter to delete from the user store (or the registry).")],
     adapters_dir: AdaptersDirOpt = None,
+    registry: RegistryOpt = None,
 ) -> None:
-    """Delete a user adapter (shipped adapters are read-only)."""
+    """Delete a user adapter (shipped adapters are read-only); with --registry, unpublish it from the registry
+    (every server stops serving it within its listing interval)."""
     from loraswap.adapters.store import AdapterStore
 
+    if registry:
+        open_registry(registry).remove(name)
+        print(f"removed {name} from {registry}")
+        return
     AdapterStore.default(adapters_dir).remove(name)
     print(f"removed {name}")
+
+
+@app.command("push")
+def adapters_push(
+    adapter: Annotated[str, typer.Argument(help="A store adapter's name, or an adapter folder (a path).")],
+    registry: RegistryOpt = None,
+    name: Annotated[str | None, typer.Option("--name", help="Name in the registry [default: the adapter's].")] = None,
+    adapters_dir: AdaptersDirOpt = None,
+    base: BaseOpt = "embedded",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an adapter of the same name.")] = False,
+    max_rank: Annotated[int, typer.Option("--max-rank", help="Largest LoRA rank accepted.")] = 64,
+) -> None:
+    """Validate an adapter against the base, then publish it to the registry (all or nothing)."""
+    from loraswap.adapters.base import resolve_base
+    from loraswap.adapters.export import find_adapter
+    from loraswap.adapters.registry import publish
+    from loraswap.adapters.store import AdapterStore
+
+    quiet_libraries()
+    reg = open_registry(registry)
+    folder = find_adapter(adapter, AdapterStore.default(adapters_dir))
+    target = name or Path(adapter).name
+    record = publish(reg, folder, target, resolve_base(base), max_rank, overwrite=overwrite)
+    print(f"pushed {target} to {reg.uri} ({record.size_bytes} bytes, weights {record.adapter.weights_sha256[:12]})")
+
+
+@app.command("pull")
+def adapters_pull(
+    name: Annotated[str, typer.Argument(help="Adapter in the registry.")],
+    registry: RegistryOpt = None,
+    adapters_dir: AdaptersDirOpt = None,
+    base: BaseOpt = "embedded",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a user adapter of the same name.")] = False,
+    max_rank: Annotated[int, typer.Option("--max-rank", help="Largest LoRA rank accepted.")] = 64,
+) -> None:
+    """Copy an adapter from the registry into the user store: every file checked against its sha256, then the
+    full validation against the base, then one atomic rename."""
+    import shutil
+
+    from loraswap.adapters.base import resolve_base
+    from loraswap.adapters.registry import fetch
+    from loraswap.adapters.store import AdapterStore
+
+    quiet_libraries()
+    reg = open_registry(registry)
+    store = AdapterStore.default(adapters_dir)
+    staged = store.stage(name)
+    try:
+        fetch(reg, reg.record(name), staged, resolve_base(base), max_rank)
+        entry = store.add(staged, name, overwrite=overwrite)
+    except FileExistsError as e:
+        raise UsageError(f"{e}; pass --overwrite to replace it") from None
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    print(f"pulled {name} -> {entry.path}")
 
 
 def export(

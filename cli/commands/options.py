@@ -11,6 +11,7 @@ import typer
 
 if TYPE_CHECKING:
     from loraswap.adapters.base import Quant
+    from loraswap.adapters.registry import Registry
 
 BaseOpt = Annotated[
     str,
@@ -76,6 +77,21 @@ DEFAULT_DATA = "keivalya/MedQuad-MedicalQnADataset"
 
 class UsageError(Exception):
     """An error the user can fix; printed as one line, exit status 2."""
+
+
+def open_registry(uri: str | None) -> Registry:
+    """The registry named by --registry or LORASWAP_REGISTRY (a usage error without one)."""
+    import os
+
+    from loraswap.adapters.registry import Registry
+
+    uri = uri or os.environ.get("LORASWAP_REGISTRY")
+    if not uri:
+        raise UsageError("give --registry s3://BUCKET/PREFIX (or set LORASWAP_REGISTRY)")
+    try:
+        return Registry(uri, os.environ.get("LORASWAP_REGISTRY_CONDITIONAL_WRITES", "true").lower() != "false")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def pick_quant(quant: str | None, no_quant: bool = False, double_quant: bool | None = None) -> Quant:

@@ -22,7 +22,9 @@ from loraswap.commands.options import (
     DoubleQuantOpt,
     NoQuantOpt,
     QuantOpt,
+    RegistryOpt,
     UsageError,
+    open_registry,
     pick_quant,
     quiet_libraries,
 )
@@ -48,6 +50,11 @@ def train(
     double_quant: DoubleQuantOpt = None,
     no_quant: NoQuantOpt = False,
     min_rows: Annotated[int, typer.Option("--min-rows", help="With --all-qtypes, skip qtypes with fewer rows.")] = 50,
+    push: Annotated[
+        bool,
+        typer.Option("--push", help="Publish each adapter to the registry once it is trained (replacing one there)."),
+    ] = False,
+    registry: RegistryOpt = None,
 ) -> None:
     """Train one adapter per qtype over the (4-bit) base; resumes from OUT/.work after an interrupt."""
     from loraswap.train.data import qtype_counts
@@ -58,6 +65,7 @@ def train(
     if bool(qtype) == all_qtypes:
         raise UsageError("give --qtype (one or more) or --all-qtypes, not both")
     cfg = TrainConfig(**config, quant=pick_quant(quant, no_quant, double_quant), double_quant=double_quant is not False)
+    reg = open_registry(registry) if push else None  # checked before hours of training, not after
     qtypes = list(qtype or [])
     if all_qtypes:
         from loraswap.train.data import load_qa
@@ -69,6 +77,12 @@ def train(
             print(f"skipping qtypes with fewer than {min_rows} rows: {', '.join(skipped)}", file=sys.stderr)
     for r in train_many(base, data, qtypes, out, cfg):
         print(f"wrote {r.path} ({r.steps} steps, {r.seconds:.0f} s, {r.tokens_per_s:.0f} tokens/s)")
+        if reg is not None:
+            from loraswap.adapters.base import resolve_base
+            from loraswap.adapters.registry import publish
+
+            publish(reg, r.path, r.path.name, resolve_base(base), max(64, cfg.rank), overwrite=True)
+            print(f"pushed {r.path.name} to {reg.uri}")
 
 
 def train_router(
