@@ -16,7 +16,8 @@ import os
 from typing import Any
 
 from loraswap.adapters.base import BaseRef, resolve_base
-from loraswap.adapters.manifest import AdapterNotFound
+from loraswap.adapters.hub import is_hub_name
+from loraswap.adapters.manifest import AdapterError, AdapterNotFound
 from loraswap.adapters.registry import AdapterRefused, RegistryUnavailable
 from loraswap.adapters.replica import RegistryEntry, Replica
 from loraswap.adapters.store import StoreEntry, did_you_mean
@@ -88,6 +89,8 @@ class Catalog:
     async def resolve(self, name: str, param: str) -> str | None:
         """`lookup`, after making sure a registry adapter is pulled, verified and cached here: 503 when the registry
         is needed and cannot be reached, 502 when what it holds is refused."""
+        if is_hub_name(name):
+            return await self._hub(name, param)
         replica = self.replica
         if replica is not None and name not in BASE_NAMES and name != self.ref.base_id:
             try:
@@ -99,6 +102,31 @@ class Catalog:
             except AdapterRefused as e:
                 raise from_registry(e, param) from None
         return self.lookup(name, param)
+
+    async def _hub(self, model: str, param: str) -> str:
+        """A hub adapter (`hf:org/name`), installed into the local store on its first request."""
+        from loraswap.adapters import hub
+
+        if not self.settings.hub_adapters:
+            raise APIError(
+                404,
+                f"adapter {model!r}: hub adapters are not served here (LORASWAP_HUB_ADAPTERS=true allows them)",
+                "not_found_error",
+                param=param,
+                code="model_not_found",
+            )
+        try:
+            name = hub.local_name(model)
+            if not self._local(name):
+                store = self.settings.store(with_registry=False)
+                await asyncio.to_thread(hub.install, model, store, self.ref, self.settings.max_rank)
+        except AdapterNotFound as e:
+            raise APIError(404, str(e), "not_found_error", param=param, code="model_not_found") from None
+        except AdapterError as e:  # not a hub name, or the adapter fails validation
+            raise APIError(422 if "hub adapter name" not in str(e) else 400, str(e), param=param) from None
+        except RegistryUnavailable as e:
+            raise from_registry(e, param) from None
+        return self.lookup(name, param) or name
 
     def _local(self, name: str) -> bool:
         try:

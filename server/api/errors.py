@@ -138,7 +138,10 @@ def from_registry(e: Exception, param: str | None = None) -> APIError:
     from loraswap.adapters.registry import AdapterRefused, RegistryConflict, RegistryUnavailable
 
     if isinstance(e, RegistryUnavailable):
-        return APIError(503, str(e), param=param, code="registry_unavailable")
+        from loraswap.adapters.hub import HubUnavailable
+
+        code = "hub_unavailable" if isinstance(e, HubUnavailable) else "registry_unavailable"
+        return APIError(503, str(e), param=param, code=code)
     if isinstance(e, RegistryConflict):
         return APIError(409, str(e), param="name", code="adapter_exists")
     if isinstance(e, AdapterRefused):
