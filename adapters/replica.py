@@ -98,6 +98,8 @@ class Replica:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.tried = threading.Event()
+        """Set once the first listing has been tried (whether or not it succeeded)."""
         self._scan_cache()
 
     # -- the listing ---------------------------------------------------------------------------------------------
@@ -124,6 +126,12 @@ class Replica:
 
     def sync(self) -> None:
         """Refresh the listing; drop cached copies of adapters the registry no longer has."""
+        try:
+            self._sync()
+        finally:
+            self.tried.set()
+
+    def _sync(self) -> None:
         try:
             etags = self.registry.list()
             old = self.listing or {}

@@ -81,6 +81,8 @@ class Catalog:
         }
         replica = self.replica
         if replica is not None:
+            # A server's first listing of its adapters waits for its first listing of the registry (once).
+            replica.tried.wait(2 * self.settings.registry_timeout + 1)
             for name, record in (replica.listing or {}).items():
                 if record.adapter.base_fingerprint == fp and replica.refused.get(name, ("",))[0] != record.etag:
                     served[name] = RegistryEntry(name, record)
