@@ -131,6 +131,25 @@ def test_delete_on_one_is_404_on_both(fleet: tuple[Replica, Replica], archives: 
     assert httpx.delete(f"{a.url}/v1/adapters/doomed").status_code == 404
 
 
+def test_a_request_running_when_its_adapter_is_deleted_finishes(
+    fleet: tuple[Replica, Replica], archives: dict[int, bytes]
+) -> None:
+    a, b = fleet
+    assert a.upload("leaving", archives[12]).status_code == 201
+    eventually(lambda: b.ask("leaving").status_code == 200)
+    body = {"model": "leaving", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 48}
+    body |= {"stream": True, "ignore_eos": True}
+    chunks: list[str] = []
+    with httpx.stream("POST", f"{b.url}/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                chunks.append(line)
+                if len(chunks) == 3:
+                    assert httpx.delete(f"{a.url}/v1/adapters/leaving").status_code == 204
+                    eventually(lambda: b.ask("leaving").status_code == 404)  # B follows while the stream runs
+    assert chunks[-1] == "data: [DONE]" and '"finish_reason": "length"' in chunks[-2]
+
+
 def test_six_concurrent_uploads_of_one_name_one_201(fleet: tuple[Replica, Replica], archives: dict[int, bytes]) -> None:
     def go(i: int) -> int:
         return fleet[i % 2].upload("contested", archives[11 + i % 3]).status_code
