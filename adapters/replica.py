@@ -96,6 +96,7 @@ class Replica:
         self._used: dict[str, float] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        self._cache_lock = threading.RLock()  # the copies here: pulls (request threads) and drops (the listing)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.tried = threading.Event()
@@ -154,7 +155,9 @@ class Replica:
         if self.error is not None:
             log.warning("loraswap: registry %s answers again", self.registry.uri)
         self.listing, self.error = new, None
-        for name in set(self._cached) - set(new):
+        with self._cache_lock:
+            gone = [name for name in self._cached if name not in new]
+        for name in gone:
             self.drop(name)
 
     # -- resolving and pulling ----------------------------------------------------------------------------------
@@ -224,13 +227,14 @@ class Replica:
     def add(self, staged: Path, record: Record) -> None:
         """Make the verified folder `staged` (in the cache folder) the cached copy of `record`, in one rename."""
         (staged / RECORD_FILE).write_text(json.dumps({"etag": record.etag, "size": record.size_bytes}))
-        publish(staged, self.cache_dir / record.name, overwrite=True)
-        self._cached[record.name] = (record.etag, record.size_bytes)
-        self._used[record.name] = time.monotonic()
-        if self.listing is not None:
-            self.listing = {**self.listing, record.name: record}
-        self.refused.pop(record.name, None)
-        self._evict(keep=record.name)
+        with self._cache_lock:
+            publish(staged, self.cache_dir / record.name, overwrite=True)
+            self._cached[record.name] = (record.etag, record.size_bytes)
+            self._used[record.name] = time.monotonic()
+            if self.listing is not None:
+                self.listing = {**self.listing, record.name: record}
+            self.refused.pop(record.name, None)
+            self._evict(keep=record.name)
 
     def _refuse(self, name: str, etag: str, why: str) -> None:
         if self.refused.get(name, ("", ""))[0] != etag:
@@ -257,24 +261,27 @@ class Replica:
 
     def drop(self, name: str) -> bool:
         """Remove the cached copy of `name` (a worker that has it loaded keeps it until its own LRU evicts it)."""
-        self._cached.pop(name, None)
-        self._used.pop(name, None)
-        folder = self.cache_dir / name
-        if not folder.is_dir():
-            return False
-        trash = self.cache_dir / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(folder, trash)
-        except FileNotFoundError:
-            return False
+        with self._cache_lock:
+            self._cached.pop(name, None)
+            self._used.pop(name, None)
+            folder = self.cache_dir / name
+            if not folder.is_dir():
+                return False
+            trash = self.cache_dir / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(folder, trash)
+            except FileNotFoundError:
+                return False
         fsync_dir(self.cache_dir)
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
     def cache_bytes(self) -> int:
-        return sum(size for _, size in self._cached.values())
+        with self._cache_lock:
+            return sum(size for _, size in self._cached.values())
 
     def _evict(self, keep: str) -> None:
+        """Drop the least recently used copies (never `keep`) while the cache is over its bound; holds the lock."""
         while self.cache_bytes() > self.max_bytes and len(self._cached) > 1:
             victim = min((n for n in self._cached if n != keep), key=lambda n: self._used.get(n, 0.0))
             log.info("loraswap: cache over %d bytes; dropping the copy of %r", self.max_bytes, victim)

@@ -141,6 +141,7 @@ def post(srv: Server, path: str, body: object, headers: dict[str, str] | None = 
 
 def ask(srv: Server, model: str, max_tokens: int = 4) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": "What is osteitis ?"}], "max_tokens": max_tokens}
+    body["ignore_eos"] = True  # every request runs its max_tokens: long enough for the scrapes to see it
     return httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=120)
 
 
@@ -224,7 +225,7 @@ def test_metrics_of_a_live_server_drive_the_affinity_scorer(srv: Server, lively_
     scraper = threading.Thread(target=scrape)
     scraper.start()
     try:
-        threads = [threading.Thread(target=ask, args=(srv, "hot", 48)) for _ in range(3)]
+        threads = [threading.Thread(target=ask, args=(srv, "hot", 160)) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
