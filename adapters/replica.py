@@ -69,7 +69,7 @@ class RegistryEntry:
 
 class Replica:
     """`ref` gives the served base (for validation); `max_bytes` bounds the cache (least recently used first out;
-    at least the adapter just pulled stays)."""
+    at least the adapter just pulled stays); `on_pull` is told how long each pull took."""
 
     def __init__(
         self,
@@ -79,8 +79,11 @@ class Replica:
         max_rank: int,
         max_bytes: int,
         poll_seconds: float = 2.0,
+        on_pull: Callable[[float], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.on_pull = on_pull
+        """Told the seconds of each pull (download, checks, validation, rename) that succeeded."""
         self.cache_dir = cache_dir
         self.ref = ref
         self.max_rank = max_rank
@@ -217,12 +220,10 @@ class Replica:
             raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        log.info(
-            "loraswap: pulled %r from %s in %.0f ms",
-            record.name,
-            self.registry.uri,
-            1e3 * (time.perf_counter() - start),
-        )
+        seconds = time.perf_counter() - start
+        log.info("loraswap: pulled %r from %s in %.0f ms", record.name, self.registry.uri, 1e3 * seconds)
+        if self.on_pull is not None:
+            self.on_pull(seconds)
 
     def add(self, staged: Path, record: Record) -> None:
         """Make the verified folder `staged` (in the cache folder) the cached copy of `record`, in one rename."""

@@ -10,8 +10,9 @@ upload gets). Once the server lists both, one streamed chat request with max_tok
 alternating order, from sending to the first token. The registry's request pays for its pull (record and blobs
 read, sha256 checked, the full validation, one rename into the cache) on top of what both pay: the worker's load of
 the adapter and the prefill. On a shared CPU those vary by far more than a pull takes, so the pull is also timed
-alone afterwards: the same adapters pulled again by a fresh replica in this process (`pull_alone`), the exact work
-a request adds. Needs moto (`pip install "moto[server]"`, in the dev extra).
+where it happens: by the server itself (`pull_in_server`, its `loraswap_registry_pull_seconds` histogram) and alone
+afterwards, the same adapters pulled again by a fresh replica in this process (`pull_alone`). Needs moto
+(`pip install "moto[server]"`, in the dev extra).
 """
 
 from __future__ import annotations
@@ -97,6 +98,20 @@ def wait_listed(url: str, names: set[str], timeout: float = 60) -> None:
     raise RuntimeError(f"the server did not list {sorted(names)} within {timeout:.0f} s")
 
 
+def pull_histogram(url: str) -> dict[str, float]:
+    """The server's own timing of its pulls (`loraswap_registry_pull_seconds`): count and mean."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "loraswap_registry_pull_seconds":
+            values = {s.name: s.value for s in family.samples if not s.labels.get("le")}
+            count = values.get("loraswap_registry_pull_seconds_count", 0.0)
+            total = values.get("loraswap_registry_pull_seconds_sum", 0.0)
+            return {"n": count, "mean_ms": round(1e3 * total / count, 1) if count else 0.0}
+    return {"n": 0, "mean_ms": 0.0}
+
+
 def summary(xs: list[float]) -> dict[str, float]:
     p95 = quantiles(xs, n=20, method="inclusive")[-1] if len(xs) > 1 else xs[0]
     return {"p50_ms": round(1e3 * median(xs), 1), "p95_ms": round(1e3 * p95, 1), "n": len(xs)}
@@ -146,6 +161,7 @@ def run(rounds: int, base: str, quant: str) -> dict[str, Any]:
                         f"local {1e3 * times['local'][-1]:.0f} ms",
                         file=sys.stderr,
                     )
+                in_server = pull_histogram(url)
             finally:
                 stop(proc)
             from loraswap.adapters.replica import Replica
@@ -170,6 +186,7 @@ def run(rounds: int, base: str, quant: str) -> dict[str, Any]:
         "registry_minus_local_p50_ms": round(reg["p50_ms"] - loc["p50_ms"], 1),
         "paired_difference_p50_ms": round(1e3 * median(paired), 1),
         "pull_alone": summary(times["pull_alone"]),
+        "pull_in_server": in_server,
     }
 
 

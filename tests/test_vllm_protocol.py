@@ -205,6 +205,13 @@ def test_load_from_the_registry_and_from_another(srv: Server, lively_base: Path,
     assert ask(srv, "from-registry").status_code == 200
     assert post(srv, "/v1/unload_lora_adapter", {"lora_name": "from-registry"}).status_code == 200
     assert ask(srv, "from-registry").status_code == 200  # the registry still holds it: pulled again
+    pulls = [
+        s.value
+        for f in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text)
+        for s in f.samples
+        if s.name == "loraswap_registry_pull_seconds_count"
+    ]
+    assert pulls and pulls[0] >= 2
     publish(Registry(OTHER_REGISTRY), src, "from-other", ref, max_rank=64)
     r = post(srv, "/v1/load_lora_adapter", {"lora_name": "from-other", "lora_path": OTHER_REGISTRY})
     assert r.status_code == 200, r.text

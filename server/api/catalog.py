@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 from loraswap.adapters.base import BaseRef, resolve_base
@@ -30,15 +31,20 @@ BASE_NAMES = ("base", BASE)
 
 
 class Catalog:
-    def __init__(self, settings: Settings, unusable: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, unusable: dict[str, str] | None = None, on_pull: Callable[[float], None] | None = None
+    ) -> None:
+        """`on_pull`: told the seconds of each registry pull (the metrics' histogram)."""
         self.settings = settings
+        self.on_pull = on_pull
         self.unusable = dict(unusable or {})  # adapters that failed the start-up check: name -> why
         self._ref: BaseRef | None = None
         self._router: tuple[tuple[str, int], Any] | None = None  # ((path, mtime), Router)
         self._replica: tuple[int, Replica] | None = None  # (pid, the registry's replica in that process)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_replica": None}  # the workers read the cache folder, never the registry
+        # The workers read the cache folder, never the registry (and metrics stay in the API process).
+        return {**self.__dict__, "_replica": None, "on_pull": None}
 
     @property
     def replica(self) -> Replica | None:
@@ -52,7 +58,13 @@ class Catalog:
             registry = Registry(s.registry, s.registry_conditional_writes, s.registry_timeout)
             cache = s.registry_dir() or s.store().user_dir / ".registry"  # registry_dir is set with the registry
             replica = Replica(
-                registry, cache, lambda: self.ref, s.max_rank, s.registry_cache_bytes, s.registry_poll_seconds
+                registry,
+                cache,
+                lambda: self.ref,
+                s.max_rank,
+                s.registry_cache_bytes,
+                s.registry_poll_seconds,
+                self.on_pull,
             )
             self._replica = (os.getpid(), replica)
             replica.start()

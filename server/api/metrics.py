@@ -141,6 +141,13 @@ class Metrics:
             registry=r,
         )
 
+        self.pull_time = Histogram(
+            "loraswap_registry_pull_seconds",
+            "Time to pull an adapter from the registry into this server's cache (download, sha256, validation).",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=r,
+        )
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (Metrics, (self.model_name, self.max_lora, self.capacity))
 

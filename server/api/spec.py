@@ -40,7 +40,7 @@ class LoraswapSpec(LitSpec):
         self.settings = settings
         self.api_path = chat.ROUTE
         self.metrics = Metrics(settings.base, settings.max_loaded_adapters, settings.max_batch_size * settings.workers)
-        self.catalog = Catalog(settings, unusable)
+        self.catalog = Catalog(settings, unusable, self.metrics.pull_time.observe)
         self.prompts = Prompts(settings, self.catalog)
         self.bridge = Bridge(self, self.metrics, cancels, workers)
         c, p, b = self.catalog, self.prompts, self.bridge
