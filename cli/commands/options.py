@@ -80,18 +80,21 @@ class UsageError(Exception):
 
 
 def open_registry(uri: str | None) -> Registry:
-    """The registry named by --registry or LORASWAP_REGISTRY (a usage error without one)."""
-    import os
+    """The registry named by --registry or LORASWAP_REGISTRY, with the server's LORASWAP_REGISTRY_* settings
+    (a usage error without one)."""
+    from pydantic import ValidationError
 
     from loraswap.adapters.registry import Registry
+    from loraswap.server.settings import Settings
 
-    uri = uri or os.environ.get("LORASWAP_REGISTRY")
-    if not uri:
-        raise UsageError("give --registry s3://BUCKET/PREFIX (or set LORASWAP_REGISTRY)")
     try:
-        return Registry(uri, os.environ.get("LORASWAP_REGISTRY_CONDITIONAL_WRITES", "true").lower() != "false")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        s = Settings.from_env(registry=uri)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UsageError(f"setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    if not s.registry:
+        raise UsageError("give --registry s3://BUCKET/PREFIX (or set LORASWAP_REGISTRY)")
+    return Registry(s.registry, s.registry_conditional_writes, s.registry_timeout)
 
 
 def pick_quant(quant: str | None, no_quant: bool = False, double_quant: bool | None = None) -> Quant:
