@@ -303,3 +303,15 @@ def test_cli_push_list_pull_remove_and_train_push(
     code, out, err = run_cli(train, capsys)
     assert code == 0 and "pushed symptoms" in out, err
     assert registry.record("symptoms").adapter.qtype == "symptoms"
+
+
+def test_without_conditional_writes_a_check_guards_the_name(
+    registry: Registry, folders: dict[str, Path], ref: BaseRef
+) -> None:
+    """For stores without If-None-Match/If-Match: the name is checked first, the record written plainly."""
+    plain = Registry(str(registry.uri), conditional_writes=False, timeout=2)
+    first = publish(plain, folders["one"], "plain", ref, max_rank=64)
+    with pytest.raises(RegistryConflict, match="exists"):
+        publish(plain, folders["two"], "plain", ref, max_rank=64)
+    second = publish(plain, folders["two"], "plain", ref, max_rank=64, overwrite=True)
+    assert second.etag != first.etag and plain.record("plain").etag == second.etag
