@@ -1,0 +1,90 @@
+"""Log-probabilities computed by the engine (server/worker/logprobs.py): a scored row, in a mixed batch with other
+adapters and plain rows, reports what PEFT computes for that adapter alone."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from engines import lora_store, make_engine, run_all
+
+from loraswap.adapters.base import load_base
+from loraswap.adapters.prompt import prompt_ids
+from loraswap.adapters.store import AdapterStore
+from loraswap.server.jobs import Job
+
+
+@pytest.fixture(scope="module")
+def store(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> AdapterStore:
+    return lora_store(lively_base, tmp_path_factory.mktemp("logprob-store"))
+
+
+def peft_logprobs(lively_base: Path, store: AdapterStore, adapter: str | None, ids: list[int]) -> torch.Tensor:
+    """[len(ids), vocabulary]: PEFT's log-softmax at every position of `ids`, the adapter alone."""
+    from peft import PeftModel
+
+    base = load_base(str(lively_base), quant="none")
+    model = base.model if adapter is None else PeftModel.from_pretrained(base.model, str(store.get(adapter).path))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_echo_and_generated_logprobs_match_peft_in_a_mixed_batch(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store, prefix_cache_bytes=1 << 20)
+    tok = engine.tokenizer
+    scored_prompt = prompt_ids(tok, "What are the symptoms of carditis ?")
+    jobs = [
+        Job(str(uuid.uuid4()), scored_prompt, "symptoms", max_tokens=5, logprobs=3, prompt_logprobs=2),
+        Job(str(uuid.uuid4()), prompt_ids(tok, "What is osteitis ?"), "treatment", max_tokens=7),
+        Job(str(uuid.uuid4()), prompt_ids(tok, "How to prevent dermitis ?"), None, max_tokens=4, logprobs=0),
+    ]
+    for j in jobs:
+        engine.submit(j)
+    events = run_all(engine)
+    first = events[jobs[0].uid]
+    prompt_lp = first[0].prompt_logprobs
+    assert prompt_lp is not None and prompt_lp[0] is None and len(prompt_lp) == len(scored_prompt)
+    assert all(e.prompt_logprobs is None for e in first[1:])
+    generated = [x for e in first for x in (e.logprobs or [])]
+    assert len(generated) == first[-1].completion_tokens
+    gen_ids = [x["id"] for x in generated]
+    ref = peft_logprobs(lively_base, store, "symptoms", scored_prompt + gen_ids)
+    for t in range(1, len(scored_prompt)):
+        entry = prompt_lp[t]
+        assert entry is not None and entry["id"] == scored_prompt[t]
+        assert entry["logprob"] == pytest.approx(float(ref[t - 1, scored_prompt[t]]), abs=1e-3)
+        assert [a for a, _ in entry["top"]] == ref[t - 1].topk(2).indices.tolist()
+    for k, entry in enumerate(generated):
+        row = ref[len(scored_prompt) - 1 + k]
+        assert entry["logprob"] == pytest.approx(float(row[entry["id"]]), abs=1e-3)
+        assert entry["id"] == int(row.argmax())  # greedy: the chosen token is the most likely one
+        assert len(entry["top"]) == 3 and entry["top"][0][0] == entry["id"]
+    plain = events[jobs[1].uid]
+    assert all(e.logprobs is None and e.prompt_logprobs is None for e in plain)
+    zero = [x for e in events[jobs[2].uid] for x in (e.logprobs or [])]
+    assert zero and all(x["top"] == [] for x in zero)
+    # Without the adapter's LoRA the prompt scores differently: the scored row ran with its own adapter.
+    base_ref = peft_logprobs(lively_base, store, None, scored_prompt)
+    assert abs(prompt_lp[1]["logprob"] - float(base_ref[0, scored_prompt[1]])) > 1e-3  # type: ignore[index]
+
+
+def test_a_scored_prompt_is_computed_whole_even_when_its_blocks_are_cached(
+    lively_base: Path, store: AdapterStore
+) -> None:
+    engine = make_engine(lively_base, store, prefix_cache_bytes=1 << 20)
+    ids = prompt_ids(engine.tokenizer, "What are the treatments for hepatitis ?")
+    warm = Job(str(uuid.uuid4()), ids, "treatment", max_tokens=2)
+    engine.submit(warm)
+    run_all(engine)
+    again = Job(str(uuid.uuid4()), ids, "treatment", max_tokens=1, prompt_logprobs=0)
+    engine.submit(again)
+    ev = run_all(engine)[again.uid]
+    assert ev[0].cached_tokens == 0
+    assert ev[0].prompt_logprobs is not None and len(ev[0].prompt_logprobs) == len(ids)
+    ref = peft_logprobs(lively_base, store, "treatment", ids)
+    last = ev[0].prompt_logprobs[-1]
+    assert last is not None and last["logprob"] == pytest.approx(float(ref[-2, ids[-1]]), abs=1e-3)
