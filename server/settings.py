@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 from loraswap.adapters.base import Quant
 from loraswap.adapters.store import AdapterStore
@@ -77,6 +77,19 @@ class Settings(BaseModel):
     when a CPU stays idle (`server/worker/threads.py`). CUDA workers keep torch's default."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
+    cors_origins: list[str] = []
+    """Web origins (scheme://host[:port]) whose browser pages may call the API, comma-separated in
+    LORASWAP_CORS_ORIGINS; "*" allows any. Empty (the default): no CORS headers, so browsers refuse other origins."""
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from the environment or the CLI: comma-separated
+            v = [o.strip() for o in v.split(",") if o.strip()]
+        for o in v if isinstance(v, list) else ():
+            if o != "*" and not (isinstance(o, str) and o.startswith(("http://", "https://")) and "/" not in o[8:]):
+                raise ValueError(f"{o!r} is not an origin: scheme://host[:port] (no path), or *")
+        return v
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

@@ -71,6 +71,13 @@ def serve(
             "cgroup CPU quota), one fewer while other processes keep them busy.",
         ),
     ] = None,
+    cors_origins: Annotated[
+        str | None,
+        typer.Option(
+            "--cors-origins",
+            help="Comma-separated web origins whose browser pages may call the API ('*': any) [default none].",
+        ),
+    ] = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
     from loraswap.server.api.app import serve as run_server
@@ -89,6 +96,7 @@ def serve(
         lm_head=lm_head,
         q4_kernel=q4_kernel,
         threads=threads,
+        cors_origins=cors_origins,
     )
     code = run_server(settings)
     if code:

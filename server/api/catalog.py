@@ -77,17 +77,20 @@ class Catalog:
             code="model_not_found",
         )
 
-    def route(self, question: str) -> tuple[str | None, dict[str, Any]]:
+    def has_router(self) -> bool:
+        return self.settings.store().router_path() is not None
+
+    def route(self, question: str, param: str = "adapter") -> tuple[str | None, dict[str, Any]]:
         """adapter 'auto': the router's qtype, served by an adapter of that qtype (the base if none); with what
-        the router said."""
+        the router said (`param`: the request field that said 'auto')."""
         from loraswap.adapters.router import Router
 
         path = self.settings.store().router_path()
         if path is None:
             raise APIError(
                 400,
-                "adapter 'auto' needs a router (loraswap train-router); none is installed",
-                param="adapter",
+                f"{param} 'auto' needs a router (loraswap train-router); none is installed",
+                param=param,
                 code="no_router",
             )
         key = (str(path), path.stat().st_mtime_ns)

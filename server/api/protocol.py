@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from loraswap.server.api.errors import APIError, from_event, from_validation
 from loraswap.server.jobs import FinishReason, JobEvent
@@ -55,15 +55,24 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    n: int = 1
     stream_options: StreamOptions | None = None
+    # ---- issue 22, the OpenAI surface: choices, log-probabilities, the field audit (routes/chat.py) ----
+    model_config = ConfigDict(extra="allow")  # undeclared fields are kept for `audit.refuse_unsupported`, then ignored
+    n: int = Field(default=1, ge=1, le=128)
+    """Choices, each sampled on its own (seed + index when a seed is given); they share the prompt's prefill."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: str | None = None
+    """Ignored: changes nothing served (as metadata, store, service_tier: undeclared, ignored)."""
 
-    @field_validator("n")
+    @field_validator("top_logprobs")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return v
+
+    # ---- end of issue 22's block ----
 
     @field_validator("stop")
     @classmethod
