@@ -49,7 +49,8 @@ class Job:
 
 TokenLogprob = dict[str, Any]
 """One token's log-probability, as plain data: {"id": token id, "logprob": float, "top": [[id, logprob], ...] (the
-most likely tokens at that position, best first)}."""
+most likely tokens at that position, best first)}, and "end": true for a stop token that ended the job (its text is
+not in the answer)."""
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_echo_and_generated_logprobs_match_peft_in_a_mixed_batch(lively_base: Pa
     prompt_lp = first[0].prompt_logprobs
     assert prompt_lp is not None and prompt_lp[0] is None and len(prompt_lp) == len(scored_prompt)
     assert all(e.prompt_logprobs is None for e in first[1:])
-    generated = [x for e in first for x in (e.logprobs or [])]
+    generated = [x for e in first for x in (e.logprobs or []) if not x.get("end")]
     assert len(generated) == first[-1].completion_tokens
     gen_ids = [x["id"] for x in generated]
     ref = peft_logprobs(lively_base, store, "symptoms", scored_prompt + gen_ids)
@@ -70,6 +70,23 @@ def test_echo_and_generated_logprobs_match_peft_in_a_mixed_batch(lively_base: Pa
     # Without the adapter's LoRA the prompt scores differently: the scored row ran with its own adapter.
     base_ref = peft_logprobs(lively_base, store, None, scored_prompt)
     assert abs(prompt_lp[1]["logprob"] - float(base_ref[0, scored_prompt[1]])) > 1e-3  # type: ignore[index]
+
+
+def test_the_stop_token_that_ends_a_row_is_reported_as_its_end(lively_base: Path, store: AdapterStore) -> None:
+    engine = make_engine(lively_base, store)
+    eos = next(iter(engine.stop_ids))
+    ids = prompt_ids(engine.tokenizer, "What is osteitis ?")
+    probe = Job(str(uuid.uuid4()), ids, None, max_tokens=1, logprobs=1)
+    engine.submit(probe)
+    first = [x for e in run_all(engine)[probe.uid] for x in (e.logprobs or [])]
+    # Make the stop token the greedy choice: the engine then ends the row on it, and reports it, marked.
+    engine.stop_ids = {first[0]["id"]}
+    again = Job(str(uuid.uuid4()), ids, None, max_tokens=3, logprobs=1)
+    engine.submit(again)
+    events = run_all(engine)[again.uid]
+    assert events[-1].finish_reason == "stop" and events[-1].completion_tokens == 0
+    reported = [x for e in events for x in (e.logprobs or [])]
+    assert len(reported) == 1 and reported[0]["end"] and reported[0]["id"] == first[0]["id"] != eos
 
 
 def test_a_scored_prompt_is_computed_whole_even_when_its_blocks_are_cached(

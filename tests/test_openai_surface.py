@@ -48,8 +48,12 @@ def client(url: str) -> Any:
     return OpenAI(base_url=f"{url}/v1", api_key="unused")
 
 
+_base: list[Path] = []
+
+
 @pytest.fixture(scope="module")
 def question_ids(lively_base: Path) -> list[int]:
+    _base[:] = [lively_base]
     return prompt_ids(load_tokenizer(resolve_base(str(lively_base))), QUESTION)
 
 
@@ -175,6 +179,14 @@ def test_n_choices_and_several_prompts(client: Any, question_ids: list[int]) -> 
     again = client.completions.create(model="symptoms", prompt=question_ids, max_tokens=6, n=2, temperature=1.0, seed=7)
     assert [c.text for c in again.choices] == [c.text for c in two.choices]  # a seed makes n choices repeatable
     assert two.usage.prompt_tokens == len(question_ids) and two.usage.completion_tokens == 12
+    # The n choices of a prompt never seen whole before: the first computes it (all but the system turn, which
+    # earlier requests cached), the others take all its blocks from the prefix cache (blocks of 8 tokens that end
+    # before the prompt's last token).
+    fresh = prompt_ids(load_tokenizer(resolve_base(str(_base[0]))), "What are the treatments for pulmitis ?")
+    three = client.completions.create(model="treatment", prompt=fresh, max_tokens=2, n=3)
+    reusable = (len(fresh) - 1) // 8 * 8
+    first_cached = three.usage.prompt_tokens_details.cached_tokens - 2 * reusable
+    assert reusable > 0 and 0 <= first_cached < reusable
     many = client.completions.create(model="base", prompt=["Fever and", "Rest and fluids"], max_tokens=3, n=2)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert many.choices[0].text == many.choices[1].text  # greedy: both choices of a prompt agree

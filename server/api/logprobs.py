@@ -60,7 +60,7 @@ class CompletionLogprobs:
             self._new["token_logprobs"].append(e["logprob"])
             self._new["top_logprobs"].append(top)
             self._new["text_offset"].append(self.offset)
-            self.offset += len(self.text(e["id"]))
+            self.offset += 0 if e.get("end") else len(self.text(e["id"]))  # a stop token adds no text
 
     def add_first(self, first: int) -> None:
         """The prompt's first token (echo): its text, with no log-probability (None, as vLLM's)."""
@@ -85,4 +85,8 @@ def chat_content(text: TokenText, entries: list[TokenLogprob]) -> list[dict[str,
         s = text(token)
         return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
 
-    return [item(e["id"], e["logprob"]) | {"top_logprobs": [item(t, lp) for t, lp in e["top"]]} for e in entries]
+    return [
+        item(e["id"], e["logprob"]) | {"top_logprobs": [item(t, lp) for t, lp in e["top"]]}
+        for e in entries
+        if not e.get("end")  # the stop token that ended the answer is not part of it
+    ]

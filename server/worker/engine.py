@@ -328,11 +328,11 @@ class Engine:
             else:
                 token = best
             reason: FinishReason | None = None
+            row.next_token = token  # the next step's input; a stop token's row leaves instead
             if token in self.stop_ids and not row.req.ignore_eos:
                 reason = "stop"
             else:
                 row.generated.append(token)
-                row.next_token = token
                 if len(row.generated) >= row.req.max_tokens or row.real_len + 1 >= self.max_context:
                     reason = "length"
             text, hit_stop = new_text(self.tokenizer, row, final=reason is not None)

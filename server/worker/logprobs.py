@@ -79,21 +79,24 @@ def scored(
     rows: list[Row], logits: torch.Tensor, choose: Callable[[list[Row], torch.Tensor], list[JobEvent]]
 ) -> list[JobEvent]:
     """`choose(rows, logits)` (the engine's sampling and events), with the log-probabilities rows asked for put on
-    their events: each generated token's (an end-of-sequence token ends the text and is not reported), and on a
-    row's first event its prompt's. Tokens whose text is held back keep theirs until the event that carries it."""
+    their events: each chosen token's, and on a row's first event its prompt's. Tokens whose text is held back keep
+    theirs until the event that carries it."""
     want = [i for i, r in enumerate(rows) if r.req.logprobs is not None]
     lp = torch.log_softmax(logits[want].float(), dim=-1) if want else None  # before anything changes the logits
     before = [len(rows[i].generated) for i in want]
     events = choose(rows, logits)
     if lp is not None:
-        grew = [j for j, i in enumerate(want) if len(rows[i].generated) > before[j]]
-        if grew:
-            chosen = torch.tensor([rows[want[j]].generated[-1] for j in grew], dtype=torch.long, device=lp.device)
-            k = max(int(rows[want[j]].req.logprobs or 0) for j in grew)
-            for j, entry in zip(grew, _entries(lp[grew], chosen, k), strict=True):
-                row = rows[want[j]]
-                entry["top"] = entry["top"][: int(row.req.logprobs or 0)]
-                row.logprobs.append(entry)
+        # Every row chose a token (`Row.next_token`); one that was not added to the text ended the row: a stop token
+        # (marked "end": chat leaves it out; completions report it, as vLLM does, so a scored continuation's last
+        # token is never lost).
+        chosen = torch.tensor([rows[i].next_token for i in want], dtype=torch.long, device=lp.device)
+        k = max(int(rows[i].req.logprobs or 0) for i in want)
+        for j, entry in enumerate(_entries(lp, chosen, k)):
+            row = rows[want[j]]
+            entry["top"] = entry["top"][: int(row.req.logprobs or 0)]
+            if len(row.generated) == before[j]:
+                entry["end"] = True
+            row.logprobs.append(entry)
     by_uid = {r.req.uid: r for r in rows if r.req.logprobs is not None or r.prompt_logprobs is not None}
     if not by_uid:
         return events

@@ -145,7 +145,8 @@ async def _stream(
                 if ev.error:
                     yield sse(from_event(ev).body)
                     return
-                lp = {"content": chat_content(text, ev.logprobs), "refusal": None} if text and ev.logprobs else None
+                items = chat_content(text, ev.logprobs) if text is not None and ev.logprobs else []
+                lp = {"content": items, "refusal": None} if items else None
                 if ev.text or lp:
                     yield chunk(c.index, {"content": ev.text}, None, lp)
                 if ev.finish_reason:
