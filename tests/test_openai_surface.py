@@ -278,3 +278,39 @@ def test_fields_that_change_nothing_are_ignored_and_neutral_values_accepted(url:
     assert httpx.post(f"{url}/v1/chat/completions", json=chat | neutral, timeout=30).status_code == 200
     done = {"model": "base", "prompt": "Hi", "max_tokens": 2, "best_of": 1, "suffix": None, "top_k": -1}
     assert httpx.post(f"{url}/v1/completions", json=done | neutral, timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_guidellm_benchmark_completes_without_errors(url: str, lively_base: Path, tmp_path: Path, route: str) -> None:
+    """guidellm (vLLM's load tester; its 0.8 CLI names the command `run`) for a few seconds, two concurrent streams
+    of synthetic prompts, streamed with usage: every request completes."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("guidellm", path=str(Path(sys.executable).parent))
+    assert exe is not None, "guidellm is a dev dependency (pyproject.toml); run make install"
+    out = tmp_path / "report.json"
+    cmd = [
+        exe,
+        "run",
+        "--backend",
+        f"kind=openai_http,target={url},model=symptoms,request_format={route}",
+        "--data",
+        "kind=synthetic_text,prompt_tokens=16,output_tokens=8",
+        "--profile",
+        "kind=concurrent,streams=2",
+        "--constraint",
+        "kind=max_duration,seconds=4",
+        "--tokenizer",
+        f"kind=huggingface_auto,model={lively_base}",
+        "--output",
+        f"kind=json,path={out}",
+        "--disable-progress",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    totals = json.loads(out.read_text())["benchmarks"][0]["metrics"]["request_totals"]
+    assert totals["successful"] >= 2 and totals["errored"] == 0, totals
