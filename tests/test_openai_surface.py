@@ -228,6 +228,9 @@ def test_chat_logprobs_plain_and_streamed(client: Any) -> None:
     assert [x.token for x in streamed] == [c.token for c in content]
     plain = client.chat.completions.create(**{**ask, "logprobs": False, "top_logprobs": None})
     assert plain.choices[0].logprobs is None
+    by_id = client.chat.completions.create(**ask, extra_body={"return_tokens_as_token_ids": True})
+    assert all(c.token.startswith("token_id:") for c in by_id.choices[0].logprobs.content)
+    assert [c.logprob for c in by_id.choices[0].logprobs.content] == [c.logprob for c in content]
 
 
 def test_auto_on_the_openai_routes(client: Any) -> None:

@@ -82,8 +82,7 @@ def chat_content(text: TokenText, entries: list[TokenLogprob]) -> list[dict[str,
     """Chat's `logprobs.content` items for `entries`."""
 
     def item(token: int, logprob: float) -> dict[str, Any]:
-        s = text(token)
-        return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
+        return {"token": text.label(token), "logprob": logprob, "bytes": list(text(token).encode())}
 
     return [
         item(e["id"], e["logprob"]) | {"top_logprobs": [item(t, lp) for t, lp in e["top"]]}

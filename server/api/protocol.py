@@ -62,6 +62,8 @@ class ChatRequest(_Sampling):
     """Choices, each sampled on its own (seed + index when a seed is given); they share the prompt's prefill."""
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    return_tokens_as_token_ids: bool = False
+    """vLLM's extension: logprobs name each token "token_id:N" instead of its text."""
     user: str | None = None
     """Ignored: changes nothing served (as metadata, store, service_tier: undeclared, ignored)."""
 

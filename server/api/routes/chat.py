@@ -67,7 +67,7 @@ async def chat(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Requ
         return e.response()
     group = _choices(job, body)
     cid = new_id("chatcmpl")
-    text = TokenText(prompts.tokenizer) if body.logprobs else None
+    text = TokenText(prompts.tokenizer, as_ids=body.return_tokens_as_token_ids) if body.logprobs else None
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(bridge, group, text, cid, model, include), media_type="text/event-stream")
