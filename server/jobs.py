@@ -39,12 +39,16 @@ class Job:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    # ---- log-probabilities (OpenAI's logprobs, completions' echo): server/worker/logprobs.py computes them ----
+    # ---- OpenAI's logprobs, echo, penalties and logit_bias: server/worker/logprobs.py, penalties.py ----
     logprobs: int | None = None
     """Return each generated token's log-probability and its `logprobs` most likely alternatives (None: none)."""
     prompt_logprobs: int | None = None
     """Score the prompt too (echo): each prompt token's log-probability given the tokens before it (the first has
     none), with this many alternatives; None: the prompt is not scored."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (`server/worker/penalties.py`, with the penalties)."""
 
 
 TokenLogprob = dict[str, Any]

@@ -105,3 +105,33 @@ def test_a_scored_prompt_is_computed_whole_even_when_its_blocks_are_cached(
     ref = peft_logprobs(lively_base, store, "treatment", ids)
     last = ev[0].prompt_logprobs[-1]
     assert last is not None and last["logprob"] == pytest.approx(float(ref[-2, ids[-1]]), abs=1e-3)
+
+
+def test_logit_bias_and_penalties_change_only_their_own_row(
+    lively_base: Path, tiny_base: Path, store: AdapterStore
+) -> None:
+    engine = make_engine(lively_base, store)
+    ids = prompt_ids(engine.tokenizer, "What are the symptoms of carditis ?")
+    forced = 7
+    plain = Job(str(uuid.uuid4()), ids, "symptoms", max_tokens=6, ignore_eos=True)
+    biased = Job(str(uuid.uuid4()), ids, "symptoms", max_tokens=6, ignore_eos=True, logit_bias=((forced, 100.0),))
+    for j in (plain, biased):
+        engine.submit(j)
+    events = run_all(engine)
+    alone = Job(str(uuid.uuid4()), ids, "symptoms", max_tokens=6, ignore_eos=True, logprobs=0)
+    engine.submit(alone)
+    reference = [x["id"] for e in run_all(engine)[alone.uid] for x in (e.logprobs or [])]
+    assert forced not in reference
+    tokens = engine.tokenizer.decode([forced] * 6)
+    assert "".join(e.text for e in events[biased.uid]) == tokens  # +100: the biased token every time
+    assert "".join(e.text for e in events[plain.uid]) == engine.tokenizer.decode(reference)  # its neighbour: untouched
+    # The tiny base with its default init repeats a token soon; a frequency penalty makes it move on.
+    dull = make_engine(tiny_base, store)
+    ids = prompt_ids(dull.tokenizer, "What is osteitis ?")
+    same = Job(str(uuid.uuid4()), ids, None, max_tokens=12, ignore_eos=True, logprobs=0)
+    varied = Job(str(uuid.uuid4()), ids, None, max_tokens=12, ignore_eos=True, logprobs=0, frequency_penalty=2.0)
+    for j in (same, varied):
+        dull.submit(j)
+    got = run_all(dull)
+    distinct = {u: len({x["id"] for e in got[u] for x in (e.logprobs or [])}) for u in (same.uid, varied.uid)}
+    assert distinct[varied.uid] > distinct[same.uid], distinct

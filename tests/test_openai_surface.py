@@ -248,9 +248,11 @@ def test_auto_on_the_openai_routes(client: Any) -> None:
 @pytest.mark.parametrize(
     ("path", "extra", "param"),
     [
-        ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-        ("/v1/completions", {"frequency_penalty": 1}, "frequency_penalty"),
-        ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {"presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/completions", {"frequency_penalty": -3}, "frequency_penalty"),
+        ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+        ("/v1/completions", {"logit_bias": {"hello": 1}}, "logit_bias"),
+        ("/v1/completions", {"logit_bias": {"100000": 1}}, "logit_bias"),
         ("/v1/completions", {"suffix": "end"}, "suffix"),
         ("/v1/completions", {"best_of": 3}, None),
         ("/v1/completions", {"logprobs": 6}, "logprobs"),
@@ -258,8 +260,8 @@ def test_auto_on_the_openai_routes(client: Any) -> None:
         ("/v1/completions", {"prompt": [10**7]}, "prompt"),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"n": 129}, "n"),
-        ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-        ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/chat/completions", {"presence_penalty": 2.5}, "presence_penalty"),
+        ("/v1/chat/completions", {"logit_bias": {"-1": 10}}, "logit_bias"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
@@ -273,6 +275,26 @@ def test_fields_that_would_change_the_answer_are_refused(url: str, path: str, ex
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and (param is None or param in err["message"])
+
+
+def test_logit_bias_and_penalties_are_honoured(client: Any) -> None:
+    ask: dict[str, Any] = {"model": "symptoms", "prompt": QUESTION, "max_tokens": 4, "logprobs": 0}
+    ids = {"return_tokens_as_token_ids": True}
+    plain = client.completions.create(**ask, extra_body=ids).choices[0].logprobs.tokens
+    banned = int(plain[0].removeprefix("token_id:"))
+    forced = 7 if banned != 7 else 8
+    biased = client.completions.create(**ask, logit_bias={str(forced): 100}, extra_body=ids).choices[0]
+    assert biased.logprobs.tokens == [f"token_id:{forced}"] * 4
+    other = client.completions.create(**ask, logit_bias={str(banned): -100}, extra_body=ids).choices[0]
+    assert other.logprobs.tokens[0] != plain[0]
+    chat = {"model": "symptoms", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4}
+    forced_chat = client.chat.completions.create(**chat, logit_bias={str(forced): 100})
+    assert (
+        forced_chat.choices[0].message.content
+        == client.completions.create(model="base", prompt=[forced] * 4, max_tokens=0, echo=True).choices[0].text
+    )  # the forced token four times
+    penalised = client.chat.completions.create(**chat, presence_penalty=2.0, frequency_penalty=2.0)
+    assert penalised.choices[0].finish_reason in ("stop", "length")
 
 
 def test_fields_that_change_nothing_are_ignored_and_neutral_values_accepted(url: str) -> None:

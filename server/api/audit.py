@@ -13,11 +13,11 @@ from typing import Any
 
 from loraswap.server.api.errors import APIError
 
+MAX_BIASES = 300
+"""The most tokens one logit_bias may bias (OpenAI's limit)."""
+
 _SHARED: dict[str, tuple[tuple[Any, ...], str]] = {
     # field: (values that change nothing, what loraswap supports instead)
-    "frequency_penalty": ((None, 0, 0.0), "only 0 is supported (no frequency penalty)"),
-    "presence_penalty": ((None, 0, 0.0), "only 0 is supported (no presence penalty)"),
-    "logit_bias": ((None, {}), "logit_bias is not supported; send no biases"),
     # vLLM's sampling extensions that clients send
     "top_k": ((None, 0, -1), "top_k is not supported (top_p is); send 0, -1 or nothing"),
     "min_p": ((None, 0, 0.0), "min_p is not supported (top_p is); send 0 or nothing"),
@@ -72,3 +72,25 @@ def refuse_unsupported(extra: Mapping[str, Any] | None, table: dict[str, tuple[t
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def logit_bias(biases: dict[str, float] | None, vocabulary: int) -> tuple[tuple[int, float], ...]:
+    """A request's logit_bias as (token id, bias) pairs; 400 for a key that is not a token id of the base's
+    vocabulary, a bias outside [-100, 100], or more than MAX_BIASES tokens."""
+    if not biases:
+        return ()
+    if len(biases) > MAX_BIASES:
+        raise APIError(400, f"logit_bias biases {len(biases)} tokens; at most {MAX_BIASES}", param="logit_bias")
+    pairs = []
+    for key, bias in biases.items():
+        if not key.strip().isdigit() or not 0 <= int(key) < vocabulary:
+            raise APIError(
+                400,
+                f"logit_bias: {key!r} is not a token id of the base's vocabulary (0-{vocabulary - 1})",
+                param="logit_bias",
+            )
+        if not -100 <= bias <= 100:
+            message = f"logit_bias: the bias of token {key} is {bias}; biases go from -100 to 100"
+            raise APIError(400, message, param="logit_bias")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)

@@ -33,6 +33,10 @@ class CompletionRequest(_Sampling):
     """Ignored: changes nothing served."""
     return_tokens_as_token_ids: bool = False
     """vLLM's extension: logprobs name each token "token_id:N" instead of its text."""
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias in [-100, 100], added to the logits (`audit.logit_bias` checks it)."""
 
     @field_validator("prompt")
     @classmethod

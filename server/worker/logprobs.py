@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from loraswap.server.jobs import JobEvent, TokenLogprob
+from loraswap.server.worker import penalties
 from loraswap.server.worker.batch import Row
 
 FLOOR = -9999.0
@@ -78,13 +79,14 @@ def score_prompts(rows: Sequence[Row], logits: torch.Tensor) -> None:
 def scored(
     rows: list[Row], logits: torch.Tensor, choose: Callable[[list[Row], torch.Tensor], list[JobEvent]]
 ) -> list[JobEvent]:
-    """`choose(rows, logits)` (the engine's sampling and events), with the log-probabilities rows asked for put on
+    """`choose(rows, logits)` (the engine's sampling and events; the logits with each row's penalties and biases,
+    `penalties.py`), with the log-probabilities rows asked for put on
     their events: each chosen token's, and on a row's first event its prompt's. Tokens whose text is held back keep
     theirs until the event that carries it."""
     want = [i for i, r in enumerate(rows) if r.req.logprobs is not None]
     lp = torch.log_softmax(logits[want].float(), dim=-1) if want else None  # before anything changes the logits
     before = [len(rows[i].generated) for i in want]
-    events = choose(rows, logits)
+    events = choose(rows, penalties.adjust(rows, logits))
     if lp is not None:
         # Every row chose a token (`Row.next_token`); one that was not added to the text ended the row: a stop token
         # (marked "end": chat leaves it out; completions report it, as vLLM does, so a scored continuation's last

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraswap.adapters.prompt import SYSTEM_PROMPT
 from loraswap.server.api import choices
-from loraswap.server.api.audit import CHAT, refuse_unsupported
+from loraswap.server.api.audit import CHAT, logit_bias, refuse_unsupported
 from loraswap.server.api.auth import authorize
 from loraswap.server.api.bridge import Bridge
 from loraswap.server.api.catalog import Catalog
@@ -62,6 +62,10 @@ async def chat(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Requ
             body.seed,
             body.stop_list(),
             body.ignore_eos,
+        )
+        biases = logit_bias(body.logit_bias, len(prompts.tokenizer))
+        job = dataclasses.replace(
+            job, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logit_bias=biases
         )
     except APIError as e:
         return e.response()

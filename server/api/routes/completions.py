@@ -16,7 +16,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraswap.server.api import choices
-from loraswap.server.api.audit import COMPLETIONS, refuse_unsupported
+from loraswap.server.api.audit import COMPLETIONS, logit_bias, refuse_unsupported
 from loraswap.server.api.auth import authorize
 from loraswap.server.api.bridge import Bridge
 from loraswap.server.api.catalog import Catalog
@@ -187,6 +187,7 @@ async def _validate(catalog: Catalog, prompts: Prompts, body: CompletionRequest)
         adapter = catalog.route(text, "model")[0] if body.model == "auto" else catalog.lookup(body.model, "model")
         found.append(_Prompt(ids, text, adapter))
     scoring_only = body.max_tokens == 0
+    biases = logit_bias(body.logit_bias, vocab)
     wanted = None if body.max_tokens is None else max(1, body.max_tokens)
     groups: list[list[choices.Choice]] = []
     for p_index, p in enumerate(found):
@@ -200,6 +201,9 @@ async def _validate(catalog: Catalog, prompts: Prompts, body: CompletionRequest)
                 job,
                 logprobs=None if scoring_only else body.logprobs,
                 prompt_logprobs=body.logprobs if body.echo else None,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                logit_bias=biases,
             )
             group.append(choices.Choice(len(groups) * body.n + k, p_index, job))
         groups.append(group)
