@@ -5,6 +5,7 @@ scoring only), chat logprobs, n choices, "auto", the model routes, HEAD /health,
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,28 @@ def test_guidellm_benchmark_completes_without_errors(url: str, lively_base: Path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     totals = json.loads(out.read_text())["benchmarks"][0]["metrics"]["request_totals"]
     assert totals["successful"] >= 2 and totals["errored"] == 0, totals
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_leaves_an_n_choice_stream_cancels_every_choice(url: str) -> None:
+    before = _metric(url, "loraswap_cancelled_total")
+    ask = {"model": "symptoms", "prompt": QUESTION, "max_tokens": 400, "n": 3, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=ask, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data:")
+            if seen == 4:
+                break
+    deadline = time.monotonic() + 60
+    while _metric(url, "loraswap_cancelled_total") < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(url, "loraswap_cancelled_total") == before + 3
+    time.sleep(0.5)  # the cancels reach the worker ahead of the next request
+    plain = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": "Hi", "max_tokens": 3}, timeout=60)
+    assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 3
