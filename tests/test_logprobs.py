@@ -135,3 +135,24 @@ def test_logit_bias_and_penalties_change_only_their_own_row(
     got = run_all(dull)
     distinct = {u: len({x["id"] for e in got[u] for x in (e.logprobs or [])}) for u in (same.uid, varied.uid)}
     assert distinct[varied.uid] > distinct[same.uid], distinct
+
+
+def test_a_long_prompt_is_scored_in_chunks_with_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraswap.server.worker import logprobs
+    from loraswap.server.worker.batch import Row
+
+    torch.manual_seed(0)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+    logits = torch.randn(1, 12, 20)  # two more positions than the prompt: it is right-aligned
+
+    def scored(chunk: int) -> list[dict | None]:  # type: ignore[type-arg]
+        monkeypatch.setattr(logprobs, "CHUNK", chunk)
+        row = Row(Job("u", prompt, None, prompt_logprobs=2), "base", None)
+        logprobs.score_prompts([row], logits)
+        assert row.prompt_logprobs is not None
+        return row.prompt_logprobs
+
+    whole, chunked = scored(1000), scored(3)
+    assert chunked == whole and len(whole) == len(prompt) and whole[0] is None
+    expect = torch.log_softmax(logits[0, 2 + 4 - 1], -1)[prompt[4]]  # token 4, scored by the position before it
+    assert whole[4] is not None and whole[4]["logprob"] == pytest.approx(float(expect))

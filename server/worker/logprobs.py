@@ -22,6 +22,8 @@ from loraswap.server.jobs import JobEvent, TokenLogprob
 from loraswap.server.worker import penalties
 from loraswap.server.worker.batch import Row
 
+CHUNK = 256
+"""Prompt positions whose log-softmax is computed at once."""
 FLOOR = -9999.0
 """Log-probabilities are clamped here: JSON has no -infinity (vLLM clamps the same)."""
 
@@ -70,9 +72,10 @@ def score_prompts(rows: Sequence[Row], logits: torch.Tensor) -> None:
         prompt = r.req.prompt_ids
         n = len(prompt)
         r.prompt_logprobs = [None]
-        if n > 1:
-            lp = torch.log_softmax(logits[i, width - n : width - 1].float(), dim=-1)
-            chosen = torch.tensor(prompt[1:], dtype=torch.long, device=lp.device)
+        for start in range(1, n, CHUNK):  # a chunk of positions at a time: a long prompt's log-softmax stays small
+            end = min(n, start + CHUNK)
+            lp = torch.log_softmax(logits[i, width - n + start - 1 : width - n + end - 1].float(), dim=-1)
+            chosen = torch.tensor(prompt[start:end], dtype=torch.long, device=lp.device)
             r.prompt_logprobs += _entries(lp, chosen, int(r.req.prompt_logprobs or 0))
 
 
