@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import lora_store, make_engine, run_all
+from engines import IMPLS, lora_store, make_engine, run_all
 
 from loraswap.adapters.base import load_base
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.adapters.store import AdapterStore
 from loraswap.server.jobs import Job
+from loraswap.server.settings import LoraImpl
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,11 @@ def peft_logprobs(lively_base: Path, store: AdapterStore, adapter: str | None, i
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def test_echo_and_generated_logprobs_match_peft_in_a_mixed_batch(lively_base: Path, store: AdapterStore) -> None:
-    engine = make_engine(lively_base, store, prefix_cache_bytes=1 << 20)
+@IMPLS
+def test_echo_and_generated_logprobs_match_peft_in_a_mixed_batch(
+    lively_base: Path, store: AdapterStore, impl: LoraImpl
+) -> None:
+    engine = make_engine(lively_base, store, impl, prefix_cache_bytes=1 << 20)
     tok = engine.tokenizer
     scored_prompt = prompt_ids(tok, "What are the symptoms of carditis ?")
     jobs = [
