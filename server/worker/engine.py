@@ -314,7 +314,8 @@ class Engine:
             self.batch.reorder(order)
 
     def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> list[JobEvent]:
-        """The rows' next tokens and events, with the log-probabilities rows asked for (`logprobs.py`)."""
+        """The rows' next tokens (after each row's penalties and logit_bias, `penalties.py`) and events, with the
+        log-probabilities rows asked for (`logprobs.py`)."""
         return logprobs.scored(rows, logits, self._choose_and_emit)
 
     def _choose_and_emit(self, rows: list[Row], logits: torch.Tensor) -> list[JobEvent]:
