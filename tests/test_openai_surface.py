@@ -129,6 +129,13 @@ def test_completion_streamed_equals_plain(client: Any) -> None:
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    every = list(
+        client.completions.create(
+            model="symptoms", prompt=prompt, max_tokens=8, stream=True, stream_options={"continuous_usage_stats": True}
+        )
+    )
+    counts = [c.usage.completion_tokens for c in every]  # vLLM's extension: usage so far on every chunk
+    assert counts == sorted(counts) and counts[-1] == 8 and every[-1].usage.prompt_tokens == done.usage.prompt_tokens
 
 
 def test_completion_logprobs(client: Any) -> None:
@@ -224,8 +231,9 @@ def test_chat_logprobs_plain_and_streamed(client: Any) -> None:
     for c in content:
         assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token and c.bytes == list(c.token.encode())
         assert math.isclose(c.logprob, c.top_logprobs[0].logprob, abs_tol=1e-6)
-    chunks = list(client.chat.completions.create(**ask, stream=True))
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"continuous_usage_stats": True}))
     streamed = [x for ch in chunks if ch.choices and ch.choices[0].logprobs for x in ch.choices[0].logprobs.content]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
     assert [x.token for x in streamed] == [c.token for c in content]
     plain = client.chat.completions.create(**{**ask, "logprobs": False, "top_logprobs": None})
     assert plain.choices[0].logprobs is None

@@ -36,6 +36,17 @@ class Message(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's extension: every chunk also carries its choice's usage so far (/v1/chat/completions, /v1/completions)."""
+
+
+def usage_so_far(ev: JobEvent) -> dict[str, int]:
+    """A choice's usage at `ev` (continuous_usage_stats)."""
+    return {
+        "prompt_tokens": ev.prompt_tokens,
+        "completion_tokens": ev.completion_tokens,
+        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+    }
 
 
 class _Sampling(BaseModel):

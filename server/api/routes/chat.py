@@ -22,12 +22,14 @@ from loraswap.server.api.logprobs import TokenText, chat_content
 from loraswap.server.api.prompts import Prompts
 from loraswap.server.api.protocol import (
     ChatRequest,
+    StreamOptions,
     chat_chunk,
     chat_completion,
     finish_reason,
     new_id,
     read_body,
     sse,
+    usage_so_far,
 )
 from loraswap.server.jobs import Job, JobEvent
 
@@ -73,8 +75,8 @@ async def chat(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Requ
     cid = new_id("chatcmpl")
     text = TokenText(prompts.tokenizer, as_ids=body.return_tokens_as_token_ids) if body.logprobs else None
     if body.stream:
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(bridge, group, text, cid, model, include), media_type="text/event-stream")
+        stream = _stream(bridge, group, text, cid, model, body.stream_options)
+        return StreamingResponse(stream, media_type="text/event-stream")
     parts: list[list[str]] = [[] for _ in group]
     content: list[list[dict[str, Any]]] = [[] for _ in group]
     last: list[JobEvent | None] = [None for _ in group]
@@ -127,17 +129,28 @@ def _usage(ends: list[JobEvent]) -> dict[str, Any]:
 
 
 async def _stream(
-    bridge: Bridge, group: list[choices.Choice], text: TokenText | None, cid: str, model: str, include_usage: bool
+    bridge: Bridge,
+    group: list[choices.Choice],
+    text: TokenText | None,
+    cid: str,
+    model: str,
+    options: StreamOptions | None,
 ) -> AsyncIterator[str]:
     """Server-sent chunks: each choice's role first, then its text (and log-probabilities) as it comes, its
-    finish_reason; usage last if asked for."""
+    finish_reason; usage last if asked for (and on every chunk with continuous_usage_stats)."""
     created = int(time.time())
+    include_usage = bool(options and options.include_usage)
+    every = bool(options and options.continuous_usage_stats)
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
+    def chunk(
+        index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None, ev: JobEvent | None = None
+    ) -> str:
         out = chat_chunk(cid, model, created, delta, finish)
         out["choices"][0]["index"] = index
         if text is not None:
             out["choices"][0]["logprobs"] = logprobs
+        if every and ev is not None:
+            out["usage"] = usage_so_far(ev)
         return sse(out)
 
     for c in group:
@@ -152,10 +165,10 @@ async def _stream(
                 items = chat_content(text, ev.logprobs) if text is not None and ev.logprobs else []
                 lp = {"content": items, "refusal": None} if items else None
                 if ev.text or lp:
-                    yield chunk(c.index, {"content": ev.text}, None, lp)
+                    yield chunk(c.index, {"content": ev.text}, None, lp, ev)
                 if ev.finish_reason:
                     ends.append(ev)
-                    yield chunk(c.index, {}, finish_reason(ev.finish_reason))
+                    yield chunk(c.index, {}, finish_reason(ev.finish_reason), None, ev)
     except APIError as e:
         yield sse(e.body)
         return

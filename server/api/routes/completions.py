@@ -23,7 +23,7 @@ from loraswap.server.api.catalog import Catalog
 from loraswap.server.api.errors import APIError, from_event
 from loraswap.server.api.logprobs import CompletionLogprobs, TokenText
 from loraswap.server.api.prompts import Prompts
-from loraswap.server.api.protocol import finish_reason, new_id, read_body, sse
+from loraswap.server.api.protocol import StreamOptions, finish_reason, new_id, read_body, sse, usage_so_far
 from loraswap.server.api.protocol_completions import MAX_CHOICES, CompletionRequest, completion, completion_chunk
 from loraswap.server.jobs import JobEvent
 
@@ -119,8 +119,8 @@ async def completions(catalog: Catalog, prompts: Prompts, bridge: Bridge, reques
     cid = new_id("cmpl")
     text = TokenText(prompts.tokenizer, as_ids=body.return_tokens_as_token_ids)
     if body.stream:
-        include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(bridge, req, text, cid, include), media_type="text/event-stream")
+        stream = _stream(bridge, req, text, cid, body.stream_options)
+        return StreamingResponse(stream, media_type="text/event-stream")
     states = req.states(text)
     try:
         async with choices.closing(choices.events(bridge, req.groups, ROUTE)) as events:
@@ -210,9 +210,14 @@ async def _validate(catalog: Catalog, prompts: Prompts, body: CompletionRequest)
     return _Request(body, found, groups)
 
 
-async def _stream(bridge: Bridge, req: _Request, text: TokenText, cid: str, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent chunks, one per event of any choice (each names its index); usage last if asked for."""
+async def _stream(
+    bridge: Bridge, req: _Request, text: TokenText, cid: str, options: StreamOptions | None
+) -> AsyncIterator[str]:
+    """Server-sent chunks, one per event of any choice (each names its index); usage last if asked for (and on every
+    chunk with continuous_usage_stats)."""
     created = int(time.time())
+    include_usage = bool(options and options.include_usage)
+    every = bool(options and options.continuous_usage_stats)
     model = req.model()
     states = req.states(text)
     try:
@@ -226,7 +231,12 @@ async def _stream(bridge: Bridge, req: _Request, text: TokenText, cid: str, incl
                 lp = st.logprobs.take() if st.logprobs is not None else None
                 if added or st.finish or (lp and lp["tokens"]):
                     final = st.finish if ev.finish_reason else None
-                    yield sse(completion_chunk(cid, model, created, c.index, added, lp, final))
+                    out = completion_chunk(cid, model, created, c.index, added, lp, final)
+                    if every:
+                        out["usage"] = usage_so_far(ev) | (
+                            {"completion_tokens": 0, "total_tokens": ev.prompt_tokens} if req.scoring_only else {}
+                        )
+                    yield sse(out)
     except APIError as e:
         yield sse(e.body)
         return
