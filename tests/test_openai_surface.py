@@ -263,7 +263,8 @@ def test_auto_on_the_openai_routes(client: Any) -> None:
         ("/v1/completions", {"logit_bias": {"hello": 1}}, "logit_bias"),
         ("/v1/completions", {"logit_bias": {"100000": 1}}, "logit_bias"),
         ("/v1/completions", {"suffix": "end"}, "suffix"),
-        ("/v1/completions", {"best_of": 3}, None),
+        ("/v1/completions", {"best_of": 1, "n": 2}, None),
+        ("/v1/completions", {"best_of": 3, "stream": True}, None),
         ("/v1/completions", {"logprobs": 6}, "logprobs"),
         ("/v1/completions", {"top_k": 5}, "top_k"),
         ("/v1/completions", {"prompt": [10**7]}, "prompt"),
@@ -304,6 +305,18 @@ def test_logit_bias_and_penalties_are_honoured(client: Any) -> None:
     )  # the forced token four times
     penalised = client.chat.completions.create(**chat, presence_penalty=2.0, frequency_penalty=2.0)
     assert penalised.choices[0].finish_reason in ("stop", "length")
+
+
+def test_best_of_returns_the_choices_of_highest_mean_logprob(client: Any, question_ids: list[int]) -> None:
+    ask: dict[str, Any] = {"model": "symptoms", "prompt": question_ids, "max_tokens": 5, "temperature": 1.0, "seed": 11}
+    all_four = client.completions.create(**ask, n=4, logprobs=0)
+    every = all_four.choices
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in every]
+    ranked = [every[i].text for i in sorted(range(4), key=lambda i: -means[i])]
+    best = client.completions.create(**ask, n=2, best_of=4)
+    assert [c.text for c in best.choices] == ranked[:2] and [c.index for c in best.choices] == [0, 1]
+    assert best.choices[0].logprobs is None  # computed to rank, returned only when asked for
+    assert best.usage.completion_tokens == all_four.usage.completion_tokens  # all 4 were generated
 
 
 def test_fields_that_change_nothing_are_ignored_and_neutral_values_accepted(url: str) -> None:

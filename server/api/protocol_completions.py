@@ -56,12 +56,15 @@ class CompletionRequest(_Sampling):
 
     @model_validator(mode="after")
     def _best_of(self) -> CompletionRequest:
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(
-                f"best_of={self.best_of} with n={self.n} is not supported: choices are not ranked server-side; "
-                "send best_of equal to n, or leave it out"
-            )
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.stream and self.runs() > self.n:
+            raise ValueError("best_of greater than n cannot be streamed: the best choices are known only at the end")
         return self
+
+    def runs(self) -> int:
+        """Completions generated per prompt: best_of (the n best are returned), else n."""
+        return self.best_of or self.n
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompts, each a string or a list of token ids."""

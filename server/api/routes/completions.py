@@ -48,6 +48,8 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     finish: str | None = None
     last: JobEvent | None = None
+    scores: list[float] = field(default_factory=list)
+    """The generated tokens' log-probabilities (best_of ranks choices by their mean)."""
 
 
 class _Request:
@@ -88,11 +90,25 @@ class _Request:
             text += ev.text
             if st.logprobs is not None and ev.logprobs:
                 st.logprobs.add(ev.logprobs)
+            st.scores += [e["logprob"] for e in ev.logprobs or ()]  # a stop token's counts, as vLLM's cumulative
         if ev.finish_reason:
             st.finish = "length" if self.scoring_only else finish_reason(ev.finish_reason)
             st.last = ev
         st.text.append(text)
         return text
+
+    def best(self, states: list[_Choice]) -> list[_Choice]:
+        """The choices returned: with best_of, each prompt's n of highest mean log-probability per token (OpenAI's
+        rule), in that order; else all."""
+        runs, n = self.body.runs(), self.body.n
+        if runs == n:
+            return states
+        kept = []
+        for start in range(0, len(states), runs):
+            group = states[start : start + runs]
+            group.sort(key=lambda s: sum(s.scores) / len(s.scores) if s.scores else float("-inf"), reverse=True)
+            kept += group[:n]
+        return kept
 
     def usage(self, states: list[_Choice]) -> dict[str, Any]:
         prompt = sum(len(p.ids) for p in self.prompts)
@@ -137,7 +153,7 @@ async def completions(catalog: Catalog, prompts: Prompts, bridge: Bridge, reques
             "logprobs": s.logprobs.take() if s.logprobs is not None else None,
             "finish_reason": s.finish,
         }
-        for i, s in enumerate(states)
+        for i, s in enumerate(req.best(states))
     ]
     return JSONResponse(completion(cid, req.model(), out, req.usage(states)))
 
@@ -145,10 +161,12 @@ async def completions(catalog: Catalog, prompts: Prompts, bridge: Bridge, reques
 async def _validate(catalog: Catalog, prompts: Prompts, body: CompletionRequest) -> _Request:
     """The prompts tokenized and checked, each with its adapter, and the jobs that answer them; else a 4xx."""
     given = body.prompts()
-    if len(given) * body.n > MAX_CHOICES:
+    runs = body.runs()
+    if len(given) * runs > MAX_CHOICES:
         raise APIError(
             400,
-            f"{len(given)} prompts with n={body.n} ask for {len(given) * body.n} choices; the limit is {MAX_CHOICES}",
+            f"{len(given)} prompts with n={body.n}, best_of={body.best_of} ask for {len(given) * runs} completions; "
+            f"the limit is {MAX_CHOICES}",
             param="n",
         )
     if body.echo and catalog.ref.kind == "seq2seq":
@@ -188,24 +206,29 @@ async def _validate(catalog: Catalog, prompts: Prompts, body: CompletionRequest)
         found.append(_Prompt(ids, text, adapter))
     scoring_only = body.max_tokens == 0
     biases = logit_bias(body.logit_bias, vocab)
+    generated_logprobs = body.logprobs
+    if generated_logprobs is None and runs > body.n:
+        generated_logprobs = 0  # best_of ranks by the generated tokens' log-probabilities
+    if scoring_only:
+        generated_logprobs = None
     wanted = None if body.max_tokens is None else max(1, body.max_tokens)
     groups: list[list[choices.Choice]] = []
     for p_index, p in enumerate(found):
         group = []
-        for k in range(body.n):
+        for k in range(runs):
             seed = None if body.seed is None else body.seed + k  # each choice samples on its own
             job = prompts.job(
                 p.ids, p.adapter, wanted, body.temperature, body.top_p, seed, body.stop_list(), body.ignore_eos
             )
             job = dataclasses.replace(
                 job,
-                logprobs=None if scoring_only else body.logprobs,
+                logprobs=generated_logprobs,
                 prompt_logprobs=body.logprobs if body.echo else None,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 logit_bias=biases,
             )
-            group.append(choices.Choice(len(groups) * body.n + k, p_index, job))
+            group.append(choices.Choice(len(groups) * runs + k, p_index, job))
         groups.append(group)
     return _Request(body, found, groups)
 
