@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from loraswap.adapters.manifest import BASE
 
-__all__ = ["BASE", "ErrorKind", "FinishReason", "Job", "JobEvent", "failed"]
+__all__ = ["BASE", "ErrorKind", "FinishReason", "Job", "JobEvent", "TokenLogprob", "failed"]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -39,6 +39,22 @@ class Job:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # ---- OpenAI's logprobs, echo, penalties and logit_bias: server/worker/logprobs.py, penalties.py ----
+    logprobs: int | None = None
+    """Return each generated token's log-probability and its `logprobs` most likely alternatives (None: none)."""
+    prompt_logprobs: int | None = None
+    """Score the prompt too (echo): each prompt token's log-probability given the tokens before it (the first has
+    none), with this many alternatives; None: the prompt is not scored."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (`server/worker/penalties.py`, with the penalties)."""
+
+
+TokenLogprob = dict[str, Any]
+"""One token's log-probability, as plain data: {"id": token id, "logprob": float, "top": [[id, logprob], ...] (the
+most likely tokens at that position, best first)}, and "end": true for a stop token that ended the job (its text is
+not in the answer)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,11 @@ class JobEvent:
     """Process id of the engine's worker."""
     prompt_cache_bytes: int = 0
     """Keys and values the engine's prefix cache holds (its cached prompt blocks), in bytes."""
+    # ---- log-probabilities (Job.logprobs, Job.prompt_logprobs) ----
+    logprobs: list[TokenLogprob] | None = None
+    """The tokens generated since the job's last event, with their log-probabilities (when the job asked)."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """On the job's first event, when it asked: every prompt token's, None for the first."""
 
     def to_wire(self) -> dict[str, Any]:
         """The event as plain data (LitServe may serialise what a worker streams back)."""

@@ -103,6 +103,20 @@ class Settings(BaseModel):
             return str(RegistryURI.parse(v))
         return None
 
+    cors_origins: list[str] = []
+    """Web origins (scheme://host[:port]) whose browser pages may call the API, comma-separated in
+    LORASWAP_CORS_ORIGINS; "*" allows any. Empty (the default): no CORS headers, so browsers refuse other origins."""
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: Any) -> Any:
+        if isinstance(v, str):  # from the environment or the CLI: comma-separated
+            v = [o.strip() for o in v.split(",") if o.strip()]
+        for o in v if isinstance(v, list) else ():
+            if o != "*" and not (isinstance(o, str) and o.startswith(("http://", "https://")) and "/" not in o[8:]):
+                raise ValueError(f"{o!r} is not an origin: scheme://host[:port] (no path), or *")
+        return v
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         env = {k.removeprefix("LORASWAP_").lower(): v for k, v in os.environ.items() if k.startswith("LORASWAP_")}

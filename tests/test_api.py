@@ -58,10 +58,10 @@ def test_usage_from_the_last_event() -> None:
 
 def test_validation_errors_name_the_field() -> None:
     with pytest.raises(Exception) as caught:
-        ChatRequest.model_validate({"model": "base", "messages": [{"role": "user", "content": "hi"}], "n": 2})
+        ChatRequest.model_validate({"model": "base", "messages": [{"role": "user", "content": "hi"}], "n": 129})
     err = from_validation(caught.value.errors())  # type: ignore[attr-defined]
     assert err.status_code == 400 and err.body["error"]["param"] == "n"
-    assert "only n=1 is supported, got 2" in str(err.body["error"]["message"])
+    assert "n: Input should be less than or equal to 128" in str(err.body["error"]["message"])
     assert from_validation([]).body["error"]["message"] == "invalid request"
 
 

@@ -72,7 +72,7 @@ def test_health_and_models(url: str) -> None:
     assert httpx.get(f"{url}/health").status_code == 200
     models = httpx.get(f"{url}/v1/models").json()
     ids = [m["id"] for m in models["data"]]
-    assert models["object"] == "list" and ids[1:] == ["symptoms", "treatment"]
+    assert models["object"] == "list" and ids[1:] == ["base", "auto", "symptoms", "treatment"]
     assert all(m["parent"] == ids[0] for m in models["data"][1:])
 
 
@@ -130,9 +130,9 @@ def test_openai_client_plain_and_streaming(url: str) -> None:
         ("/v1/chat/completions", {"model": "base", "messages": []}, 400, "messages"),
         (
             "/v1/chat/completions",
-            {"model": "base", "messages": [{"role": "user", "content": "x"}], "n": 2},
+            {"model": "base", "messages": [{"role": "user", "content": "x"}], "n": 0},
             400,
-            "only n=1",
+            "n: Input should be greater than or equal to 1",
         ),
         ("/v1/answer", {"adapter": "base", "question": "x", "temperature": -1}, 400, "temperature"),
         ("/v1/answer", {"adapter": "base", "question": "x", "max_tokens": 10**6}, 400, "at most 1024"),

@@ -73,6 +73,13 @@ def serve(
         ),
     ] = None,
     registry: RegistryOpt = None,
+    cors_origins: Annotated[
+        str | None,
+        typer.Option(
+            "--cors-origins",
+            help="Comma-separated web origins whose browser pages may call the API ('*': any) [default none].",
+        ),
+    ] = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
     from loraswap.server.api.app import serve as run_server
@@ -92,6 +99,7 @@ def serve(
         q4_kernel=q4_kernel,
         threads=threads,
         registry=registry,
+        cors_origins=cors_origins,
     )
     code = run_server(settings)
     if code:

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from loraswap.adapters.manifest import NAME_PATTERN
 from loraswap.server.api.errors import install_handlers
 from loraswap.server.api.protocol import AnswerRequest, ChatRequest
+from loraswap.server.api.protocol_completions import CompletionRequest
 from loraswap.server.api.routes import lora, playground
 from loraswap.server.api.spec import LoraswapSpec
 from loraswap.server.settings import Settings
@@ -80,6 +81,12 @@ def build_server(
 ) -> ls.LitServer:
     spec = LoraswapSpec(settings, cancels, workers, unusable)
     api = LoraswapAPI(settings, spec=spec, cancels=cancels, workers=workers)
+    middlewares: list[Any] = []
+    if settings.cors_origins:  # browser pages of these origins may call the API; preflights answered here
+        from starlette.middleware.cors import CORSMiddleware
+
+        cors = {"allow_origins": settings.cors_origins, "allow_methods": ["*"], "allow_headers": ["*"]}
+        middlewares.append((CORSMiddleware, cors | {"max_age": 600}))
     server = ls.LitServer(
         api,
         accelerator="auto",
@@ -87,6 +94,7 @@ def build_server(
         timeout=False,
         restart_workers=True,  # a worker that dies is started again (its requests get a 503: bridge.py)
         max_payload_size=max(settings.max_upload_bytes, settings.max_body_bytes) + (1 << 20),
+        middlewares=middlewares,
     )
     install_handlers(server.app)
     _document_bodies(server.app)
@@ -94,6 +102,9 @@ def build_server(
     # wins, so it is dropped for the playground's page.
     routes = server.app.router.routes
     routes[:] = [r for r in routes if getattr(r, "path", "") != "/" or getattr(r, "endpoint", None) is playground.page]
+    for route in routes:  # HEAD /health, as load balancers and uptime checks send it (same answer, no body)
+        if isinstance(route, APIRoute) and route.path == "/health" and route.methods is not None:
+            route.methods.add("HEAD")
     return server
 
 
@@ -105,6 +116,7 @@ def _document_bodies(app: FastAPI) -> None:
         "/v1/answer": AnswerRequest,
         "/v1/load_lora_adapter": lora.LoadLoRAAdapterRequest,
         "/v1/unload_lora_adapter": lora.UnloadLoRAAdapterRequest,
+        "/v1/completions": CompletionRequest,
     }
     upload = {
         "type": "object",

@@ -178,17 +178,20 @@ class Catalog:
             code="model_not_found",
         )
 
-    async def route(self, question: str) -> tuple[str | None, dict[str, Any]]:
+    def has_router(self) -> bool:
+        return self.settings.store().router_path() is not None
+
+    async def route(self, question: str, param: str = "adapter") -> tuple[str | None, dict[str, Any]]:
         """adapter 'auto': the router's qtype, served by an adapter of that qtype (the base if none, resolved as
-        `resolve` does); with what the router said."""
+        `resolve` does); with what the router said (`param`: the request field that said 'auto')."""
         from loraswap.adapters.router import Router
 
         path = self.settings.store().router_path()
         if path is None:
             raise APIError(
                 400,
-                "adapter 'auto' needs a router (loraswap train-router); none is installed",
-                param="adapter",
+                f"{param} 'auto' needs a router (loraswap train-router); none is installed",
+                param=param,
                 code="no_router",
             )
         key = (str(path), path.stat().st_mtime_ns)
@@ -198,5 +201,5 @@ class Catalog:
         names = sorted(
             n for n, e in self.entries().items() if e.manifest.qtype == qtype and e.manifest.method == "lora"
         )
-        adapter = await self.resolve(names[0], "adapter") if names else None
+        adapter = await self.resolve(names[0], param) if names else None
         return adapter, {"qtype": qtype, "probability": round(prob, 4)}

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from loraswap.server.api.errors import APIError, from_event, from_validation
 from loraswap.server.jobs import FinishReason, JobEvent
@@ -36,6 +36,17 @@ class Message(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's extension: every chunk also carries its choice's usage so far (/v1/chat/completions, /v1/completions)."""
+
+
+def usage_so_far(ev: JobEvent) -> dict[str, int]:
+    """A choice's usage at `ev` (continuous_usage_stats)."""
+    return {
+        "prompt_tokens": ev.prompt_tokens,
+        "completion_tokens": ev.completion_tokens,
+        "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+    }
 
 
 class _Sampling(BaseModel):
@@ -55,15 +66,30 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    n: int = 1
     stream_options: StreamOptions | None = None
+    # ---- issue 22, the OpenAI surface: choices, log-probabilities, the field audit (routes/chat.py) ----
+    model_config = ConfigDict(extra="allow")  # undeclared fields are kept for `audit.refuse_unsupported`, then ignored
+    n: int = Field(default=1, ge=1, le=128)
+    """Choices, each sampled on its own (seed + index when a seed is given); they share the prompt's prefill."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    return_tokens_as_token_ids: bool = False
+    """vLLM's extension: logprobs name each token "token_id:N" instead of its text."""
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> bias in [-100, 100], added to the logits (`audit.logit_bias` checks it)."""
+    user: str | None = None
+    """Ignored: changes nothing served (as metadata, store, service_tier: undeclared, ignored)."""
 
-    @field_validator("n")
+    @field_validator("top_logprobs")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return v
+
+    # ---- end of issue 22's block ----
 
     @field_validator("stop")
     @classmethod

@@ -22,7 +22,7 @@ from loraswap.server.api.bridge import Bridge
 from loraswap.server.api.catalog import Catalog
 from loraswap.server.api.metrics import Metrics
 from loraswap.server.api.prompts import Prompts
-from loraswap.server.api.routes import adapters, answer, chat, lora, models, playground
+from loraswap.server.api.routes import adapters, answer, chat, completions, lora, models, playground
 from loraswap.server.api.routes import metrics as metrics_route
 from loraswap.server.settings import Settings
 
@@ -46,8 +46,10 @@ class LoraswapSpec(LitSpec):
         c, p, b = self.catalog, self.prompts, self.bridge
         tracked: list[tuple[str, Handler, str]] = [
             (chat.ROUTE, _bind(chat.chat, c, p, b), "POST"),
+            (completions.ROUTE, _bind(completions.completions, c, p, b), "POST"),
             (answer.ROUTE, _bind(answer.answer, c, p, b), "POST"),
             ("/v1/models", _bind(models.models, c), "GET"),
+            ("/v1/models/{model_id:path}", _bind(models.model, c), "GET"),
             ("/v1/adapters", _bind(adapters.list_adapters, c, b), "GET"),
             ("/v1/adapters", _bind(adapters.upload, c), "POST"),
             ("/v1/adapters/{name}", _bind(adapters.delete, c), "DELETE"),

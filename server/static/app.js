@@ -165,7 +165,7 @@ async function refreshModels() {
     const { data } = await (await api("v1/models")).json();
     const base = data.find((m) => m.parent === null);
     state.baseId = base ? base.id : "";
-    state.names = data.filter((m) => m.parent !== null).map((m) => m.id);
+    state.names = data.filter((m) => m.parent !== null && m.id !== "base" && m.id !== "auto").map((m) => m.id);
   } catch (err) {
     if (!(err instanceof ApiError && err.status === 401)) $("server-info").textContent = `Could not list models: ${err.message}`;
     return false;

@@ -36,6 +36,10 @@ class Row:
     """Set until the row's first event when its adapter was loaded for it."""
     cached: int = 0
     """Leading prompt tokens taken from the prefix cache."""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """Log-probabilities of generated tokens not yet sent (`logprobs.py`)."""
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+    """The prompt's log-probabilities until the row's first event carries them (`logprobs.py`)."""
 
 
 class Batch:

@@ -33,6 +33,7 @@ from loraswap.adapters.prompt import generation_eos, stop_token_ids
 from loraswap.adapters.store import StoreEntry
 from loraswap.server.jobs import BASE, FinishReason, Job, JobEvent, failed
 from loraswap.server.settings import PREFIX_CACHE_BYTES, LoraImpl
+from loraswap.server.worker import logprobs
 from loraswap.server.worker.batch import Batch, Row, front_first
 from loraswap.server.worker.failures import InvalidJob, failure_kind, forward_failed
 from loraswap.server.worker.kvcache import new_cache, past_cache, plain_cache
@@ -200,7 +201,8 @@ class Engine:
         virtual = [self.residency.virtual.get(r.key) for r in new]
         pasts: list[KV | None] = [self.residency.prefixes.get(r.key) for r in new]
         cacheable = [
-            self.prompt_cache is not None and v is None and p is None for v, p in zip(virtual, pasts, strict=True)
+            self.prompt_cache is not None and v is None and p is None and not logprobs.scores_prompt(r)
+            for r, v, p in zip(new, virtual, pasts, strict=True)
         ]
         for i, r in enumerate(new):
             if cacheable[i]:
@@ -237,11 +239,12 @@ class Engine:
             inputs["input_ids"] = ids.to(self.device)
         out = self.residency.forward(
             **inputs,
-            **self.last_logits_only,
+            **logprobs.logits_to_keep(new, self.last_logits_only),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             adapter_names=[self.residency.lora_name(r.key) for r in new],
         )
+        logprobs.score_prompts(new, out.logits)
         if self.prompt_cache is not None:
             self._keep_blocks(new, cacheable, out.past_key_values, mask.shape[1])
         self.batch.join(new, out.past_key_values, mask)
@@ -311,6 +314,11 @@ class Engine:
             self.batch.reorder(order)
 
     def _sample_and_emit(self, rows: list[Row], logits: torch.Tensor) -> list[JobEvent]:
+        """The rows' next tokens (after each row's penalties and logit_bias, `penalties.py`) and events, with the
+        log-probabilities rows asked for (`logprobs.py`)."""
+        return logprobs.scored(rows, logits, self._choose_and_emit)
+
+    def _choose_and_emit(self, rows: list[Row], logits: torch.Tensor) -> list[JobEvent]:
         events: list[JobEvent] = []
         finished: list[Row] = []
         logits = logits.float().cpu()
@@ -321,11 +329,11 @@ class Engine:
             else:
                 token = best
             reason: FinishReason | None = None
+            row.next_token = token  # the next step's input; a stop token's row leaves instead
             if token in self.stop_ids and not row.req.ignore_eos:
                 reason = "stop"
             else:
                 row.generated.append(token)
-                row.next_token = token
                 if len(row.generated) >= row.req.max_tokens or row.real_len + 1 >= self.max_context:
                     reason = "length"
             text, hit_stop = new_text(self.tokenizer, row, final=reason is not None)
