@@ -49,7 +49,32 @@ class _Sampling(BaseModel):
     """Keep generating past the end of the answer until max_tokens (vLLM's extension; for benchmarks)."""
 
 
-class ChatRequest(_Sampling):
+# ---- structured output, tools and adapter mixtures (issue 22) ---------------------------------------------------
+# OpenAI's `response_format`, `tools` and `tool_choice`, checked in `structured.py` (which says what is refused and
+# why), and loraswap's `adapters` extension: adapters summed per request with their scales, in the spirit of
+# llama.cpp's per-request `lora` list (`mixtures.py`).
+
+
+class AdapterScale(BaseModel):
+    """One adapter of a request's mixture, and the weight of its LoRA delta."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
+
+
+class _OutputShape(BaseModel):
+    response_format: dict[str, Any] | None = None
+    """{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {name, schema, strict}}."""
+    tools: list[dict[str, Any]] | None = None
+    """Functions the answer may call: [{"type": "function", "function": {name, description, parameters}}]."""
+    tool_choice: str | dict[str, Any] | None = None
+    """"none", "required", or {"type": "function", "function": {"name": ...}}."""
+    adapters: list[AdapterScale] | None = Field(default=None, min_length=1)
+    """loraswap's extension: the adapters whose deltas this request sums, with their scales (`model`: the base)."""
+
+
+class ChatRequest(_Sampling, _OutputShape):
     model: str = Field(examples=["base"])
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -81,7 +106,11 @@ class ChatRequest(_Sampling):
 
 
 class AnswerRequest(_Sampling):
-    adapter: str = Field(examples=["base", "auto"])
+    adapter: str | dict[str, float] = Field(examples=["base", "auto", {"symptoms": 0.7, "treatment": 0.3}])
+    """An adapter's name, "base", "auto" (the qtype router), or a mixture: adapter names and their weights."""
+    route: Literal["hard", "soft"] = "hard"
+    """With "auto": "hard" serves the router's qtype's adapter; "soft" mixes the top qtypes' adapters, weighted by
+    the router's probabilities."""
     question: str = Field(min_length=1, examples=["What are the symptoms of asthma?"])
     max_tokens: int | None = Field(default=256, ge=1)
 

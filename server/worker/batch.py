@@ -36,6 +36,8 @@ class Row:
     """Set until the row's first event when its adapter was loaded for it."""
     cached: int = 0
     """Leading prompt tokens taken from the prefix cache."""
+    matcher: Any = None
+    """A constrained job's grammar matcher (`grammar.py`); None for free text."""
 
 
 class Batch:

@@ -1,0 +1,203 @@
+"""Structured output and tools on the chat route, checked in the API process: what a constrained job's grammar is,
+and the 400s for what cannot be enforced.
+
+- `response_format`: {"type": "text"} (free), {"type": "json_object"} (any JSON object), {"type": "json_schema",
+  "json_schema": {"name", "schema", "strict"}} (an instance of the schema).
+- `tools` with `tool_choice` "required" or a named function: the answer is one call, generated as the JSON
+  {"name": ..., "arguments": {...}} under the tools' parameter schemas and returned in OpenAI's `tool_calls`
+  shape. "none": the tools are ignored, as OpenAI does. "auto" (the default when tools are given) would need the
+  model to choose between prose and a call; it is refused with a 400 that says what is supported.
+
+The worker enforces a schema through xgrammar (`server/worker/grammar.py`). Keywords it would not enforce are
+refused here, each named with where it is (`SUPPORTED` lists what is enforced); annotations are accepted and
+change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from loraswap.server.api.errors import APIError
+
+SUPPORTED = {
+    "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+    "enum", "const", "anyOf", "$ref", "$defs", "definitions", "pattern", "format", "minLength", "maxLength",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+}  # fmt: skip
+"""JSON Schema keywords the grammar enforces (tests/test_structured.py checks each on random walks)."""
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly"}
+"""Keywords that constrain nothing."""
+FORMATS = {"ipv6", "uuid"}
+"""String formats the grammar enforces. Not "date" and "date-time", whose patterns in xgrammar admit days no month
+has (February 30th), "ipv4", whose pattern admits leading zeros (1.02.3.4), "hostname", whose admits labels over
+63 characters, nor the others, unchecked."""
+_REGEX_UNSUPPORTED = re.compile(r"\(\?|\\[bBpPk1-9]")
+"""Regex features xgrammar's converter ignores: lookaround and other (?...) groups, word boundaries, Unicode
+properties, backreferences."""
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a chat request's output must be: the job's grammar, and the tools when it is a tool call."""
+
+    grammar: str | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    """The functions offered ({"name", "description", "parameters"}), when the answer is a call of one of them."""
+
+
+def unsupported(schema: Any, path: str = "#") -> list[str]:
+    """Where `schema` uses what the grammar would not enforce ("#/properties/x: uniqueItems"), every place."""
+    if isinstance(schema, bool):
+        return [] if schema else [f"{path}: the schema false (nothing is valid)"]
+    if not isinstance(schema, dict):
+        return [f"{path}: a schema is an object or a boolean, not {type(schema).__name__}"]
+    found = [f"{path}: {k}" for k in sorted(schema) if k not in SUPPORTED and k not in ANNOTATIONS]
+    if "format" in schema and schema["format"] not in FORMATS:
+        found.append(f"{path}: format {schema['format']!r} (enforced: {', '.join(sorted(FORMATS))})")
+    if ("pattern" in schema or "format" in schema) and ("minLength" in schema or "maxLength" in schema):
+        found.append(f"{path}: minLength/maxLength together with pattern or format")
+    if isinstance(schema.get("pattern"), str) and _REGEX_UNSUPPORTED.search(schema["pattern"]):
+        found.append(f"{path}: pattern {schema['pattern']!r} (lookaround, \\b, \\p or backreferences)")
+    ref = schema.get("$ref")
+    if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+        found.append(f"{path}: $ref {ref!r} (only references inside the schema, '#/...')")
+    for key in ("properties", "$defs", "definitions"):
+        for name, sub in (schema.get(key) or {}).items():
+            found += unsupported(sub, f"{path}/{key}/{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict | bool) and key in schema:
+            found += [] if schema[key] is False else unsupported(schema[key], f"{path}/{key}")
+    for key in ("prefixItems", "anyOf"):
+        for i, sub in enumerate(schema.get(key) or []):
+            found += unsupported(sub, f"{path}/{key}/{i}")
+    return found
+
+
+def checked_schema(schema: Any, param: str) -> dict[str, Any]:
+    """`schema` if the grammar can enforce all of it; else 400 naming every keyword it cannot."""
+    if not isinstance(schema, dict):
+        raise APIError(400, "the schema must be a JSON object", param=param, code="invalid_schema")
+    found = unsupported(schema)
+    if found:
+        raise APIError(
+            400,
+            "the schema uses what structured output cannot enforce: " + "; ".join(found[:10]) + ". Enforced "
+            f"keywords: {', '.join(sorted(SUPPORTED))} (annotations such as title and description are accepted)",
+            param=param,
+            code="unsupported_schema",
+        )
+    return schema
+
+
+def plan(body: Any) -> Plan:
+    """The output plan of a chat request (`protocol.ChatRequest`): 400 for what cannot be honoured."""
+    tools = body.tools or []
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    if tools and choice != "none":
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(
+                400, "response_format cannot be combined with a tool call; use one of them", param="response_format"
+            )
+        return _tool_plan(tools, choice)
+    if body.tool_choice not in (None, "none") and not tools:
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    return Plan(_format_grammar(body.response_format))
+
+
+def _grammar(schema: dict[str, Any], strict: bool = True) -> str:
+    return json.dumps({"schema": schema, "strict": strict})
+
+
+def _format_grammar(fmt: dict[str, Any] | None) -> str | None:
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return _grammar(ANY_OBJECT, strict=False)  # any object: extra properties allowed
+    if kind != "json_schema":
+        raise APIError(
+            400,
+            f"response_format type {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'",
+            param="response_format.type",
+        )
+    spec = fmt.get("json_schema") if fmt else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not _NAME.fullmatch(spec["name"]):
+        raise APIError(
+            400,
+            "response_format json_schema needs {'name': 1-64 letters, digits, '_' or '-', 'schema': {...}}",
+            param="response_format.json_schema",
+        )
+    schema = checked_schema(spec.get("schema", {"type": "object"}), "response_format.json_schema.schema")
+    return _grammar(schema)
+
+
+def _tool_plan(tools: list[dict[str, Any]], choice: str | dict[str, Any]) -> Plan:
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not _NAME.fullmatch(fn["name"]):
+            raise APIError(
+                400,
+                "each tool is {'type': 'function', 'function': {'name': 1-64 letters, digits, '_' or '-', "
+                "'description', 'parameters'}}",
+                param=f"tools[{i}]",
+            )
+        params = checked_schema(fn.get("parameters", {"type": "object", "properties": {}}), f"tools[{i}].parameters")
+        functions[fn["name"]] = {"name": fn["name"], "description": fn.get("description", ""), "parameters": params}
+    if choice == "required":
+        chosen = list(functions)
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise APIError(
+                400,
+                f"tool_choice names {name!r}, which is not among the tools: {', '.join(functions)}",
+                param="tool_choice",
+            )
+        chosen = [name]
+    elif choice == "auto":
+        raise APIError(
+            400,
+            "tool_choice 'auto' is not supported: the model cannot be left to choose between text and a call. "
+            "Use 'required', a named function ({'type': 'function', 'function': {'name': ...}}) or 'none'",
+            param="tool_choice",
+            code="unsupported_tool_choice",
+        )
+    else:
+        raise APIError(400, "tool_choice is 'none', 'auto', 'required' or a named function", param="tool_choice")
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": n}, "arguments": functions[n]["parameters"]},
+            "required": ["name", "arguments"],
+        }
+        for n in chosen
+    ]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return Plan(_grammar(schema), tuple(functions[n] for n in chosen))
+
+
+def tool_prompt(tools: tuple[dict[str, Any], ...]) -> str:
+    """What the model is told about the functions it must call (the chat template knows no tools)."""
+    lines = ['Answer with a call of one of these functions, as JSON {"name": ..., "arguments": {...}}:']
+    for t in tools:
+        lines.append(f"- {t['name']}: {t['description']} Arguments: {json.dumps(t['parameters'])}")
+    return "\n".join(lines)
+
+
+def tool_calls(text: str, call_id: str) -> list[dict[str, Any]] | None:
+    """The call in a constrained answer's text, in OpenAI's `tool_calls` shape (None if it is cut short)."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or "name" not in call:
+        return None
+    arguments = json.dumps(call.get("arguments", {}))
+    return [{"id": call_id, "type": "function", "function": {"name": call["name"], "arguments": arguments}}]

@@ -1,0 +1,163 @@
+"""Structured output: the grammar a schema compiles to admits only valid instances, and what it cannot enforce is
+refused by name.
+
+Every keyword `structured.SUPPORTED` claims is checked on random walks through its grammar (no model: each step
+draws one of the tokens the row's mask allows, on the embedded base's real tokenizer) whose every finished output
+must parse and validate against the schema with an independent validator (jsonschema-rs, formats checked too).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema_rs
+import pytest
+import torch
+
+from loraswap.server.api.errors import APIError
+from loraswap.server.api.structured import SUPPORTED, checked_schema, unsupported
+from loraswap.server.jobs import Job
+from loraswap.server.worker.failures import InvalidJob
+from loraswap.server.worker.grammar import Grammars
+
+SCHEMAS: list[dict[str, Any]] = [
+    {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 3, "maximum": 7},
+            "x": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+            "s": {"type": "string", "minLength": 2, "maxLength": 4},
+            "e": {"enum": ["red", "green", 3]},
+            "c": {"const": "five"},
+            "o": {"type": ["integer", "null"]},
+        },
+        "required": ["n", "x", "s", "e", "c"],
+        "additionalProperties": False,
+    },
+    {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 3},
+    {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string", "pattern": "^[a-c]+x$"}], "items": False},
+    {
+        "$defs": {"p": {"type": "object", "properties": {"k": {"type": "integer"}}, "required": ["k"]}},
+        "anyOf": [{"$ref": "#/$defs/p"}, {"type": "null"}],
+    },
+    {
+        "definitions": {"d": {"type": "string", "format": "uuid"}},
+        "type": "object",
+        "properties": {
+            "d": {"$ref": "#/definitions/d"},
+            "u": {"type": "string", "format": "uuid"},
+        },
+        "required": ["d", "u"],
+    },
+    {"type": "string", "format": "ipv6"},
+    {"type": "object", "additionalProperties": {"type": "integer", "minimum": -2, "maximum": 2}, "maxLength": 3},
+    {"type": "number", "minimum": -2.5, "maximum": 2.5},
+]
+
+
+@dataclass
+class _Row:
+    req: Job
+    matcher: Any
+
+
+@pytest.fixture(scope="module")
+def grammars() -> Grammars:
+    from loraswap.adapters.base import load_tokenizer, resolve_base
+
+    tokenizer = load_tokenizer(resolve_base("embedded"))
+    return Grammars(tokenizer, [tokenizer.eos_token_id], 49152)
+
+
+@pytest.fixture(scope="module")
+def closing(grammars: Grammars) -> torch.Tensor:
+    """Per token: 50 if its text closes something (a quote, a brace, a bracket), else 1: walks favour ending."""
+    tok = grammars.tokenizer
+    return torch.tensor([50.0 if any(c in tok.decode([t]) for c in '"}]') else 1.0 for t in range(len(tok))])
+
+
+def walk(grammars: Grammars, schema: dict[str, Any], weights: torch.Tensor, gen: torch.Generator) -> str | None:
+    """One random answer under `schema`'s grammar, or None if it did not end within 150 tokens."""
+    job = Job("w", [1], None, grammar=json.dumps({"schema": schema, "strict": True}))
+    row = _Row(job, grammars.start(job))
+    eos = grammars.stop_ids[0]
+    out: list[int] = []
+    for _ in range(150):
+        logits = torch.zeros(1, grammars.vocab_size)
+        grammars.mask([row], logits)
+        allowed = torch.isfinite(logits[0])
+        assert allowed.any(), "the grammar allowed no token"
+        if allowed[eos]:
+            return str(grammars.tokenizer.decode(out))
+        w = torch.zeros(grammars.vocab_size)
+        w[: len(weights)] = weights
+        token = int(torch.multinomial(w * allowed, 1, generator=gen))
+        grammars.accept(row, token)
+        out.append(token)
+    return None
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=range(len(SCHEMAS)))
+def test_every_finished_output_of_a_schemas_grammar_validates(
+    grammars: Grammars, closing: torch.Tensor, schema: dict[str, Any]
+) -> None:
+    checked_schema(schema, "schema")  # within what is claimed enforced (maxLength on an object is a no-op keyword)
+    validator = jsonschema_rs.validator_for(schema, validate_formats=True)
+    gen = torch.Generator().manual_seed(7)
+    finished = [t for t in (walk(grammars, schema, closing, gen) for _ in range(6)) if t is not None]
+    assert len(finished) >= 3
+    for text in finished:
+        assert validator.is_valid(json.loads(text)), text
+        # No free whitespace: JSON's own separators only (a small model cannot loop on newlines).
+        assert json.dumps(json.loads(text), ensure_ascii=False) == text
+
+
+def test_the_walks_cover_every_supported_keyword() -> None:
+    used: set[str] = set()
+
+    def visit(s: Any) -> None:
+        if isinstance(s, dict):
+            used.update(s)
+            for v in s.values():
+                visit(v)
+        elif isinstance(s, list):
+            for v in s:
+                visit(v)
+
+    visit(SCHEMAS)
+    assert used | {"properties"} >= SUPPORTED
+
+
+def test_what_the_grammar_cannot_enforce_is_refused_by_name() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+            "n": {"type": "integer", "multipleOf": 3},
+            "alt": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+            "w": {"type": "string", "pattern": "^(?=a)\\w+$"},
+            "f": {"type": "string", "format": "uuid", "maxLength": 9},
+            "day": {"type": "string", "format": "date"},  # its grammar admits February 30th
+            "ip": {"type": "string", "format": "ipv4"},  # its grammar admits leading zeros (1.02.3.4)
+        },
+        "not": {"required": ["x"]},
+    }
+    found = unsupported(schema)
+    for where in ("#: not", "#/properties/tags: uniqueItems", "#/properties/n: multipleOf", "#/properties/alt: oneOf"):
+        assert where in found
+    assert any(f.startswith("#/properties/w: pattern") for f in found)
+    assert any(f.startswith("#/properties/f: minLength/maxLength") for f in found)
+    assert any(f.startswith("#/properties/day: format 'date'") for f in found)
+    assert any(f.startswith("#/properties/ip: format 'ipv4'") for f in found)
+    with pytest.raises(APIError) as e:
+        checked_schema(schema, "response_format.json_schema.schema")
+    assert e.value.status_code == 400 and "uniqueItems" in str(e.value.detail)
+    assert unsupported({"type": "object", "title": "T", "description": "d", "properties": {"a": {"default": 1}}}) == []
+
+
+def test_a_schema_the_compiler_rejects_fails_its_job_only(grammars: Grammars) -> None:
+    job = Job("bad", [1], None, grammar=json.dumps({"schema": {"type": "no-such-type"}, "strict": True}))
+    with pytest.raises(InvalidJob, match="schema"):
+        grammars.start(job)
