@@ -42,8 +42,9 @@ class Job:
 
     # ---- structured output and adapter mixtures (issue 22: response_format, tools, adapters) ----
     grammar: str | None = None
-    """A constraint on the output, as JSON: {"schema": <JSON Schema>, "strict": bool}; the worker compiles it and
-    masks each step's logits to the tokens it allows (`server/worker/grammar.py`). None: free text."""
+    """A constraint on the output, as JSON: {"schema": <JSON Schema>, "strict": bool}, or {"structural_tag": ...}
+    (xgrammar's: free text in which tagged tool calls follow a schema); the worker compiles it and masks each step's
+    logits to the tokens it allows (`server/worker/grammar.py`). None: free text."""
     mixture: tuple[tuple[str, float], ...] = ()
     """Adapters (store names) whose LoRA deltas this row sums, each times its weight; set instead of `adapter`
     (`server/worker/mixing.py`)."""

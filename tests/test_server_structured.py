@@ -149,6 +149,22 @@ def test_tools_come_back_as_tool_calls(url: str) -> None:
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")
 
 
+def test_tool_choice_auto_lets_the_model_write_text_or_calls(url: str) -> None:
+    """The default with tools: free text, calls in tags held to their schemas. The tiny random model answers in text
+    (whether it calls is its choice); the tagged path itself is checked on grammar walks (test_structured.py)."""
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "symptoms", "messages": ASK, "tools": [WEATHER], "max_tokens": 8, "ignore_eos": False},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "tool_calls":
+        assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    else:
+        assert choice["message"]["content"] and "tool_calls" not in choice["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "param", "code"),
     [
@@ -168,7 +184,6 @@ def test_tools_come_back_as_tool_calls(url: str) -> None:
             "response_format.json_schema",
             None,
         ),
-        ({"tools": [WEATHER]}, "tool_choice", "unsupported_tool_choice"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", None),
         (
             {

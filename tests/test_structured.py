@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from loraswap.server.api.errors import APIError
-from loraswap.server.api.structured import SUPPORTED, checked_schema, unsupported
+from loraswap.server.api.structured import SUPPORTED, Plan, _tool_plan, checked_schema, tool_calls, unsupported
 from loraswap.server.jobs import Job
 from loraswap.server.worker.failures import InvalidJob
 from loraswap.server.worker.grammar import Grammars
@@ -78,9 +78,11 @@ def closing(grammars: Grammars) -> torch.Tensor:
     return torch.tensor([50.0 if any(c in tok.decode([t]) for c in '"}]') else 1.0 for t in range(len(tok))])
 
 
-def walk(grammars: Grammars, schema: dict[str, Any], weights: torch.Tensor, gen: torch.Generator) -> str | None:
-    """One random answer under `schema`'s grammar, or None if it did not end within 150 tokens."""
-    job = Job("w", [1], None, grammar=json.dumps({"schema": schema, "strict": True}))
+def walk(
+    grammars: Grammars, schema: dict[str, Any], weights: torch.Tensor, gen: torch.Generator, grammar: str | None = None
+) -> str | None:
+    """One random answer under `schema`'s grammar (or `grammar`), or None if it did not end within 150 tokens."""
+    job = Job("w", [1], None, grammar=grammar or json.dumps({"schema": schema, "strict": True}))
     row = _Row(job, grammars.start(job))
     eos = grammars.stop_ids[0]
     out: list[int] = []
@@ -161,3 +163,64 @@ def test_a_schema_the_compiler_rejects_fails_its_job_only(grammars: Grammars) ->
     job = Job("bad", [1], None, grammar=json.dumps({"schema": {"type": "no-such-type"}, "strict": True}))
     with pytest.raises(InvalidJob, match="schema"):
         grammars.start(job)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 3},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
+
+
+def test_tool_choice_auto_holds_every_tagged_call_to_its_schema(grammars: Grammars, closing: torch.Tensor) -> None:
+    """Random walks through the "auto" grammar, pushed into the opening tag at once: the call that follows is a
+    valid call, and the text is split into content and calls."""
+    plan = _tool_plan([WEATHER], "auto")
+    assert plan.tagged and plan.grammar
+    tok = grammars.tokenizer
+    params = jsonschema_rs.validator_for(WEATHER["function"]["parameters"])  # type: ignore[index]
+    gen = torch.Generator().manual_seed(5)
+    done = 0
+    for _ in range(4):
+        job = Job("auto", [1], None, grammar=plan.grammar)
+        row = _Row(job, grammars.start(job))
+        out = tok.encode("Let me check. <tool_call>", add_special_tokens=False)
+        for t in out:
+            grammars.accept(row, t)
+        for _ in range(120):
+            logits = torch.zeros(1, grammars.vocab_size)
+            grammars.mask([row], logits)
+            allowed = torch.isfinite(logits[0])
+            if "</tool_call>" in tok.decode(out):
+                break
+            w = torch.zeros(grammars.vocab_size)
+            w[: len(closing)] = closing
+            token = int(torch.multinomial(w * allowed, 1, generator=gen))
+            grammars.accept(row, token)
+            out.append(token)
+        text = tok.decode(out)
+        if "</tool_call>" not in text:
+            continue
+        text = text[: text.index("</tool_call>") + len("</tool_call>")]  # the last token may run past the tag
+        content, calls = tool_calls(text, plan)
+        assert content == "Let me check." and len(calls) == 1
+        assert calls[0]["function"]["name"] == "get_weather"
+        assert params.is_valid(json.loads(calls[0]["function"]["arguments"]))
+        done += 1
+    assert done >= 2
+
+
+def test_text_without_calls_stays_content() -> None:
+    plan = Plan("{}", (WEATHER["function"],), tagged=True)  # type: ignore[arg-type]
+    assert tool_calls("It is sunny.", plan) == ("It is sunny.", [])
+    cut = 'Sure <tool_call>{"name": "get_weather", "argu'
+    assert tool_calls(cut, plan) == (cut, [])

@@ -11,6 +11,7 @@ weights), at most `max_mix` of them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from loraswap.server.api.catalog import Catalog
@@ -71,22 +72,31 @@ def soft_route(catalog: Catalog, question: str) -> tuple[str | None, Mixture, di
     (one adapter, no mixture) when a single qtype is left, (None, ()) when no qtype has an adapter (the base), and
     what the router said."""
     ranked = catalog.ranked(question)
-    chosen: list[tuple[str, str, float]] = []  # (qtype, adapter, probability)
-    for qtype, prob in ranked:
-        if len(chosen) == catalog.settings.max_mix or (chosen and prob < SOFT_FLOOR):
-            break
-        adapter = catalog.qtype_adapter(qtype)
-        if adapter is not None:
-            chosen.append((qtype, adapter, prob))
-    total = sum(p for _, _, p in chosen)
+    chosen = soft_weights(ranked, catalog.qtype_adapter, catalog.settings.max_mix)
     routed: dict[str, Any] = {
         "qtype": ranked[0][0],
         "probability": round(ranked[0][1], 4),
         "route": "soft",
-        "mixture": [{"qtype": q, "adapter": a, "weight": round(p / total, 4)} for q, a, p in chosen],
+        "mixture": [{"qtype": q, "adapter": a, "weight": round(w, 4)} for q, a, w in chosen],
     }
     if not chosen:
         return None, (), routed
     if len(chosen) == 1:
         return chosen[0][1], (), routed
-    return None, tuple((a, p / total) for _, a, p in chosen), routed
+    return None, tuple((a, w) for _, a, w in chosen), routed
+
+
+def soft_weights(
+    ranked: list[tuple[str, float]], adapter_of: Callable[[str], str | None], max_mix: int
+) -> list[tuple[str, str, float]]:
+    """The soft route's (qtype, adapter, weight) from the router's ranked qtypes: the most likely qtypes that have
+    an adapter, at most `max_mix`, none under SOFT_FLOOR but the first, weights renormalised to sum to 1."""
+    chosen: list[tuple[str, str, float]] = []
+    for qtype, prob in ranked:
+        if len(chosen) == max_mix or (chosen and prob < SOFT_FLOOR):
+            break
+        adapter = adapter_of(qtype)
+        if adapter is not None:
+            chosen.append((qtype, adapter, prob))
+    total = sum(p for _, _, p in chosen)
+    return [(q, a, p / total) for q, a, p in chosen]

@@ -5,8 +5,11 @@ and the 400s for what cannot be enforced.
   "json_schema": {"name", "schema", "strict"}} (an instance of the schema).
 - `tools` with `tool_choice` "required" or a named function: the answer is one call, generated as the JSON
   {"name": ..., "arguments": {...}} under the tools' parameter schemas and returned in OpenAI's `tool_calls`
-  shape. "none": the tools are ignored, as OpenAI does. "auto" (the default when tools are given) would need the
-  model to choose between prose and a call; it is refused with a 400 that says what is supported.
+  shape. "auto" (the default when tools are given): the model writes text, and may call functions by writing
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; the text is free, and once the opening tag is
+  written what follows is held to the calls' schemas up to the closing tag (xgrammar's triggered structural tags).
+  The calls come back in `tool_calls`, the text around them as `content`. "none": the tools are ignored, as
+  OpenAI does.
 
 The worker enforces a schema through xgrammar (`server/worker/grammar.py`). Keywords it would not enforce are
 refused here, each named with where it is (`SUPPORTED` lists what is enforced); annotations are accepted and
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +42,8 @@ _REGEX_UNSUPPORTED = re.compile(r"\(\?|\\[bBpPk1-9]")
 """Regex features xgrammar's converter ignores: lookaround and other (?...) groups, word boundaries, Unicode
 properties, backreferences."""
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_BEGIN, TOOL_END = "<tool_call>", "</tool_call>"
+_TAGGED = re.compile(re.escape(TOOL_BEGIN) + "(.*?)" + re.escape(TOOL_END), re.DOTALL)
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -48,7 +54,9 @@ class Plan:
 
     grammar: str | None = None
     tools: tuple[dict[str, Any], ...] = ()
-    """The functions offered ({"name", "description", "parameters"}), when the answer is a call of one of them."""
+    """The functions offered ({"name", "description", "parameters"}), when the answer is or may be a call."""
+    tagged: bool = False
+    """tool_choice "auto": calls are written between TOOL_BEGIN and TOOL_END tags among free text."""
 
 
 def unsupported(schema: Any, path: str = "#") -> list[str]:
@@ -162,13 +170,7 @@ def _tool_plan(tools: list[dict[str, Any]], choice: str | dict[str, Any]) -> Pla
             )
         chosen = [name]
     elif choice == "auto":
-        raise APIError(
-            400,
-            "tool_choice 'auto' is not supported: the model cannot be left to choose between text and a call. "
-            "Use 'required', a named function ({'type': 'function', 'function': {'name': ...}}) or 'none'",
-            param="tool_choice",
-            code="unsupported_tool_choice",
-        )
+        chosen = list(functions)
     else:
         raise APIError(400, "tool_choice is 'none', 'auto', 'required' or a named function", param="tool_choice")
     calls = [
@@ -180,24 +182,55 @@ def _tool_plan(tools: list[dict[str, Any]], choice: str | dict[str, Any]) -> Pla
         for n in chosen
     ]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return Plan(_grammar(schema), tuple(functions[n] for n in chosen))
+    offered = tuple(functions[n] for n in chosen)
+    if choice != "auto":
+        return Plan(_grammar(schema), offered)
+    tag = {
+        "type": "tag",
+        "begin": TOOL_BEGIN,
+        "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
+        "end": TOOL_END,
+    }
+    tags = {"type": "triggered_tags", "triggers": [TOOL_BEGIN], "tags": [tag]}
+    return Plan(json.dumps({"structural_tag": {"type": "structural_tag", "format": tags}}), offered, tagged=True)
 
 
-def tool_prompt(tools: tuple[dict[str, Any], ...]) -> str:
-    """What the model is told about the functions it must call (the chat template knows no tools)."""
-    lines = ['Answer with a call of one of these functions, as JSON {"name": ..., "arguments": {...}}:']
-    for t in tools:
-        lines.append(f"- {t['name']}: {t['description']} Arguments: {json.dumps(t['parameters'])}")
-    return "\n".join(lines)
+def tool_prompt(output: Plan) -> str:
+    """What the model is told about the functions (the chat template knows no tools)."""
+    described = [f"- {t['name']}: {t['description']} Arguments: {json.dumps(t['parameters'])}" for t in output.tools]
+    if output.tagged:
+        head = (
+            "You may call these functions. To call one, write "
+            f'{TOOL_BEGIN}{{"name": ..., "arguments": {{...}}}}{TOOL_END}; otherwise answer in text:'
+        )
+    else:
+        head = 'Answer with a call of one of these functions, as JSON {"name": ..., "arguments": {...}}:'
+    return "\n".join([head, *described])
 
 
-def tool_calls(text: str, call_id: str) -> list[dict[str, Any]] | None:
-    """The call in a constrained answer's text, in OpenAI's `tool_calls` shape (None if it is cut short)."""
-    try:
-        call = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(call, dict) or "name" not in call:
-        return None
-    arguments = json.dumps(call.get("arguments", {}))
-    return [{"id": call_id, "type": "function", "function": {"name": call["name"], "arguments": arguments}}]
+def tool_calls(text: str, output: Plan) -> tuple[str | None, list[dict[str, Any]]]:
+    """An answer's text split into its content and its calls in OpenAI's `tool_calls` shape (no calls if the
+    answer has none, or a call was cut short)."""
+    if not output.tagged:
+        found = [text]
+        content = None
+    else:
+        found = _TAGGED.findall(text)
+        content = _TAGGED.sub("", text).strip() or None
+    calls = []
+    for raw in found:
+        try:
+            call = json.loads(raw)
+        except ValueError:
+            return text, []
+        if not isinstance(call, dict) or "name" not in call:
+            return text, []
+        arguments = json.dumps(call.get("arguments", {}))
+        calls.append(
+            {"id": new_call_id(), "type": "function", "function": {"name": call["name"], "arguments": arguments}}
+        )
+    return (content, calls) if calls else (text, [])
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"

@@ -1,6 +1,7 @@
 """Grammar-constrained rows: a job's output held to a JSON Schema, token by token, beside free rows in one batch.
 
-A constrained job (`Job.grammar`: {"schema", "strict"}) is compiled by xgrammar (the library vLLM and SGLang use;
+A constrained job (`Job.grammar`: {"schema", "strict"}, or {"structural_tag"}: free text in which calls written
+between tags follow a schema) is compiled by xgrammar (the library vLLM and SGLang use;
 its compiler caches compiled schemas) into a grammar, and its row gets a `GrammarMatcher`. Each step, before a token
 is chosen, every constrained row's logits are masked to the tokens its matcher allows (a bitmask of the vocabulary
 filled per row, applied in place: disallowed tokens get -inf), so greedy and sampled rows both pick an allowed
@@ -45,6 +46,8 @@ class Grammars:
                 self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
             )
             self._compiler = xgr.GrammarCompiler(info)
+        if "structural_tag" in spec:  # free text with calls in tags (tool_choice "auto")
+            return self._compiler.compile_structural_tag(json.dumps(spec["structural_tag"]))
         return self._compiler.compile_json_schema(
             json.dumps(spec["schema"]), any_whitespace=False, strict_mode=bool(spec.get("strict", True))
         )

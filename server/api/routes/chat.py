@@ -50,7 +50,7 @@ async def chat(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Requ
         if messages[0]["role"] not in ("system", "developer"):
             messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
         if output.tools:
-            messages[0]["content"] += "\n\n" + structured.tool_prompt(output.tools)
+            messages[0]["content"] += "\n\n" + structured.tool_prompt(output)
         prompt = await prompts.run(lambda: prompts.chat(messages))
         job = prompts.job(
             prompt,
@@ -69,14 +69,14 @@ async def chat(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Requ
     cid = new_id("chatcmpl")
     if body.stream:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        tools = bool(output.tools)
+        tools = output if output.tools else None
         return StreamingResponse(_stream(bridge, job, cid, body.model, include, tools), media_type="text/event-stream")
 
     def build(text: str, fin: str, use: dict[str, int]) -> dict[str, Any]:
         out = chat_completion(cid, body.model, text, fin, use)
-        calls = structured.tool_calls(text, new_id("call")) if output.tools and fin == "stop" else None
+        content, calls = structured.tool_calls(text, output) if output.tools and fin == "stop" else (text, [])
         if calls:
-            out["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            out["choices"][0]["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
             out["choices"][0]["finish_reason"] = "tool_calls"
         return out
 
@@ -95,10 +95,11 @@ def openai_mixture(catalog: Catalog, adapters: list[AdapterScale] | None, model_
 
 
 async def _stream(
-    bridge: Bridge, job: Job, cid: str, model: str, include_usage: bool, tools: bool = False
+    bridge: Bridge, job: Job, cid: str, model: str, include_usage: bool, tools: structured.Plan | None = None
 ) -> AsyncIterator[str]:
-    """Server-sent chunks: the role first, then the text as it comes, the finish_reason, usage if asked for. A tool
-    call comes whole, in one chunk, once its JSON is complete."""
+    """Server-sent chunks: the role first, then the text as it comes, the finish_reason, usage if asked for. With
+    tools the answer comes whole at its end (its text and its calls, each in one chunk), once it is known which
+    parts are calls."""
     created = int(time.time())
     yield sse(chat_chunk(cid, model, created, {"role": "assistant", "content": None if tools else ""}, None))
     parts: list[str] = []
@@ -113,13 +114,15 @@ async def _stream(
                 yield sse(chat_chunk(cid, model, created, {"content": ev.text}, None))
             if ev.finish_reason:
                 fin: str = finish_reason(ev.finish_reason)
-                calls = structured.tool_calls("".join(parts), new_id("call")) if tools and fin == "stop" else None
-                if calls:
-                    delta = {"tool_calls": [{"index": 0, **c} for c in calls]}
-                    yield sse(chat_chunk(cid, model, created, delta, None))
-                    fin = "tool_calls"
-                elif tools:
-                    yield sse(chat_chunk(cid, model, created, {"content": "".join(parts)}, None))
+                if tools is not None:
+                    text = "".join(parts)
+                    content, calls = structured.tool_calls(text, tools) if fin == "stop" else (text, [])
+                    if content:
+                        yield sse(chat_chunk(cid, model, created, {"content": content}, None))
+                    if calls:
+                        delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+                        yield sse(chat_chunk(cid, model, created, delta, None))
+                        fin = "tool_calls"
                 yield sse(chat_chunk(cid, model, created, {}, fin))
                 if include_usage:
                     chunk = chat_chunk(cid, model, created, {}, None) | {"choices": [], "usage": usage(ev)}
