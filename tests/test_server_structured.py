@@ -71,9 +71,10 @@ def test_openai_parse_with_a_pydantic_model(url: str) -> None:
 def test_langchain_with_structured_output_gets_a_valid_object(url: str) -> None:
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model="symptoms", base_url=f"{url}/v1", api_key="unused", max_tokens=60, temperature=0)
-    result = llm.with_structured_output(Finding).invoke("How bad is a mild fever?")
-    assert isinstance(result, Finding)
+    llm = ChatOpenAI(model="symptoms", base_url=f"{url}/v1", api_key="unused", max_tokens=200, temperature=0)
+    for method in ("json_schema", "function_calling"):  # response_format, then a named tool
+        result = llm.with_structured_output(Finding, method=method).invoke("How bad is a mild fever?")
+        assert isinstance(result, Finding), method
 
 
 def test_constrained_and_free_requests_at_once_with_mixtures(url: str) -> None:
@@ -147,6 +148,30 @@ def test_tools_come_back_as_tool_calls(url: str) -> None:
         max_tokens=5,  # type: ignore[list-item]
     )
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_agent_turn_with_calls_and_a_tool_result_is_accepted(url: str) -> None:
+    messages = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": "base", "messages": messages, "tools": [WEATHER], "tool_choice": "none", "max_tokens": 4},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_tool_choice_auto_lets_the_model_write_text_or_calls(url: str) -> None:

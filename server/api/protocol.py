@@ -6,6 +6,7 @@ request is answered with a 4xx of its own and never reaches (or fails) a batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -26,11 +27,21 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant turn's calls (issue 22): written into its text as the model writes them, in tags."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
-        return self.content or ""
+            text = "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        else:
+            text = self.content or ""
+        for call in self.tool_calls or []:
+            fn = call.get("function") or {}
+            args = fn.get("arguments", "{}")
+            with contextlib.suppress(ValueError):  # OpenAI sends arguments as a JSON string; others stay as sent
+                args = json.loads(args) if isinstance(args, str) else args
+            text += "<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": args}) + "</tool_call>"
+        return text
 
 
 class StreamOptions(BaseModel):
