@@ -100,3 +100,18 @@ def test_a_mixture_key_names_its_adapters_and_weights_in_any_order() -> None:
     assert key == mix_key((("wa", 0.7), ("wb", 0.3)))
     assert parse_mix(key) == (("wa", 0.7), ("wb", 0.3))
     assert parse_mix("w0123") is None
+
+
+def test_the_soft_route_mixes_the_likely_qtypes_that_have_adapters() -> None:
+    from loraswap.server.api.mixtures import soft_weights
+
+    ranked = [("symptoms", 0.6), ("causes", 0.2), ("treatment", 0.15), ("outlook", 0.04), ("stages", 0.01)]
+    adapters = {"symptoms": "sym", "treatment": "treat", "outlook": "out", "stages": "st"}
+    mix = soft_weights(ranked, adapters.get, max_mix=4)
+    # "causes" has no adapter; "outlook" and "stages" fall under the 5% floor; the rest renormalised.
+    assert [(q, a) for q, a, _ in mix] == [("symptoms", "sym"), ("treatment", "treat")]
+    assert [round(w, 4) for _, _, w in mix] == [0.8, 0.2]
+    assert [q for q, _, _ in soft_weights(ranked, adapters.get, max_mix=1)] == ["symptoms"]
+    assert soft_weights(ranked, {}.get, max_mix=4) == []
+    # Where the top qtype has no adapter, the next ones lead.
+    assert soft_weights([("causes", 0.9), ("symptoms", 0.1)], adapters.get, 4) == [("symptoms", "sym", 1.0)]
