@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         slots.load(name, entry.path)
 
     picked: list[tuple[Any, str | None, tuple[tuple[str, float], ...], float]] = []
-    seen = 0
+    seen = unsure = 0
     for row in split(load_qa(args.data)).heldout:
         seen += 1
         ranked = router.ranked(row.question)
         if ranked[0][1] >= args.threshold:
             continue
+        unsure += 1
         weights = soft_weights(ranked, by_qtype.get, args.max_mix)
         if len(weights) < 2:
             continue  # one adapter or none: the soft route is the hard one
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "questions": n,
         "held_out_scanned": seen,
+        "below_threshold": unsure,
         "threshold": args.threshold,
         "quant": args.quant,
         "hard_nll": round(sum(hard_nll) / n, 4) if n else None,
