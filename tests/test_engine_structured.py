@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import jsonschema_rs
+from conftest import peft_reference
 from engines import lora_store, make_engine, run_all, solo_reference, text_of
 
 from loraswap.adapters.base import load_tokenizer, resolve_base
@@ -63,3 +64,35 @@ def test_a_schema_that_does_not_compile_fails_its_job_only(lively_base: Path, tm
     events = run_all(engine)
     assert events["bad"][-1].error_kind == "invalid_job" and "schema" in (events["bad"][-1].error or "")
     assert events["good"][-1].finish_reason == "length"
+
+
+def test_a_mixture_row_generates_what_peft_generates_with_the_weighted_adapter(
+    lively_base: Path, tmp_path: Path
+) -> None:
+    """Through the engine (prefill, prefix cache, decoding steps beside plain rows): a mixture row's greedy tokens
+    equal PEFT's `generate` with `add_weighted_adapter(..., combination_type="cat")` of the same adapters."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    store = lora_store(lively_base, tmp_path / "store")
+    weights = {"symptoms": 0.7, "treatment": 0.3}
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(lively_base), str(store.get("symptoms").path), adapter_name="symptoms"
+    )
+    model.load_adapter(str(store.get("treatment").path), adapter_name="treatment")
+    model.add_weighted_adapter(list(weights), list(weights.values()), "mixed", combination_type="cat")
+    model.save_pretrained(str(tmp_path / "peft"), selected_adapters=["mixed"])
+    question = "What are the treatments for hepatitis ?"
+    mixed_ref = peft_reference(lively_base, tmp_path / "peft" / "mixed", question, 16)
+
+    engine = make_engine(lively_base, store, max_batch_size=4)
+    tokenizer = load_tokenizer(resolve_base(str(lively_base)))
+    ids = prompt_ids(tokenizer, question)
+    engine.submit(Job("plain", ids, "symptoms", max_tokens=16, ignore_eos=True))
+    engine.submit(Job("mix", ids, None, max_tokens=16, ignore_eos=True, mixture=tuple(weights.items())))
+    engine.submit(Job("base", ids, None, max_tokens=8, ignore_eos=True))
+    events = run_all(engine)
+    assert text_of(events["mix"]) == tokenizer.decode(mixed_ref, skip_special_tokens=True)
+    plain_ref = solo_reference(lively_base, store, "symptoms", question, 16)
+    assert text_of(events["plain"]) == tokenizer.decode(plain_ref, skip_special_tokens=True)
+    assert text_of(events["mix"]) != text_of(events["plain"])  # the mixture is not its largest part

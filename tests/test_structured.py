@@ -224,3 +224,15 @@ def test_text_without_calls_stays_content() -> None:
     assert tool_calls("It is sunny.", plan) == ("It is sunny.", [])
     cut = 'Sure <tool_call>{"name": "get_weather", "argu'
     assert tool_calls(cut, plan) == (cut, [])
+
+
+def test_json_object_gives_a_json_object(grammars: Grammars, closing: torch.Tensor) -> None:
+    """response_format json_object: any object, extra properties allowed (strict off)."""
+    from loraswap.server.api.structured import _format_grammar
+
+    grammar = _format_grammar({"type": "json_object"})
+    gen = torch.Generator().manual_seed(11)
+    finished = [t for t in (walk(grammars, {}, closing, gen, grammar=grammar) for _ in range(6)) if t is not None]
+    assert len(finished) >= 3
+    assert all(isinstance(json.loads(t), dict) for t in finished)
+    assert any(json.loads(t) for t in finished)  # not only {}: the object's properties are free
