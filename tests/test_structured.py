@@ -236,3 +236,24 @@ def test_json_object_gives_a_json_object(grammars: Grammars, closing: torch.Tens
     assert len(finished) >= 3
     assert all(isinstance(json.loads(t), dict) for t in finished)
     assert any(json.loads(t) for t in finished)  # not only {}: the object's properties are free
+
+
+def test_any_json_as_a_schema_is_answered_never_raised() -> None:
+    """Bodies come from anyone: malformed schemas are reported, never an exception (a 500)."""
+    import random
+
+    rng = random.Random(3)
+    keys = ["type", "properties", "items", "anyOf", "prefixItems", "$defs", "additionalProperties", "enum", "pattern"]
+
+    def junk(depth: int) -> Any:
+        kind = rng.randrange(6 if depth < 4 else 4)
+        if kind == 0:
+            return rng.choice([None, True, False, 0, 1.5, "x", "(?=a)"])
+        if kind in (1, 2, 3):
+            return rng.choice([[], {}, "string", 7])
+        if kind == 4:
+            return [junk(depth + 1) for _ in range(rng.randrange(3))]
+        return {rng.choice(keys): junk(depth + 1) for _ in range(rng.randrange(4))}
+
+    for _ in range(500):
+        assert isinstance(unsupported(junk(0)), list)

@@ -76,13 +76,19 @@ def unsupported(schema: Any, path: str = "#") -> list[str]:
     if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
         found.append(f"{path}: $ref {ref!r} (only references inside the schema, '#/...')")
     for key in ("properties", "$defs", "definitions"):
-        for name, sub in (schema.get(key) or {}).items():
+        if key in schema and not isinstance(schema[key], dict):
+            found.append(f"{path}: {key} must be an object of schemas")
+            continue
+        for name, sub in schema.get(key, {}).items():
             found += unsupported(sub, f"{path}/{key}/{name}")
     for key in ("items", "additionalProperties"):
-        if isinstance(schema.get(key), dict | bool) and key in schema:
-            found += [] if schema[key] is False else unsupported(schema[key], f"{path}/{key}")
+        if key in schema and schema[key] is not False:
+            found += unsupported(schema[key], f"{path}/{key}")
     for key in ("prefixItems", "anyOf"):
-        for i, sub in enumerate(schema.get(key) or []):
+        if key in schema and not isinstance(schema[key], list):
+            found.append(f"{path}: {key} must be a list of schemas")
+            continue
+        for i, sub in enumerate(schema.get(key, [])):
             found += unsupported(sub, f"{path}/{key}/{i}")
     return found
 
