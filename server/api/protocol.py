@@ -36,7 +36,7 @@ class Message(BaseModel):
         else:
             text = self.content or ""
         for call in self.tool_calls or []:
-            fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+            fn: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
             args = fn.get("arguments", "{}")
             with contextlib.suppress(ValueError):  # OpenAI sends arguments as a JSON string; others stay as sent
                 args = json.loads(args) if isinstance(args, str) else args
