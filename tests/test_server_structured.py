@@ -245,5 +245,7 @@ def test_mixtures_on_the_answer_route(url: str) -> None:
     mix = soft["routed"]["mixture"]
     assert soft["routed"]["route"] == "soft" and mix[0]["qtype"] == soft["routed"]["qtype"]
     assert abs(sum(m["weight"] for m in mix) - 1) < 1e-3
+    soft_named = httpx.post(f"{url}/v1/answer", json={"adapter": "symptoms", "route": "soft", "question": q})
+    assert soft_named.status_code == 400 and soft_named.json()["error"]["param"] == "route"
     missing = httpx.post(f"{url}/v1/answer", json={"adapter": {"symptoms": 0.5, "nope": 0.5}, "question": q})
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "adapter"

@@ -28,6 +28,8 @@ async def answer(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Re
         prompts.check_text_fits(len(body.question.encode()), "question")
         routed = None
         mix: Mixture = ()
+        if body.route == "soft" and body.adapter != "auto":
+            raise APIError(400, "route 'soft' mixes the router's choices: it needs adapter 'auto'", param="route")
         if isinstance(body.adapter, dict):
             mix, adapter = mixture(catalog, list(body.adapter.items()), "adapter"), None
         elif body.adapter == "auto" and body.route == "soft":
