@@ -188,6 +188,19 @@ def test_tool_choice_auto_lets_the_model_write_text_or_calls(url: str) -> None:
         assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
     else:
         assert choice["message"]["content"] and "tool_calls" not in choice["message"]
+        # Streamed, the same (greedy) answer's text comes as it is generated, in several chunks.
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        stream = client.chat.completions.create(
+            model="symptoms",
+            messages=ASK,  # type: ignore[arg-type]
+            tools=[WEATHER],  # type: ignore[list-item]
+            max_tokens=8,
+            stream=True,
+        )
+        pieces = [ch.choices[0].delta.content for ch in stream if ch.choices and ch.choices[0].delta.content]
+        assert "".join(pieces) == choice["message"]["content"] and len(pieces) > 1
 
 
 @pytest.mark.parametrize(

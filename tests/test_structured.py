@@ -257,3 +257,24 @@ def test_any_json_as_a_schema_is_answered_never_raised() -> None:
 
     for _ in range(500):
         assert isinstance(unsupported(junk(0)), list)
+
+
+def test_an_auto_answer_streams_its_text_and_holds_its_calls() -> None:
+    from loraswap.server.api.structured import CallStream
+
+    plan = _tool_plan([WEATHER], "auto")
+    s = CallStream(plan)
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}'
+    sent = [s.feed(p) for p in ["Checking", " <to", "ol_call>", call, "</tool_call>", " done"]]
+    assert sent == ["Checking", " ", "", "", "", ""]  # "<to" held back: it could open a call
+    content, calls = s.finish("stop")
+    assert content == "done" and [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "days": 2}
+    plain = CallStream(plan)
+    assert [plain.feed(p) for p in ["a <to", "m> b"]] == ["a ", "<tom> b"]  # not a tag after all
+    assert plain.finish("stop") == (None, [])
+    cut = CallStream(plan)
+    cut.feed('x <tool_call>{"name": "get_w')
+    assert cut.finish("length") == ('<tool_call>{"name": "get_w', [])  # cut short: the raw text, no call
+    forced = CallStream(_tool_plan([WEATHER], "required"))
+    assert forced.feed(call) == "" and forced.finish("stop")[0] is None

@@ -240,3 +240,45 @@ def tool_calls(text: str, output: Plan) -> tuple[str | None, list[dict[str, Any]
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class CallStream:
+    """A streamed answer with tools, split as it comes into text to send now and calls to send at its end. A forced
+    call (tool_choice "required" or named) is all call: nothing is sent before the end. With "auto" the text is sent
+    as it comes up to the first opening tag (a tail that could be the start of one is held back), and from there on
+    held until the end, when the calls are known."""
+
+    def __init__(self, output: Plan) -> None:
+        self.output = output
+        self.text = ""
+        self.sent = 0
+        self.holding = not output.tagged
+
+    def feed(self, piece: str) -> str:
+        """The text to send now, given the next piece of the answer."""
+        self.text += piece
+        if self.holding:
+            return ""
+        end = self.text.find(TOOL_BEGIN)
+        if end != -1:
+            self.holding = True
+        else:
+            end = len(self.text)
+            for k in range(min(len(TOOL_BEGIN) - 1, end), 0, -1):
+                if self.text.endswith(TOOL_BEGIN[:k]):
+                    end -= k
+                    break
+        out = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return out
+
+    def finish(self, finish: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """At the end (OpenAI's finish_reason): the text not sent yet, less its calls, and the calls (none unless
+        the answer ended on its own with every call complete)."""
+        rest = self.text[self.sent :]
+        if finish != "stop":
+            return rest or None, []
+        content, calls = tool_calls(rest, self.output)
+        if not calls:
+            return rest or None, []
+        return content, calls

@@ -98,25 +98,23 @@ async def _stream(
     bridge: Bridge, job: Job, cid: str, model: str, include_usage: bool, tools: structured.Plan | None = None
 ) -> AsyncIterator[str]:
     """Server-sent chunks: the role first, then the text as it comes, the finish_reason, usage if asked for. With
-    tools the answer comes whole at its end (its text and its calls, each in one chunk), once it is known which
-    parts are calls."""
+    tools, calls come whole (one chunk) at the end, once their JSON is complete; with tool_choice "auto" the text
+    before the first call streams as it comes (`structured.CallStream`)."""
     created = int(time.time())
     yield sse(chat_chunk(cid, model, created, {"role": "assistant", "content": None if tools else ""}, None))
-    parts: list[str] = []
+    calls_of = structured.CallStream(tools) if tools is not None else None
     try:
         async for ev in bridge.events(job, ROUTE):
             if ev.error:
                 yield sse(from_event(ev).body)
                 return
-            if tools:
-                parts.append(ev.text)
-            elif ev.text:
-                yield sse(chat_chunk(cid, model, created, {"content": ev.text}, None))
+            text = ev.text if calls_of is None else calls_of.feed(ev.text)
+            if text:
+                yield sse(chat_chunk(cid, model, created, {"content": text}, None))
             if ev.finish_reason:
                 fin: str = finish_reason(ev.finish_reason)
-                if tools is not None:
-                    text = "".join(parts)
-                    content, calls = structured.tool_calls(text, tools) if fin == "stop" else (text, [])
+                if calls_of is not None:
+                    content, calls = calls_of.finish(fin)
                     if content:
                         yield sse(chat_chunk(cid, model, created, {"content": content}, None))
                     if calls:
