@@ -278,3 +278,39 @@ def test_an_auto_answer_streams_its_text_and_holds_its_calls() -> None:
     assert cut.finish("length") == ('<tool_call>{"name": "get_w', [])  # cut short: the raw text, no call
     forced = CallStream(_tool_plan([WEATHER], "required"))
     assert forced.feed(call) == "" and forced.finish("stop")[0] is None
+
+
+def test_tools_with_nested_models_keep_their_references(grammars: Grammars, closing: torch.Tensor) -> None:
+    """A pydantic model with a nested one has `$defs` and references to them; inside the call's schema they are
+    moved to its root (each tool's under its own prefix) and the references follow."""
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: str
+
+    class Trip(BaseModel):
+        start: Place
+        end: Place
+
+    visit = {"type": "object", "$defs": {"Place": {"type": "integer"}}, "properties": {"p": {"$ref": "#/$defs/Place"}}}
+    tools = [
+        {"type": "function", "function": {"name": "plan_trip", "parameters": Trip.model_json_schema()}},
+        {"type": "function", "function": {"name": "visit", "parameters": visit}},
+    ]
+    plan = _tool_plan(tools, "required")
+    assert plan.grammar
+    schema = json.loads(plan.grammar)["schema"]
+    validator = jsonschema_rs.validator_for(schema)
+    good = {"name": "plan_trip", "arguments": {"start": {"city": "Oslo"}, "end": {"city": "Paris"}}}
+    assert validator.is_valid(good)
+    assert not validator.is_valid({"name": "plan_trip", "arguments": {"start": {"city": 3}, "end": {"city": "P"}}})
+    assert validator.is_valid({"name": "visit", "arguments": {"p": 4}})  # the other tool's Place: no clash
+    gen = torch.Generator().manual_seed(2)
+    walks = [walk(grammars, schema, closing, gen, grammar=plan.grammar) for _ in range(4)]
+    finished = [json.loads(t) for t in walks if t is not None]
+    assert finished and all(validator.is_valid(v) for v in finished)
+    with pytest.raises(APIError) as e:
+        _tool_plan(
+            [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/properties/x"}}}], "required"
+        )
+    assert e.value.status_code == 400

@@ -163,6 +163,8 @@ def _tool_plan(tools: list[dict[str, Any]], choice: str | dict[str, Any]) -> Pla
                 param=f"tools[{i}]",
             )
         params = checked_schema(fn.get("parameters", {"type": "object", "properties": {}}), f"tools[{i}].parameters")
+        if fn["name"] in functions:
+            raise APIError(400, f"two tools are named {fn['name']!r}", param=f"tools[{i}]")
         functions[fn["name"]] = {"name": fn["name"], "description": fn.get("description", ""), "parameters": params}
     if choice == "required":
         chosen = list(functions)
@@ -179,15 +181,20 @@ def _tool_plan(tools: list[dict[str, Any]], choice: str | dict[str, Any]) -> Pla
         chosen = list(functions)
     else:
         raise APIError(400, "tool_choice is 'none', 'auto', 'required' or a named function", param="tool_choice")
-    calls = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": n}, "arguments": functions[n]["parameters"]},
-            "required": ["name", "arguments"],
-        }
-        for n in chosen
-    ]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    defs: dict[str, Any] = {}
+    calls = []
+    for i, n in enumerate(chosen):
+        arguments = _hoist(functions[n]["parameters"], f"f{i}_", defs, f"tools[{i}].parameters")
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": n}, "arguments": arguments},
+                "required": ["name", "arguments"],
+            }
+        )
+    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if defs:
+        schema = {**schema, "$defs": defs}
     offered = tuple(functions[n] for n in chosen)
     if choice != "auto":
         return Plan(_grammar(schema), offered)
@@ -199,6 +206,38 @@ def _tool_plan(tools: list[dict[str, Any]], choice: str | dict[str, Any]) -> Pla
     }
     tags = {"type": "triggered_tags", "triggers": [TOOL_BEGIN], "tags": [tag]}
     return Plan(json.dumps({"structural_tag": {"type": "structural_tag", "format": tags}}), offered, tagged=True)
+
+
+def _hoist(params: dict[str, Any], prefix: str, defs: dict[str, Any], param: str) -> dict[str, Any]:
+    """`params` (a function's parameters) without its `$defs`/`definitions`, which go into `defs` under `prefix`
+    with its references rewritten: inside the call's schema it is no longer the root its references point to."""
+    own = {**params.get("definitions", {}), **params.get("$defs", {})}
+    if not own and '"$ref"' not in json.dumps(params):
+        return params
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            name = ref.removeprefix("#/$defs/").removeprefix("#/definitions/")
+            if name == ref or name not in own:
+                raise APIError(
+                    400,
+                    f"$ref {ref!r}: a tool's references must name its own $defs",
+                    param=param,
+                    code="unsupported_schema",
+                )
+            out["$ref"] = f"#/$defs/{prefix}{name}"
+        return out
+
+    for name, sub in own.items():
+        defs[prefix + name] = rewrite(sub)
+    hoisted: dict[str, Any] = rewrite(params)
+    return hoisted
 
 
 def tool_prompt(output: Plan) -> str:
