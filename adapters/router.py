@@ -47,11 +47,14 @@ class Router:
 
     def predict(self, question: str) -> tuple[str, float]:
         """The most likely qtype and its probability."""
+        return self.ranked(question)[0]
+
+    def ranked(self, question: str) -> list[tuple[str, float]]:
+        """Every qtype with its probability, the most likely first."""
         scores = self.coef @ self.features(question) + self.intercept
         probs = np.exp(scores - scores.max())
         probs /= probs.sum()
-        best = int(probs.argmax())
-        return self.classes[best], float(probs[best])
+        return [(self.classes[i], float(probs[i])) for i in np.argsort(-probs, kind="stable")]
 
     def save(self, path: Path) -> None:
         blob = {

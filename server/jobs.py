@@ -50,6 +50,15 @@ class Job:
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits (`server/worker/penalties.py`, with the penalties)."""
 
+    # ---- structured output and adapter mixtures (response_format, tools, adapters) ----
+    grammar: str | None = None
+    """A constraint on the output, as JSON: {"schema": <JSON Schema>, "strict": bool}, or {"structural_tag": ...}
+    (xgrammar's: free text in which tagged tool calls follow a schema); the worker compiles it and masks each step's
+    logits to the tokens it allows (`server/worker/grammar.py`). None: free text."""
+    mixture: tuple[tuple[str, float], ...] = ()
+    """Adapters (store names) whose LoRA deltas this row sums, each times its weight; set instead of `adapter`
+    (`server/worker/mixing.py`)."""
+
 
 TokenLogprob = dict[str, Any]
 """One token's log-probability, as plain data: {"id": token id, "logprob": float, "top": [[id, logprob], ...] (the

@@ -75,6 +75,8 @@ class Settings(BaseModel):
     """Compute threads of a CPU worker, fixed. Unset: as many as the worker may use (its CPU affinity mask, no more
     than its cgroup's CPU quota), one fewer while other processes keep its threads waiting for a CPU, and back
     when a CPU stays idle (`server/worker/threads.py`). CUDA workers keep torch's default."""
+    max_mix: int = Field(4, ge=1, le=16)
+    """The most adapters one request may mix (`"adapter": {name: weight}`, `"adapters": [...]`, route "soft")."""
     drain_seconds: int = 30
     """On SIGTERM, how long running requests may take to finish."""
     registry: str | None = None

@@ -49,6 +49,8 @@ COMPLETIONS: dict[str, tuple[tuple[Any, ...], str]] = {
     "top_logprobs": ((None,), "send logprobs: N (0-5) on /v1/completions"),
     "response_format": ((None,), "response_format is a /v1/chat/completions field"),
     "tools": ((None, []), "tools are a /v1/chat/completions field"),
+    "tool_choice": ((None, "none"), "tool_choice is a /v1/chat/completions field"),
+    "adapters": ((None, []), "adapter mixtures are served on /v1/chat/completions and /v1/answer; name one model here"),
 }
 
 

@@ -65,7 +65,7 @@ class Bridge:
         """Queue `job` for a worker and yield its events until it finishes. If the consumer stops early
         (the client disconnected), the worker is told to drop the job."""
         spec, m = self.spec, self.metrics
-        adapter = job.adapter or "base"
+        adapter = "mixture" if job.mixture else job.adapter or "base"  # the metrics' label
         start = time.perf_counter()
         first = True
         q: deque[Any] = deque()

@@ -184,6 +184,21 @@ class Catalog:
     async def route(self, question: str, param: str = "adapter") -> tuple[str | None, dict[str, Any]]:
         """adapter 'auto': the router's qtype, served by an adapter of that qtype (the base if none, resolved as
         `resolve` does); with what the router said (`param`: the request field that said 'auto')."""
+        qtype, prob = self.ranked(question, param)[0]
+        name = self.qtype_adapter(qtype)
+        adapter = await self.resolve(name, param) if name else None
+        return adapter, {"qtype": qtype, "probability": round(prob, 4)}
+
+    def qtype_adapter(self, qtype: str) -> str | None:
+        """The LoRA adapter that serves `qtype` (the first by name), or None."""
+        names = sorted(
+            n for n, e in self.entries().items() if e.manifest.qtype == qtype and e.manifest.method == "lora"
+        )
+        return names[0] if names else None
+
+    def ranked(self, question: str, param: str = "adapter") -> list[tuple[str, float]]:
+        """The router's qtypes for `question` with their probabilities, the most likely first (400 without a
+        router)."""
         from loraswap.adapters.router import Router
 
         path = self.settings.store().router_path()
@@ -197,9 +212,5 @@ class Catalog:
         key = (str(path), path.stat().st_mtime_ns)
         if self._router is None or self._router[0] != key:
             self._router = (key, Router.load(path))
-        qtype, prob = self._router[1].predict(question)
-        names = sorted(
-            n for n, e in self.entries().items() if e.manifest.qtype == qtype and e.manifest.method == "lora"
-        )
-        adapter = await self.resolve(names[0], param) if names else None
-        return adapter, {"qtype": qtype, "probability": round(prob, 4)}
+        ranked: list[tuple[str, float]] = self._router[1].ranked(question)
+        return ranked

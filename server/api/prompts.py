@@ -93,6 +93,8 @@ class Prompts:
         seed: int | None,
         stop: tuple[str, ...],
         ignore_eos: bool = False,
+        grammar: str | None = None,
+        mixture: tuple[tuple[str, float], ...] = (),
     ) -> Job:
         """A job for the workers, with a new uid; 400 if it asks for more tokens than the server allows or its
         prompt leaves no room in the context."""
@@ -123,4 +125,6 @@ class Prompts:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            grammar=grammar,
+            mixture=mixture,
         )

@@ -6,6 +6,7 @@ request is answered with a 4xx of its own and never reaches (or fails) a batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -26,11 +27,21 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant turn's calls: written into its text as the model writes them, in tags."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
-        return self.content or ""
+            text = "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        else:
+            text = self.content or ""
+        for call in self.tool_calls or []:
+            fn: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
+            args = fn.get("arguments", "{}")
+            with contextlib.suppress(ValueError):  # OpenAI sends arguments as a JSON string; others stay as sent
+                args = json.loads(args) if isinstance(args, str) else args
+            text += "<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": args}) + "</tool_call>"
+        return text
 
 
 class StreamOptions(BaseModel):
@@ -60,14 +71,39 @@ class _Sampling(BaseModel):
     """Keep generating past the end of the answer until max_tokens (vLLM's extension; for benchmarks)."""
 
 
-class ChatRequest(_Sampling):
+# ---- structured output, tools and adapter mixtures ------------------------------------------------------------
+# OpenAI's `response_format`, `tools` and `tool_choice`, checked in `structured.py` (which says what is refused and
+# why), and loraswap's `adapters` extension: adapters summed per request with their scales, in the spirit of
+# llama.cpp's per-request `lora` list (`mixtures.py`).
+
+
+class AdapterScale(BaseModel):
+    """One adapter of a request's mixture, and the weight of its LoRA delta."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0, allow_inf_nan=False)
+
+
+class _OutputShape(BaseModel):
+    response_format: dict[str, Any] | None = None
+    """{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {name, schema, strict}}."""
+    tools: list[dict[str, Any]] | None = None
+    """Functions the answer may call: [{"type": "function", "function": {name, description, parameters}}]."""
+    tool_choice: str | dict[str, Any] | None = None
+    """"none", "required", or {"type": "function", "function": {"name": ...}}."""
+    adapters: list[AdapterScale] | None = Field(default=None, min_length=1)
+    """loraswap's extension: the adapters whose deltas this request sums, with their scales (`model`: the base)."""
+
+
+class ChatRequest(_Sampling, _OutputShape):
     model: str = Field(examples=["base"])
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stream_options: StreamOptions | None = None
-    # ---- issue 22, the OpenAI surface: choices, log-probabilities, the field audit (routes/chat.py) ----
+    # ---- the OpenAI surface: choices, log-probabilities, the field audit (routes/chat.py) ----
     model_config = ConfigDict(extra="allow")  # undeclared fields are kept for `audit.refuse_unsupported`, then ignored
     n: int = Field(default=1, ge=1, le=128)
     """Choices, each sampled on its own (seed + index when a seed is given); they share the prompt's prefill."""
@@ -89,7 +125,7 @@ class ChatRequest(_Sampling):
             raise ValueError("top_logprobs needs logprobs: true")
         return v
 
-    # ---- end of issue 22's block ----
+    # ---- end of the OpenAI surface block ----
 
     @field_validator("stop")
     @classmethod
@@ -107,7 +143,11 @@ class ChatRequest(_Sampling):
 
 
 class AnswerRequest(_Sampling):
-    adapter: str = Field(examples=["base", "auto"])
+    adapter: str | dict[str, float] = Field(examples=["base", "auto", {"symptoms": 0.7, "treatment": 0.3}])
+    """An adapter's name, "base", "auto" (the qtype router), or a mixture: adapter names and their weights."""
+    route: Literal["hard", "soft"] = "hard"
+    """With "auto": "hard" serves the router's qtype's adapter; "soft" mixes the top qtypes' adapters, weighted by
+    the router's probabilities."""
     question: str = Field(min_length=1, examples=["What are the symptoms of asthma?"])
     max_tokens: int | None = Field(default=256, ge=1)
 

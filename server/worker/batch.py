@@ -40,6 +40,8 @@ class Row:
     """Log-probabilities of generated tokens not yet sent (`logprobs.py`)."""
     prompt_logprobs: list[dict[str, Any] | None] | None = None
     """The prompt's log-probabilities until the row's first event carries them (`logprobs.py`)."""
+    matcher: Any = None
+    """A constrained job's grammar matcher (`grammar.py`); None for free text."""
 
 
 class Batch:

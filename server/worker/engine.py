@@ -31,11 +31,12 @@ import torch
 
 from loraswap.adapters.prompt import generation_eos, stop_token_ids
 from loraswap.adapters.store import StoreEntry
-from loraswap.server.jobs import BASE, FinishReason, Job, JobEvent, failed
+from loraswap.server.jobs import FinishReason, Job, JobEvent, failed
 from loraswap.server.settings import PREFIX_CACHE_BYTES, LoraImpl
 from loraswap.server.worker import logprobs
 from loraswap.server.worker.batch import Batch, Row, front_first
 from loraswap.server.worker.failures import InvalidJob, failure_kind, forward_failed
+from loraswap.server.worker.grammar import Grammars
 from loraswap.server.worker.kvcache import new_cache, past_cache, plain_cache
 from loraswap.server.worker.lru import CacheFull
 from loraswap.server.worker.memory import return_freed_memory
@@ -89,6 +90,7 @@ class Engine:
         takes = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.last_logits_only: dict[str, Any] = {"logits_to_keep": 1} if takes else {}
         self.stop_ids = set(stop_token_ids(tokenizer, generation_eos(model)))
+        self.grammars = Grammars(tokenizer, self.stop_ids, int(model.config.vocab_size))  # constrained rows' masks
         self.device = next(model.parameters()).device
         self.waiting: list[Job] = []
         self.cancelled: set[str] = set()
@@ -123,8 +125,7 @@ class Engine:
             raise InvalidJob("empty prompt")
         if len(req.prompt_ids) + 1 > self.max_context:
             raise InvalidJob(f"prompt is {len(req.prompt_ids)} tokens; the context holds {self.max_context}")
-        if req.adapter is not None:
-            self.resolve(req.adapter)  # unknown names fail here, before the request is queued
+        self.residency.check(req)  # unknown adapters fail here, before the request is queued
         self.waiting.append(req)
 
     def cancel(self, uid: str) -> None:
@@ -170,8 +171,8 @@ class Engine:
                 events.append(JobEvent(req.uid, "", "cancelled", len(req.prompt_ids), 0))
                 continue
             try:
-                gen = generator_for(req)
-                key, load_ms = (BASE, None) if req.adapter is None else self.residency.ensure_loaded(req.adapter)
+                gen, matcher = generator_for(req), self.grammars.start(req)
+                key, load_ms = self.residency.load_job(req)
             except CacheFull:
                 self.waiting.insert(0, req)  # retry when a running request frees an adapter
                 break
@@ -179,7 +180,7 @@ class Engine:
                 events.append(failed(req.uid, str(e), failure_kind(e), len(req.prompt_ids)))
                 continue
             self.residency.acquire(key)
-            new.append(Row(req, key, gen, load_ms=load_ms))
+            new.append(Row(req, key, gen, load_ms=load_ms, matcher=matcher))
             budget -= len(req.prompt_ids)
         if not new:
             return events
@@ -322,12 +323,14 @@ class Engine:
         events: list[JobEvent] = []
         finished: list[Row] = []
         logits = logits.float().cpu()
+        self.grammars.mask(rows, logits)
         greedy = logits.argmax(dim=-1).tolist()  # every row's in one kernel; sampling rows draw their own below
         for row, row_logits, best in zip(rows, logits, greedy, strict=True):
             if row.req.temperature > 0 and row.generator is not None:
                 token = sample(row_logits, row.req.temperature, row.req.top_p, row.generator)
             else:
                 token = best
+            self.grammars.accept(row, token)
             reason: FinishReason | None = None
             row.next_token = token  # the next step's input; a stop token's row leaves instead
             if token in self.stop_ids and not row.req.ignore_eos:

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 
 from loraswap.adapters.store import StoreEntry
-from loraswap.server.jobs import BASE
+from loraswap.server.jobs import BASE, Job
 from loraswap.server.settings import LoraImpl
+from loraswap.server.worker.failures import InvalidJob
 from loraswap.server.worker.lru import AdapterLRU
+from loraswap.server.worker.mixing import mix_key, parse_mix
 from loraswap.server.worker.prefix import KV
 from loraswap.server.worker.slots import LoraSlots, load_tensors
 
@@ -95,14 +97,50 @@ class Residency:
                 self.evicted(old)
         return key, load_ms
 
+    def check(self, job: Job) -> None:
+        """Raise (AdapterNotFound) if an adapter the job names is not in the store."""
+        for name in [job.adapter] if job.adapter else [n for n, _ in job.mixture]:
+            self.resolve(name)
+
+    def load_job(self, job: Job) -> tuple[str, float | None]:
+        """The key a job's rows run on: BASE, its adapter's (`ensure_loaded`) or its mixture's (`mixing.mix_key`),
+        with the time spent loading, in ms, if anything had to be loaded for it."""
+        if not job.mixture:
+            return (BASE, None) if job.adapter is None else self.ensure_loaded(job.adapter)
+        if self.slots is None:
+            raise InvalidJob("adapter mixtures are computed in the LoRA slots; this server runs lora_impl 'peft'")
+        weights: dict[str, float] = {}
+        total: float | None = None
+        try:
+            for name, weight in job.mixture:
+                key, load_ms = self.ensure_loaded(name)
+                if key in self.virtual or key in self.prefixes:
+                    raise InvalidJob(f"adapter {name!r} is not a LoRA adapter; only LoRA adapters mix")
+                self.lru.acquire(key)  # held while the others load, so that loading them cannot evict it
+                weights[key] = weights.get(key, 0.0) + weight
+                if load_ms is not None:
+                    total = (total or 0.0) + load_ms
+        finally:
+            for key in weights:
+                self.lru.release(key)
+        return mix_key(tuple(weights.items())), total
+
+    def _parts(self, key: str) -> list[str]:
+        """The loaded adapters behind a row's key."""
+        if key == BASE:
+            return []
+        mix = parse_mix(key)
+        return [key] if mix is None else [k for k, _ in mix]
+
     def acquire(self, key: str) -> None:
-        """A running row uses adapter `key` (BASE: none); it is not evicted until released."""
-        if key != BASE:
-            self.lru.acquire(key)
+        """A running row uses adapter `key` (BASE: none; a mixture: each of its adapters); it is not evicted until
+        released."""
+        for k in self._parts(key):
+            self.lru.acquire(k)
 
     def release(self, key: str) -> None:
-        if key != BASE:
-            self.lru.release(key)
+        for k in self._parts(key):
+            self.lru.release(k)
 
     def lora_name(self, key: str) -> str:
         """What a row of adapter `key` names in a forward's `adapter_names`: BASE for prompt-learning and prefix
@@ -118,7 +156,7 @@ class Residency:
         the running batch's, in its order (a decoding step), so the LoRA slots keep them gathered between steps."""
         names = kwargs.pop("adapter_names")
         if self.slots is not None:
-            self.slots.use([None if n == BASE else n for n in names], running=running)
+            self.slots.use([None if n == BASE else parse_mix(n) or n for n in names], running=running)
             try:
                 with torch.inference_mode():
                     return self.base_model(**kwargs, use_cache=True)

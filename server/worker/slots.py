@@ -36,6 +36,7 @@ from torch import nn
 
 from loraswap.adapters.lora import lora_pairs, lora_scale
 from loraswap.adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from loraswap.server.worker.mixing import Mix, mix_rows, mixture_forward
 
 # PEFT LoRA features this path does not compute; such adapters are refused with the reason.
 _UNSUPPORTED = {
@@ -116,6 +117,8 @@ class SlotLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         slots = self.slots
+        if slots.mix is not None:
+            return mixture_forward(self, x, out, *slots.mix)
         if slots.rows is None:
             return out
         xd = x.to(self.A.dtype)
@@ -170,6 +173,8 @@ class LoraSlots:
         """The slot, when every row uses the same one."""
         self.kept = False
         """Whether the layers read the rows' weights from their row buffers (a mixed running batch)."""
+        self.mix: tuple[torch.Tensor, torch.Tensor] | None = None
+        """With a row that mixes adapters: each row's slots [rows, K] and their weights [rows, K] (`mixing.py`)."""
         self.max_rows = max_rows
         self._held = [-1] * max_rows
         """The slot whose weights each row buffer position holds in every layer (-1: none, or stale)."""
@@ -258,12 +263,17 @@ class LoraSlots:
 
     # ---- the rows of a forward ------------------------------------------------------------------
 
-    def use(self, keys: list[str | None], running: bool = False) -> None:
-        """Set the adapter of each row (None: no LoRA) for the next forward. `running`: these are the running
-        batch's rows, in the order they keep from step to step (a decoding step); their weights stay gathered in
-        the layers' row buffers, and only rows whose adapter changed since the last such call are gathered."""
-        slots = [0 if k is None else self.slot_of[k] for k in keys]
-        self.kept = False
+    def use(self, keys: list[str | Mix | None], running: bool = False) -> None:
+        """Set the adapter of each row (None: no LoRA; a `Mix`: several adapters' deltas, weighted) for the next
+        forward. `running`: these are the running batch's rows, in the order they keep from step to step (a
+        decoding step); their weights stay gathered in the layers' row buffers, and only rows whose adapter changed
+        since the last such call are gathered."""
+        self.kept, self.mix = False, None
+        if any(isinstance(k, tuple) for k in keys):
+            self.rows, self.uniform = None, None
+            self.mix = mix_rows(keys, self.slot_of, self.device)
+            return
+        slots = [0 if k is None else self.slot_of[k] for k in keys]  # type: ignore[index]
         if not any(slots):
             self.rows, self.uniform = None, None
             return
@@ -281,7 +291,7 @@ class LoraSlots:
             self.kept = True
 
     def clear(self) -> None:
-        self.rows, self.uniform, self.kept = None, None, False
+        self.rows, self.uniform, self.kept, self.mix = None, None, False, None
 
 
 def _check_supported(config: dict[str, Any]) -> None:

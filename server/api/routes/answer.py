@@ -12,6 +12,7 @@ from loraswap.server.api.auth import authorize
 from loraswap.server.api.bridge import Bridge
 from loraswap.server.api.catalog import Catalog
 from loraswap.server.api.errors import APIError, from_event
+from loraswap.server.api.mixtures import Mixture, mixture, soft_route
 from loraswap.server.api.prompts import Prompts
 from loraswap.server.api.protocol import AnswerRequest, collect, finish_reason, new_id, read_body, sse, usage
 from loraswap.server.jobs import Job
@@ -26,11 +27,18 @@ async def answer(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Re
         body = await read_body(request, AnswerRequest, settings.max_body_bytes)
         prompts.check_text_fits(len(body.question.encode()), "question")
         routed = None
-        if body.adapter == "auto":
+        mix: Mixture = ()
+        if body.route == "soft" and body.adapter != "auto":
+            raise APIError(400, "route 'soft' mixes the router's choices: it needs adapter 'auto'", param="route")
+        if isinstance(body.adapter, dict):
+            mix, adapter = await mixture(catalog, list(body.adapter.items()), "adapter"), None
+        elif body.adapter == "auto" and body.route == "soft":
+            adapter, mix, routed = await soft_route(catalog, body.question)
+        elif body.adapter == "auto":
             adapter, routed = await catalog.route(body.question)
         else:
             adapter = await catalog.resolve(body.adapter, "adapter")
-        request.state.adapter = adapter or "base"
+        request.state.adapter = "mixture" if mix else adapter or "base"
         question = body.question
         job = prompts.job(
             await prompts.run(lambda: prompts.question(question)),
@@ -41,10 +49,11 @@ async def answer(catalog: Catalog, prompts: Prompts, bridge: Bridge, request: Re
             None,
             (),
             body.ignore_eos,
+            mixture=mix,
         )
     except APIError as e:
         return e.response()
-    head: dict[str, Any] = {"id": new_id("ans"), "adapter": adapter or "base"}
+    head: dict[str, Any] = {"id": new_id("ans"), "adapter": dict(mix) if mix else adapter or "base"}
     if routed:
         head["routed"] = routed
     if body.stream:
