@@ -12,7 +12,7 @@ import itertools
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class Router:
     intercept: np.ndarray  # [classes]
     accuracy: float | None = None
     heldout_n: int | None = None
+    # Held-out accuracy of each qtype on its own questions (recall), as trained.
+    per_qtype: dict[str, float] = field(default_factory=dict)
 
     def features(self, question: str) -> np.ndarray:
         x = np.zeros(len(self.vocab))
@@ -66,6 +68,7 @@ class Router:
             "intercept": [round(float(v), 6) for v in self.intercept],
             "accuracy": self.accuracy,
             "heldout_n": self.heldout_n,
+            "per_qtype": self.per_qtype,
         }
         path.write_text(json.dumps(blob, separators=(",", ":")) + "\n")
 
@@ -82,4 +85,5 @@ class Router:
             np.asarray(blob["intercept"]),
             blob.get("accuracy"),
             blob.get("heldout_n"),
+            dict(blob.get("per_qtype") or {}),
         )

@@ -94,4 +94,8 @@ def test_eval_json_prints_exactly_one_object(medquad: Path, capsys: pytest.Captu
     obj = json.loads(out)
     assert obj["qtype"] == "symptoms" and obj["n"] == 2
     assert set(obj["results"]) >= {BASE, "symptoms"}
-    assert all(set(r) == {"nll"} for r in obj["results"].values())
+    assert set(obj["results"][BASE]) == {"nll"}
+    mine = obj["results"]["symptoms"]
+    assert set(mine) == {"nll", "nll_change", "nll_change_ci95"}
+    low, high = mine["nll_change_ci95"]
+    assert low <= mine["nll_change"] <= high

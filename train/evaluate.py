@@ -18,15 +18,17 @@ from loraswap.adapters.manifest import BASE
 from loraswap.adapters.prompt import build_example, generation_eos, normalize_answer, prompt_ids, stop_token_ids
 from loraswap.train.batching import PadCollator, is_seq2seq
 from loraswap.train.data import QA
+from loraswap.train.stats import Item, nll_change, nll_change_ci, nll_of
 
 METRICS = ("nll", "rougeL")
 
 
-def answer_nll(
+def answer_nll_items(
     model: Any, tokenizer: Any, rows: Sequence[QA], max_seq_len: int = 256, batch_size: int = 4, desc: str | None = None
-) -> float:
-    """Mean negative log-likelihood per answer token (the prompt is not scored). On a seq2seq base: the
-    decoder's NLL of the answer given the prompt in the encoder."""
+) -> list[Item]:
+    """Each held-out answer's (sum of its tokens' NLL, token count); the prompt is not scored. Questions whose
+    prompt leaves no room for an answer in max_seq_len are left out (the same ones for every adapter). On a
+    seq2seq base: the decoder's NLL of the answer given the prompt in the encoder."""
     import torch
 
     seq2seq = is_seq2seq(model)
@@ -34,7 +36,7 @@ def answer_nll(
     if not examples:
         raise ValueError("no held-out example fits in max_seq_len")
     collate = PadCollator(tokenizer.pad_token_id, seq2seq=seq2seq)
-    total, count = 0.0, 0
+    items: list[Item] = []
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, disable=desc is None, leave=False):
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in examples[i : i + batch_size]])
@@ -52,11 +54,24 @@ def answer_nll(
             logits = logits[:, :-1].float()
             labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += float(loss)
-        count += int((labels != -100).sum())
-    return total / count
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        counts = (labels != -100).sum(1)
+        items.extend((float(s), int(n)) for s, n in zip(loss.sum(1), counts, strict=True))
+    return items
+
+
+def answer_nll(
+    model: Any, tokenizer: Any, rows: Sequence[QA], max_seq_len: int = 256, batch_size: int = 4, desc: str | None = None
+) -> float:
+    """Mean negative log-likelihood per answer token over the held-out answers."""
+    return nll_of(answer_nll_items(model, tokenizer, rows, max_seq_len, batch_size, desc))
+
+
+def change_figures(adapter: Sequence[Item], base: Sequence[Item]) -> dict[str, Any]:
+    """An adapter's NLL change against the base on the same questions, with its paired-bootstrap 95% interval."""
+    low, high = nll_change_ci(adapter, base)
+    return {"nll_change": round(nll_change(adapter, base), 4), "nll_change_ci95": [round(low, 4), round(high, 4)]}
 
 
 def greedy_answers(
@@ -128,10 +143,15 @@ def score(
     max_seq_len: int,
     max_new_tokens: int,
     label: str,
-) -> dict[str, float]:
-    result: dict[str, float] = {}
+    items: list[Item] | None = None,
+) -> dict[str, Any]:
+    """The metrics of one model on one qtype's rows; `items` (if given) receives each answer's NLL figures."""
+    result: dict[str, Any] = {}
     if "nll" in metrics:
-        nll = answer_nll(model, tokenizer, rows, max_seq_len, desc=f"{label}: nll")
+        scored = answer_nll_items(model, tokenizer, rows, max_seq_len, desc=f"{label}: nll")
+        if items is not None:
+            items.extend(scored)
+        nll = nll_of(scored)
         result["nll"] = round(nll, 4)
         result["ppl"] = round(math.exp(nll), 3)
     if "rougeL" in metrics:
@@ -149,8 +169,9 @@ def evaluate_adapters(
     metrics: Sequence[str] = ("nll",),
     max_seq_len: int = 256,
     max_new_tokens: int = 128,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Scores {qtype: {adapter or __base__: {metric: value}}} for the base and every store entry.
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Scores {qtype: {adapter or __base__: {metric: value}}} for the base and every store entry. With the
+    nll metric, each adapter also gets its nll_change against the base and that change's 95% interval.
 
     Each adapter is checked against the base first (fingerprint and prompt format); LoRA adapters
     share one PeftModel, each prompt-learning adapter gets its own wrapper of the same base.
@@ -162,25 +183,32 @@ def evaluate_adapters(
     for e in entries:
         check_compatible(e.manifest, base.ref)
     tok = base.tokenizer
-    results: dict[str, dict[str, dict[str, float]]] = {q: {} for q in rows_by_qtype}
+    results: dict[str, dict[str, dict[str, Any]]] = {q: {} for q in rows_by_qtype}
+    items: dict[tuple[str, str], list[Item]] = {}
 
     def run(model: Any, label: str) -> None:
         model.eval()
         for q, rows in rows_by_qtype.items():
-            results[q][label] = score(model, tok, rows, metrics, max_seq_len, max_new_tokens, f"{label} on {q}")
+            got = items.setdefault((q, label), [])
+            results[q][label] = score(model, tok, rows, metrics, max_seq_len, max_new_tokens, f"{label} on {q}", got)
 
     for e in [e for e in entries if e.manifest.method != "lora"]:
         run(PeftModel.from_pretrained(base.model, str(e.path), adapter_name=e.name), e.name)
     lora = [e for e in entries if e.manifest.method == "lora"]
     if not lora:
         run(base.model, BASE)
-        return results
-    model = PeftModel.from_pretrained(base.model, str(lora[0].path), adapter_name=lora[0].name)
-    for e in lora[1:]:
-        model.load_adapter(str(e.path), adapter_name=e.name)
-    for label in [BASE] + [e.name for e in lora]:
-        with using(model, label) as m:
-            run(m, label)
+    else:
+        model = PeftModel.from_pretrained(base.model, str(lora[0].path), adapter_name=lora[0].name)
+        for e in lora[1:]:
+            model.load_adapter(str(e.path), adapter_name=e.name)
+        for label in [BASE] + [e.name for e in lora]:
+            with using(model, label) as m:
+                run(m, label)
+    if "nll" in metrics:
+        for q, res in results.items():
+            for label in res:
+                if label != BASE and (q, BASE) in items:
+                    res[label].update(change_figures(items[(q, label)], items[(q, BASE)]))
     return results
 
 

@@ -14,7 +14,8 @@ from loraswap.train.data import QA, split
 
 
 def train_router(rows: list[QA], min_rows: int = 50, max_features: int = 4000) -> Router:
-    """Fit on the training split of every qtype with at least `min_rows` rows; accuracy on the held-out split."""
+    """Fit on the training split of every qtype with at least `min_rows` rows; accuracy on the held-out split, in all
+    and per qtype."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -30,7 +31,11 @@ def train_router(rows: list[QA], min_rows: int = 50, max_features: int = 4000) -
     if coef.shape[0] == 1:  # two classes: scikit-learn keeps one row, P(second) = sigmoid(w.x + b)
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
     router = Router(list(map(str, model.classes_)), vocab, vectorizer.idf_, coef, intercept)
-    hits = sum(router.predict(r.question)[0] == r.qtype for r in sp.heldout)
-    router.accuracy = round(hits / len(sp.heldout), 4)
+    right: Counter[str] = Counter()
+    asked = Counter(r.qtype for r in sp.heldout)
+    for r in sp.heldout:
+        right[r.qtype] += router.predict(r.question)[0] == r.qtype
+    router.accuracy = round(sum(right.values()) / len(sp.heldout), 4)
     router.heldout_n = len(sp.heldout)
+    router.per_qtype = {q: round(right[q] / asked[q], 4) for q in sorted(asked)}
     return router

@@ -27,7 +27,8 @@ from loraswap.adapters.prompt import Example
 from loraswap.train.artifact import save_adapter
 from loraswap.train.batching import PadCollator, is_seq2seq, pick_rows, tokenize_rows
 from loraswap.train.data import QA, Split, check_qtypes, load_qa, split
-from loraswap.train.evaluate import answer_nll
+from loraswap.train.evaluate import answer_nll_items, change_figures
+from loraswap.train.stats import nll_of
 
 log = logging.getLogger(__name__)
 
@@ -294,17 +295,22 @@ def train_qtype(
     heldout = sp.heldout[: cfg.eval_examples]
     if heldout:
         peft_model.eval()
-        nll = answer_nll(peft_model, base.tokenizer, heldout, cfg.max_seq_len)
+        scored = answer_nll_items(peft_model, base.tokenizer, heldout, cfg.max_seq_len)
         with peft_model.disable_adapter():
-            base_nll = answer_nll(peft_model, base.tokenizer, heldout, cfg.max_seq_len)
+            base_scored = answer_nll_items(peft_model, base.tokenizer, heldout, cfg.max_seq_len)
+        nll, base_nll = nll_of(scored), nll_of(base_scored)
         metrics = {
-            "heldout_n": len(heldout),
+            "heldout_n": len(scored),
             "base_nll": round(base_nll, 4),
             "nll": round(nll, 4),
-            "nll_change": round((nll - base_nll) / base_nll, 4),
+            **change_figures(scored, base_scored),
             "quant": cfg.quant,
         }
-        print(f"[{name}] held-out answer NLL: base {base_nll:.3f} -> adapter {nll:.3f} ({metrics['nll_change']:+.1%})")
+        low, high = metrics["nll_change_ci95"]
+        print(
+            f"[{name}] held-out answer NLL: base {base_nll:.3f} -> adapter {nll:.3f} "
+            f"({metrics['nll_change']:+.1%}, 95% interval {low:+.1%} to {high:+.1%}, {len(scored)} questions)"
+        )
 
     final = save_adapter(
         peft_model,

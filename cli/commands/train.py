@@ -102,6 +102,8 @@ def train_router(
         f"router over {len(router.classes)} qtypes: held-out accuracy {router.accuracy:.2%} "
         f"on {router.heldout_n} questions; wrote {out}"
     )
+    for q, acc in router.per_qtype.items():
+        print(f"  {q:24s} {acc:.2%}")
 
 
 def train_bench(
