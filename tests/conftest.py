@@ -199,6 +199,18 @@ def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int, 
     return path
 
 
+def routed_store(tiny_base: Path, out: Path) -> Path:
+    """A store the servers under test serve: random LoRA adapters "symptoms" and "treatment" (seeds 1 and 2, their
+    qtypes set) and a router trained on the small Q/A set, so "auto" works."""
+    from loraswap.train.data import QA
+    from loraswap.train.router import train_router
+
+    random_lora_adapter(tiny_base, out, "symptoms", seed=1, qtype="symptoms")
+    random_lora_adapter(tiny_base, out, "treatment", seed=2, qtype="treatment")
+    train_router([QA(*r) for r in qa_rows()], min_rows=1).save(out / "router.json")
+    return out
+
+
 def adapter_archive(base: Path, seed: int) -> bytes:
     """A .tar.gz upload of a random (non-zero) LoRA adapter for `base`."""
     import io

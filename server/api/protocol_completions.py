@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from loraswap.server.api.protocol import StreamOptions, _Sampling
+from loraswap.server.api.protocol import StreamOptions, _Sampling, check_stops
 
 MAX_CHOICES = 128
 """The most choices one request may ask for (prompts times n), as OpenAI's n allows."""
@@ -49,10 +49,7 @@ class CompletionRequest(_Sampling):
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return v
+        return check_stops(v)
 
     @model_validator(mode="after")
     def _best_of(self) -> CompletionRequest:
