@@ -104,13 +104,43 @@ def test_eval_json_and_matrix(
     obj = json.loads(out)
     assert obj["qtype"] == "symptoms" and obj["n"] >= 1
     assert set(obj["results"]) >= {"__base__", "symptoms"}
-    assert set(obj["results"]["symptoms"]) == {"nll", "rougeL"}
+    assert set(obj["results"]["__base__"]) == {"nll", "rougeL"}
+    mine = obj["results"]["symptoms"]
+    assert set(mine) == {"nll", "rougeL", "nll_change", "nll_change_ci95"}
+    base_nll = obj["results"]["__base__"]["nll"]
+    assert mine["nll_change"] == pytest.approx((mine["nll"] - base_nll) / base_nll, abs=2e-4)
+    assert mine["nll_change_ci95"][0] <= mine["nll_change"] <= mine["nll_change_ci95"][1]
     code, out, _ = run_cli(["eval", "--matrix", "--limit", "3", "--out", str(tmp_path), *common], capsys)
     assert code == 0
-    matrix = json.loads((tmp_path / "matrix.json").read_text())["nll"]
+    report = json.loads((tmp_path / "matrix.json").read_text())
+    matrix = report["nll"]
     assert set(matrix) == {"symptoms", "treatment"}
     assert set(matrix["symptoms"]) == {"__base__", "symptoms", "treatment"}
+    for q in ("symptoms", "treatment"):  # is the qtype's own adapter the lowest of its column?
+        assert report["own_best"][q] == (matrix[q][q] <= min(matrix[q].values()))
     assert (tmp_path / "matrix.png").stat().st_size > 1000
+
+
+def test_eval_record_writes_the_figures_into_the_manifest(
+    store: Path, tiny_base: Path, qa_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from loraswap.adapters.manifest import read_manifest
+
+    mine = shutil.copytree(store, tmp_path / "store")
+    args = ["eval", "--qtype", "symptoms", "--adapter", "symptoms", "--limit", "3", "--metrics", "nll", "--json"]
+    common = ["--data", str(qa_csv), "--adapters-dir", str(mine), "--base", str(tiny_base), "--no-quant"]
+    code, out, _ = run_cli([*args, "--record", *common], capsys)
+    assert code == 0
+    said = json.loads(out)["results"]
+    figures = read_manifest(mine / "symptoms").metrics
+    assert figures["nll"] == said["symptoms"]["nll"] and figures["base_nll"] == said["__base__"]["nll"]
+    assert figures["nll_change"] == said["symptoms"]["nll_change"] and figures["heldout_n"] == json.loads(out)["n"]
+    assert figures["nll_change_ci95"] == said["symptoms"]["nll_change_ci95"] and figures["quant"] == "none"
+    assert read_manifest(mine / "treatment").metrics == read_manifest(store / "treatment").metrics  # untouched
+    code, _, err = run_cli([*args, "--record", "--matrix", *common], capsys)
+    assert code == 2 and "--record" in err
 
 
 @pytest.mark.parametrize(
