@@ -163,6 +163,24 @@ def test_a_neighbour_is_answered_within_two_windows_even_after_backing_off() -> 
     assert gov.threads == 1
 
 
+def test_a_trial_that_clearly_fails_or_succeeds_is_judged_within_half_a_window() -> None:
+    gov = ThreadGovernor(2, window=0.5, hold=2.0)
+    world = World(gov)
+    world.run(5, World.NEIGHBOUR)  # settled on one thread beside the busy process
+    assert gov.threads == 1 and gov.trial is None
+    gov.next_try[1] = 0.0
+    world.run(0.5, World.GREEDY)  # a CPU looks idle: two threads are tried, and each step is several times slower
+    assert gov.trial is None and gov.threads == 1
+    assert world.counts[-8:].count(2) <= 3  # undone after a quarter to half a window, not two windows
+    gov2 = ThreadGovernor(2, window=0.5, hold=2.0)
+    world2 = World(gov2)
+    world2.run(2, World.QUIET)
+    before = len(world2.counts)
+    world2.run(1.0, World.NEIGHBOUR)  # the neighbour arrives: one window notices, half a window confirms
+    assert gov2.threads == 1 and gov2.trial is None
+    assert world2.counts[before:].count(2) <= 6
+
+
 def test_never_below_one_thread() -> None:
     gov = ThreadGovernor(2)
     world = World(gov)

@@ -176,13 +176,14 @@ class ThreadGovernor:
     Over each window of at least `window` seconds it measures the work done (rows decoded per second), the time
     the process's threads waited for a CPU and the mask's idle CPU time. With more than one thread, waiting above
     `contended` seconds per second suggests one thread fewer; below the budget, at least `spare` idle CPUs
-    suggest one more. A suggestion starts a trial: the next two windows run the new count, and it is kept if they
-    did at least `gain` times the work per second of the window before, else the old count comes back and that
-    direction waits twice as long as before (from `hold` up to `max_hold` seconds) before its next trial. A kept
-    trial of one more thread resets that direction's wait; one of fewer threads does not, since a quiet server's
-    waiting threads keep suggesting fewer. Where the work of a window collapses below `collapse` of the recent best
-    while the threads wait, the trial starts at once, whatever the wait: a neighbour that arrives is answered
-    within three windows.
+    suggest one more. A suggestion starts a trial: the next two windows run the new count (half a window where
+    its work per second is `clear` times above or below the count before), and it is kept if they did at least
+    `gain` times the work per second of the window before, else the old count comes back and that direction
+    waits twice as long as before (from `hold` up to `max_hold` seconds) before its next trial. A kept trial of
+    one more thread resets that direction's wait; one of fewer threads does not, since a quiet server's waiting
+    threads keep suggesting fewer. Where the work of a window collapses below `collapse` of the recent best while
+    the threads wait, the trial starts at once, whatever the wait: a neighbour that arrives is answered within a
+    window and a half.
 
     The waiting alone cannot decide: a server's own API process and its clients make the worker's threads wait
     too, and there two threads still do more work than one (2 cores, 16 streaming clients); beside a busy process
@@ -196,12 +197,14 @@ class ThreadGovernor:
         spare: float = 0.6,
         gain: float = 1.05,
         collapse: float = 0.5,
+        clear: float = 2.0,
         hold: float = 2.0,
         max_hold: float = 30.0,
     ) -> None:
         self.budget = budget
         self.threads = budget
         self.window, self.contended, self.spare, self.gain, self.collapse = window, contended, spare, gain, collapse
+        self.clear = clear
         self.base_hold, self.max_hold = hold, max_hold
         self.hold = {-1: hold, 1: hold}  # per direction: fewer (-1) and more (+1) threads
         self.next_try = {-1: 0.0, 1: 0.0}
@@ -221,16 +224,19 @@ class ThreadGovernor:
             self.start = now
             return None
         span = now.wall - self.start.wall
-        if span < self.window * (2 if self.trial is not None else 1):  # a trial is judged on two windows' work
+        rate = (now.work - self.start.work) / span if span > 0 else 0.0
+        if self.trial is not None:
+            if not self._decided(span, rate):
+                return None
+            before, baseline = self.trial
+            self.trial = None
+            self.start = now
+            return self._judge(before, baseline, rate, now.wall)
+        if span < self.window:
             return None
-        rate = (now.work - self.start.work) / span
         waiting = (now.run_delay - self.start.run_delay) / span
         idle = (now.idle - self.start.idle) / span
         self.start = now
-        if self.trial is not None:
-            before, baseline = self.trial
-            self.trial = None
-            return self._judge(before, baseline, rate, now.wall)
         collapsed = rate < self.collapse * self.best
         self.best = max(rate, 0.8 * self.best)
         if self.threads > 1 and waiting > self.contended and (now.wall >= self.next_try[-1] or collapsed):
@@ -238,6 +244,16 @@ class ThreadGovernor:
         if self.threads < self.budget and idle >= self.spare and now.wall >= self.next_try[1]:
             return self._try(self.threads + 1, rate)
         return None
+
+    def _decided(self, span: float, rate: float) -> bool:
+        """Whether the count on trial has run long enough to judge: two windows, or half of one where its work
+        per second is `clear` times above or below the count before (a second thread beside a busy process
+        makes each step several times slower: no need to lose two windows to confirm it)."""
+        assert self.trial is not None
+        baseline = self.trial[1]
+        if span >= 2 * self.window:
+            return True
+        return span >= self.window / 2 and (rate * self.clear <= baseline or rate >= self.clear * baseline)
 
     def _try(self, threads: int, rate: float) -> int:
         self.trial = (self.threads, rate)
