@@ -281,3 +281,21 @@ def peft_reference(
     )
     start = 1 if base.ref.kind == "seq2seq" else ids.shape[1]  # a seq2seq output is the decoder's, from its start
     return [t for t in out[0, start:].tolist() if t not in stops]
+
+
+# A function tool with a closed set of arguments: the grammar tests and the server's tool-call tests call it.
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 3},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}

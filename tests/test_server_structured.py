@@ -13,7 +13,7 @@ from typing import Any, Literal
 import httpx
 import jsonschema_rs
 import pytest
-from conftest import qa_rows, random_lora_adapter
+from conftest import WEATHER, qa_rows, random_lora_adapter
 from pydantic import BaseModel, Field
 
 from loraswap.bench.launch import launch, stop
@@ -29,21 +29,6 @@ class Finding(BaseModel):
     urgent: bool
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"enum": ["Paris", "Oslo"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 3},
-            },
-            "required": ["city", "days"],
-        },
-    },
-}
 CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 

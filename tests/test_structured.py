@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema_rs
 import pytest
 import torch
+from conftest import WEATHER
 
 from loraswap.server.api.errors import APIError
 from loraswap.server.api.structured import SUPPORTED, Plan, _tool_plan, checked_schema, tool_calls, unsupported
@@ -163,22 +164,6 @@ def test_a_schema_the_compiler_rejects_fails_its_job_only(grammars: Grammars) ->
     job = Job("bad", [1], None, grammar=json.dumps({"schema": {"type": "no-such-type"}, "strict": True}))
     with pytest.raises(InvalidJob, match="schema"):
         grammars.start(job)
-
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"enum": ["Paris", "Oslo"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 3},
-            },
-            "required": ["city", "days"],
-        },
-    },
-}
 
 
 def test_tool_choice_auto_holds_every_tagged_call_to_its_schema(grammars: Grammars, closing: torch.Tensor) -> None:
