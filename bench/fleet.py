@@ -2,7 +2,7 @@
 
     python -m loraswap.bench.fleet [--replicas 8,16,32,64] [--policies ray,affinity,random] [--adapters 1000]
         [--zipf 1.0] [--load 0.7 | --rate REQ_S] [--requests-per-replica 2000] [--max-tokens 64] [--slots 32]
-        [--max-batch 16] [--max-ongoing 32] [--metrics-interval 0.05] [--warmup 0.25] [--seed 0]
+        [--max-batch 16] [--max-ongoing 32] [--metrics-interval 0.05] [--lora-weight 1] [--warmup 0.25] [--seed 0]
         [--costs FILE | --measure [--save-costs FILE]] [--out DIR] [--json]
 
 A discrete-event simulation (`fleet_sim.py`): Poisson arrivals of requests over `--adapters` adapters with Zipf
@@ -75,11 +75,14 @@ def run(args: argparse.Namespace, costs: Costs, say: Any = print) -> dict[str, A
         traffic = Traffic(args.adapters, args.zipf, rate, args.requests_per_replica * n, args.max_tokens, args.seed)
         for name in args.policies:
             requests = make_requests(traffic)
-            policy = make_policy(name, args.seed, args.max_ongoing, args.metrics_interval)
-            start, step = time.perf_counter(), max(1, len(requests) // 10)
+            policy = make_policy(name, args.seed, args.max_ongoing, args.metrics_interval, args.lora_weight)
+            start, shown = time.perf_counter(), [0]
 
-            def progress(done: int, n: int = n, name: str = name, total: int = len(requests), s: int = step) -> None:
-                if done % s == 0 or done == total:
+            def progress(
+                done: int, n: int = n, name: str = name, total: int = len(requests), shown: list[int] = shown
+            ) -> None:
+                if 10 * done // total > shown[0]:  # every tenth
+                    shown[0] = 10 * done // total
                     say(f"  {n} replicas, {name}: {done:,}/{total:,} requests", file=sys.stderr)
 
             replicas = simulate(requests, n, cfg, costs, policy, progress if args.progress else None)
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace, costs: Costs, say: Any = print) -> dict[str, A
             "seed": args.seed,
             "max_ongoing": args.max_ongoing,
             "metrics_interval": args.metrics_interval,
+            "lora_weight": args.lora_weight,
             "replica": asdict(cfg),
             "replica_capacity_req_s": per_replica,
         },
@@ -186,6 +190,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-bytes", type=int, default=4 << 30, help="registry cache (LORASWAP_REGISTRY_CACHE_BYTES)")
     ap.add_argument("--max-ongoing", type=int, default=32, help="Ray's max_ongoing_requests per replica")
     ap.add_argument("--metrics-interval", type=float, default=0.05, help="the endpoint picker's scrape period (s)")
+    ap.add_argument("--lora-weight", type=float, default=1.0, help="the LoRA-affinity scorer's weight (others: 1)")
     ap.add_argument("--warmup", type=float, default=0.25, help="share of the requests left out of the metrics")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--costs", type=Path, default=COSTS_JSON, help="measured costs (JSON)")

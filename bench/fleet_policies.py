@@ -13,16 +13,18 @@ none (the request waits at the router). Re-implemented from their sources:
   that accepts (fewer than `max_ongoing_requests` in flight) wins; when none accepts the request waits in the
   router's FIFO and is tried again when a replica finishes one. Replicas report the ids they hold and their queue
   lengths; the model reads both live (Ray probes queue lengths per request).
-- `LoraAffinity`: the Gateway API Inference Extension's endpoint picker with its `lora-affinity-scorer`
-  (`pkg/epp/scheduling/framework/plugins/scorer/lora_affinity.go`: 1.0 where the adapter is among the running
-  ones, 0.8 where running + waiting adapters are fewer than `max_lora`, 0.6 where it is among the waiting ones,
-  else 0), `queue-scorer` (`queue.go`: (max - q) / (max - min) of the waiting queues, 1.0 when all are equal) and
-  `kv-cache-utilization-scorer` (1 - usage), summed with equal weights (its test harness's default profile without
-  the prefix scorer), then `max-score-picker` (ties at random). It reads the model-server protocol's gauges
+- `LoraAffinity`: the Gateway API Inference Extension's endpoint picker, from
+  `pkg/epp/scheduling/framework/plugins/scorer/` of kubernetes-sigs/gateway-api-inference-extension: its
+  `lora-affinity-scorer` (`lora_affinity.go`: 1.0 where the adapter is among the running ones, 0.8 where running +
+  waiting adapters are fewer than `max_lora`, 0.6 where it is among the waiting ones, else 0), `queue-scorer`
+  (`queue.go`: (max - q) / (max - min) of the waiting queues, 1.0 when all are equal) and
+  `kv-cache-utilization-scorer` (`kvcache_utilization.go`: 1 - usage), summed with weights (1 each by default, its
+  test harness's profile without the prefix scorer; the LoRA scorer's weight is a parameter), then the
+  `max-score-picker` (ties broken at random). It reads the model-server protocol's gauges
   (`vllm:lora_requests_info`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`) as scraped every
-  `metrics_interval` seconds (its default refresh, 50 ms): between scrapes it routes on the last snapshot.
-  Its running adapters are those with requests in flight, not those loaded: an adapter a replica holds idle
-  does not count.
+  `metrics_interval` seconds (its default `--refreshMetricsInterval`, 50 ms): between scrapes it routes on the
+  last snapshot. Its running adapters are those with requests in flight, not those loaded: an adapter a replica
+  holds idle does not count.
 - `RandomPolicy`: a replica drawn uniformly.
 """
 
@@ -129,6 +131,8 @@ class LoraAffinity:
     rng: random.Random
     metrics_interval: float = 0.05
     """Seconds between scrapes of the replicas' gauges (0: read live)."""
+    lora_weight: float = 1.0
+    """The LoRA-affinity scorer's weight (the queue and KV-cache scorers weigh 1)."""
     name: PolicyName = "affinity"
 
     def __post_init__(self) -> None:
@@ -146,7 +150,7 @@ class LoraAffinity:
         best: list[ReplicaView] = []
         top = -1.0
         for r, s in zip(replicas, self._snapshots, strict=True):
-            score = lora_affinity_score(adapter, s)
+            score = self.lora_weight * lora_affinity_score(adapter, s)
             score += 1.0 if high == low else (high - s.waiting) / (high - low)
             score += 1.0 - s.kv_usage
             if score > top + 1e-12:
@@ -167,12 +171,14 @@ def lora_affinity_score(adapter: int, s: Snapshot) -> float:
     return 0.0
 
 
-def make_policy(name: PolicyName, seed: int, max_ongoing: int, metrics_interval: float) -> Policy:
+def make_policy(
+    name: PolicyName, seed: int, max_ongoing: int, metrics_interval: float, lora_weight: float = 1.0
+) -> Policy:
     rng = random.Random(f"{name}-{seed}")
     if name == "ray":
         return RayMultiplex(rng, max_ongoing=max_ongoing)
     if name == "affinity":
-        return LoraAffinity(rng, metrics_interval=metrics_interval)
+        return LoraAffinity(rng, metrics_interval=metrics_interval, lora_weight=lora_weight)
     if name == "random":
         return RandomPolicy(rng)
     raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
