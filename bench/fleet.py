@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,15 @@ def capacity(costs: Costs, cfg: ReplicaConfig, max_tokens: int) -> float:
 
 
 def summarize(requests: list[Request], warmup: float) -> dict[str, float]:
-    """Metrics over the requests after the first `warmup` share (by arrival)."""
+    """Metrics over the requests after the first `warmup` share (by arrival). `busiest`: the requests the busiest
+    replica served over the mean of the replicas that served any."""
     kept = requests[int(len(requests) * warmup) :]
     if not kept:
         raise ValueError(f"warmup {warmup} leaves no request to measure")
     ttft = sorted(r.first_token - r.arrival for r in kept)
     span = max(r.finished for r in kept) - kept[0].arrival
     n = len(kept)
+    per_replica = Counter(r.replica for r in kept)
     return {
         "cold_per_1k": 1000 * sum(r.cold for r in kept) / n,
         "pulls_per_1k": 1000 * sum(r.pulled for r in kept) / n,
@@ -56,6 +59,7 @@ def summarize(requests: list[Request], warmup: float) -> dict[str, float]:
         "ttft_p50_ms": 1000 * _pct(ttft, 50),
         "ttft_p95_ms": 1000 * _pct(ttft, 95),
         "tok_s": sum(r.tokens for r in kept) / span,
+        "busiest": max(per_replica.values()) * len(per_replica) / n,
         "requests": n,
     }
 
@@ -132,14 +136,16 @@ def chart(out: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [("cold_per_1k", "cold loads per 1,000 requests"), ("ttft_p95_ms", "TTFT (ms): p95 solid, p50 dashed"),
-              ("tok_s", "generated tokens/s")]  # fmt: skip
+              ("tok_s", "generated tokens/s per replica")]  # fmt: skip
     for ax, (key, title) in zip(axes, panels, strict=True):
         for name in dict.fromkeys(r["policy"] for r in out["results"]):
             rows = [r for r in out["results"] if r["policy"] == name]
             xs = [r["replicas"] for r in rows]
-            line = ax.plot(xs, [r[key] for r in rows], marker="o", label=name)[0]
+            ys = [r[key] / (r["replicas"] if key == "tok_s" else 1) for r in rows]
+            line = ax.plot(xs, ys, marker="o", label=name)[0]
             if key == "ttft_p95_ms":
                 ax.plot(xs, [r["ttft_p50_ms"] for r in rows], ls="--", marker=".", color=line.get_color())
+                ax.set_yscale("log")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["replicas"] for r in out["results"]}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
