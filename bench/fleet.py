@@ -2,6 +2,7 @@
 
     python -m loraswap.bench.fleet [--replicas 8,16,32,64] [--policies ray,affinity,random] [--adapters 1000]
         [--zipf 1.0] [--load 0.7 | --rate REQ_S] [--requests-per-replica 2000] [--max-tokens 64] [--slots 32]
+        [--max-loaded-bytes 1073741824] [--cache-bytes 4294967296]
         [--max-batch 16] [--max-ongoing 32] [--metrics-interval 0.05] [--lora-weight 1] [--warmup 0.25] [--seed 0]
         [--costs FILE | --measure [--save-costs FILE]] [--out DIR] [--json]
 
@@ -70,7 +71,10 @@ def _pct(sorted_values: list[float], p: float) -> float:
 
 
 def run(args: argparse.Namespace, costs: Costs, say: Any = print) -> dict[str, Any]:
-    cfg = ReplicaConfig(max_batch=args.max_batch, slots=args.slots,
+    slots = min(args.slots, args.max_loaded_bytes // costs.adapter_bytes)  # the engine's LRU: count and bytes
+    if slots < 1:
+        raise ValueError(f"--max-loaded-bytes {args.max_loaded_bytes} holds no adapter of {costs.adapter_bytes} bytes")
+    cfg = ReplicaConfig(max_batch=args.max_batch, slots=slots,
                         disk_adapters=max(1, args.cache_bytes // costs.adapter_bytes))  # fmt: skip
     per_replica = capacity(costs, cfg, args.max_tokens)
     results: list[dict[str, Any]] = []
@@ -193,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--max-batch", type=int, default=16, help="rows per replica (LORASWAP_MAX_BATCH_SIZE)")
     ap.add_argument("--slots", type=int, default=32, help="adapters loaded per replica (LORASWAP_MAX_LOADED_ADAPTERS)")
+    ap.add_argument("--max-loaded-bytes", type=int, default=1 << 30, help="LORASWAP_MAX_LOADED_BYTES")
     ap.add_argument("--cache-bytes", type=int, default=4 << 30, help="registry cache (LORASWAP_REGISTRY_CACHE_BYTES)")
     ap.add_argument("--max-ongoing", type=int, default=32, help="Ray's max_ongoing_requests per replica")
     ap.add_argument("--metrics-interval", type=float, default=0.05, help="the endpoint picker's scrape period (s)")
@@ -229,7 +234,10 @@ def main(argv: list[str] | None = None) -> None:
             costs = Costs.load(args.costs)
         except ValueError as e:
             ap.error(str(e))
-    out = run(args, costs)
+    try:
+        out = run(args, costs)
+    except ValueError as e:
+        ap.error(str(e))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(out, indent=2) + "\n")

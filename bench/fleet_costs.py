@@ -25,6 +25,7 @@ import bisect
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -178,7 +179,11 @@ def measure(batches: tuple[int, ...] = (1, 2, 4, 8, 16), steps: int = 12, reps: 
     torch.set_num_threads(threads)
     clock = time.process_time if threads == 1 else time.perf_counter
     pick = statistics.median if threads == 1 else min
-    say = print if progress else (lambda *a, **k: None)
+
+    def say(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr)
+
     ref = resolve_base(base)
     width = max(batches)
     slots = max(2, width)
@@ -261,7 +266,6 @@ def measure(batches: tuple[int, ...] = (1, 2, 4, 8, 16), steps: int = 12, reps: 
 def main(argv: list[str] | None = None) -> None:
     """`python -m loraswap.bench.fleet_costs [--out FILE]`: measure the costs and write them (the committed set)."""
     import argparse
-    import sys
 
     ap = argparse.ArgumentParser(description="Measure a replica's costs on the engine for the fleet simulation.")
     ap.add_argument("--out", type=Path, default=COSTS_JSON, help="where to write them (JSON)")

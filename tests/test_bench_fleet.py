@@ -173,7 +173,8 @@ def test_cli_json_shape(capsys: pytest.CaptureFixture[str], tmp_path: pytest.Tem
     path = tmp_path / "costs.json"  # type: ignore[operator]
     COSTS.save(path)
     fleet.main(["--replicas", "2,4", "--policies", "ray,random", "--adapters", "20", "--requests-per-replica", "100",
-                "--costs", str(path), "--json", "--no-progress", "--max-tokens", "8"])  # fmt: skip
+                "--costs", str(path), "--json", "--no-progress", "--max-tokens", "8",
+                "--slots", "8", "--max-loaded-bytes", str(3 * COSTS.adapter_bytes)])  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"config", "costs", "results"}
     assert [(r["replicas"], r["policy"]) for r in out["results"]] == [
@@ -186,6 +187,8 @@ def test_cli_json_shape(capsys: pytest.CaptureFixture[str], tmp_path: pytest.Tem
         assert set(fleet.COLUMNS) <= set(r)
         assert r["ttft_p95_ms"] >= r["ttft_p50_ms"] > 0
     assert out["config"]["adapters"] == 20
+    assert out["config"]["replica"]["slots"] == 3  # the bytes bound is the tighter one
+    assert out["costs"]["decode_ms"] == {str(k): v for k, v in COSTS.decode_ms.items()}
 
 
 def test_cli_refuses_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,3 +200,6 @@ def test_cli_refuses_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
         fleet.main(["--replicas", "0"])
     with pytest.raises(SystemExit):
         fleet.main(["--save-costs", "x.json"])
+    with pytest.raises(SystemExit):
+        fleet.main(["--max-loaded-bytes", "1000", "--replicas", "2", "--no-progress"])
+    assert "holds no adapter" in capsys.readouterr().err
