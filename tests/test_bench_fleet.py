@@ -80,7 +80,7 @@ def test_affinity_policies_beat_random_when_the_adapters_fit_the_slots() -> None
     # 16 adapters, 8 replicas of 4 slots: room for each adapter on two replicas
     cold = {p: run(p)[1]["cold_per_1k"] for p in POLICIES}
     assert cold["ray"] < 0.5 * cold["random"], cold
-    assert cold["affinity"] < cold["random"], cold
+    assert cold["affinity"] < 0.75 * cold["random"], cold
     hits = {p: run(p)[1]["hit_pct"] for p in ("ray", "random")}
     assert hits["ray"] >= 85 > hits["random"], hits
 
