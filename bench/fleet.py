@@ -205,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=float, default=0.25, help="share of the requests left out of the metrics")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--costs", type=Path, default=COSTS_JSON, help="measured costs (JSON)")
-    ap.add_argument("--measure", action="store_true", help="measure the costs on the engine first (about a minute)")
+    ap.add_argument("--measure", action="store_true", help="measure the costs on the engine first (minutes on a CPU)")
     ap.add_argument("--save-costs", type=Path, help="with --measure: write the measured costs here")
     ap.add_argument("--out", type=Path, help="write report.md, results.json and fleet.png here")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
