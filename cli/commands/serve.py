@@ -161,12 +161,12 @@ def serve(
 def _serve_on_ray(settings: Any, **options: Any) -> int:
     """`serve --ray`: the application on Ray Serve (`server/cluster/app.py`); bad options and a missing Ray are
     usage errors that say what to do."""
-    import importlib.util
-
     from loraswap.server.cluster.app import INSTALL, ClusterError, RayOptions, run
 
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
-        raise UsageError(f"--ray needs Ray Serve, an optional extra: {INSTALL}")
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--ray needs Ray Serve, an optional extra: {INSTALL}") from None
     try:
         return run(settings, RayOptions(**options))
     except ClusterError as e:

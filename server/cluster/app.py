@@ -115,6 +115,14 @@ def application(settings: Settings, options: RayOptions) -> Any:
     )(Proxy).bind(replicas, directory, values)
 
 
+def build(args: dict[str, Any]) -> Any:
+    """The application for a Serve config file (`import_path: loraswap.server.cluster.app:build`, as KubeRay's
+    RayService `serveConfigV2` names it): `args` holds `settings` (Settings fields, LORASWAP_* of the nodes beneath
+    them) and `ray` (RayOptions fields but `address`)."""
+    settings = Settings.from_env(**dict(args.get("settings") or {}))
+    return application(settings, RayOptions(**dict(args.get("ray") or {})))
+
+
 def run(settings: Settings, options: RayOptions) -> int:
     """Deploy, serve until SIGINT or SIGTERM, then remove the application (replicas drain for up to
     drain_seconds) and stop the local cluster if this started it. Returns the exit status."""

@@ -24,6 +24,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -89,9 +90,16 @@ class Hold:
         self.release()
 
 
-def child_env(settings: Settings, port: int) -> dict[str, str]:
+def free_port() -> int:
+    """A TCP port free on the loopback address now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env(settings: Settings, port: int, replica: str) -> dict[str, str]:
     """The environment of a replica's server: this process's, with LORASWAP_* replaced by `settings` (the secrets
-    kept from this process's own environment)."""
+    kept from this process's own environment) and LORASWAP_RAY_REPLICA naming the replica (for logs and tools)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORASWAP_")}
     for key in SECRETS:
         if f"LORASWAP_{key.upper()}" in os.environ:
@@ -105,6 +113,7 @@ def child_env(settings: Settings, port: int) -> dict[str, str]:
         elif isinstance(value, list):
             value = ",".join(map(str, value))
         env[f"LORASWAP_{name.upper()}"] = str(value)
+    env["LORASWAP_RAY_REPLICA"] = replica
     return env
 
 
@@ -113,8 +122,6 @@ class Replica:
 
     def __init__(self, settings: dict[str, Any], directory: Any = None, start_timeout: float = 600) -> None:
         from ray import serve
-
-        from loraswap.bench.launch import free_port
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.settings = Settings.from_env(**{k: v for k, v in settings.items() if k not in SECRETS})
@@ -129,7 +136,7 @@ class Replica:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "loraswap.server.cluster.child", str(os.getpid())],
-            env=child_env(self.settings, port),
+            env=child_env(self.settings, port, self.replica_id),
             start_new_session=True,  # its own process group: stopped as a whole
         )
         self.client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=10))
