@@ -103,8 +103,9 @@ def app(s3: S3, lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("ray-app")
     ref = resolve_base(str(lively_base))
     registry = Registry(REGISTRY)
-    for i, name in enumerate(ADAPTERS):
-        publish(registry, random_lora_adapter(lively_base, root / "src", name, seed=40 + i), name, ref, max_rank=64)
+    source = random_lora_adapter(lively_base, root / "src", "source", seed=40)
+    for name in ADAPTERS:  # distinct names are what routing sees; one set of weights is enough
+        publish(registry, source, name, ref, max_rank=64)
     port, mark = free_port(), uuid.uuid4().hex
     ray_tmp = tempfile.mkdtemp(prefix="lsray-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     env = {
@@ -118,6 +119,7 @@ def app(s3: S3, lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "LORASWAP_REGISTRY_POLL_SECONDS": "0.5",
         "LORASWAP_MAX_LOADED_ADAPTERS": "4",
         "LORASWAP_DRAIN_SECONDS": "5",
+        "LORASWAP_REGISTRY_TIMEOUT": "30",  # moto on two busy cores: slow is not down
     }
     cmd = [sys.executable, "-m", "loraswap.main", "serve", "--ray", "--replicas", "2", "--replica-cpus", "0.5"]
     cmd += ["--base", str(lively_base), "--quant", "none", "--max-batch-size", "4", "--port", str(port)]
@@ -133,13 +135,16 @@ def app(s3: S3, lively_base: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield app
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=180)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         for p in marked(mark):  # whatever a failed test left: never leave a Ray process behind
             p.kill()
+        serve_logs = Path(ray_tmp) / "ray" / "session_latest" / "logs" / "serve"
+        if serve_logs.is_dir():  # kept beside the command's log, for a failure's story
+            shutil.copytree(serve_logs, root / "serve-logs", dirs_exist_ok=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -226,8 +231,9 @@ def test_requests_go_to_a_replica_that_holds_their_adapter(app: App) -> None:
     loads0, done0 = totals()
     order = [ADAPTERS[(i * 5 + i // 8) % 8] for i in range(200)]
     with ThreadPoolExecutor(4) as pool:
-        codes = list(pool.map(lambda name: app.chat(name, max_tokens=2).status_code, order))
-    assert codes == [200] * 200
+        replies = list(pool.map(lambda name: app.chat(name, max_tokens=2), order))
+    failed = [(r.status_code, r.text[:300]) for r in replies if r.status_code != 200]
+    assert not failed, failed
     eventually(lambda: totals()[1] - done0 >= 200, 30, "the replicas report all 200 requests")
     cold = totals()[0] - loads0
     assert 1 - cold / 200 >= 0.85, f"{cold:.0f} of 200 requests loaded their adapter into a replica's engine"
@@ -280,7 +286,7 @@ def test_a_killed_replica_fails_its_streams_with_503_and_is_replaced(app: App) -
 
 def test_shutdown_leaves_no_process_behind(app: App) -> None:
     assert marked(app.mark)  # the cluster and the servers run under the mark
-    os.killpg(app.proc.pid, signal.SIGTERM)
+    app.proc.send_signal(signal.SIGTERM)  # to the command, as Kubernetes or `kill PID` sends it; it stops Ray's
     assert app.proc.wait(timeout=180) == 0, app.log.read_text(errors="replace")[-3000:]
     eventually(lambda: not marked(app.mark), 60, "every process of the application gone")
 
