@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             direct, direct_url = launch_with_log(args.base, work / "store", args.quant, 16, {}, log)
         ray, ray_url = start_ray(args, work / "ray.log", ray_tmp)
         result = {"rounds": args.rounds, "replicas": args.replicas, **measure(direct_url, ray_url, args.rounds)}
+        print(json.dumps(result), file=sys.stderr, flush=True)  # the overhead, before the longer quick bench
         stop(direct)
         direct = None
         if args.quick_bench is not None:
