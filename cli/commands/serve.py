@@ -80,10 +80,51 @@ def serve(
             help="Comma-separated web origins whose browser pages may call the API ('*': any) [default none].",
         ),
     ] = None,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Run as replicas on Ray Serve, each a whole server, requests for an adapter routed to a replica "
+            "holding it (needs the extra: pip install 'loraswap[ray]').",
+        ),
+    ] = False,
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", help="With --ray: replicas (the initial count with autoscaling) [1].")
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="With --ray: an existing Ray cluster [default: start a local one]."),
+    ] = None,
+    min_replicas: Annotated[
+        int | None, typer.Option("--min-replicas", help="With --ray: autoscale, no fewer replicas than this.")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option("--max-replicas", help="With --ray: autoscale, no more replicas than this.")
+    ] = None,
+    target_ongoing_requests: Annotated[
+        float | None,
+        typer.Option(
+            "--target-ongoing-requests", help="With --ray and autoscaling: requests per replica aimed at [2]."
+        ),
+    ] = None,
+    replica_cpus: Annotated[
+        float | None, typer.Option("--replica-cpus", help="With --ray: CPUs Ray reserves per replica [1].")
+    ] = None,
 ) -> None:
     """Serve the base and every adapter of the store over HTTP (OpenAI-compatible); LORASWAP_* set defaults."""
     from loraswap.server.api.app import serve as run_server
 
+    ray_only = {
+        "--replicas": replicas,
+        "--ray-address": ray_address,
+        "--min-replicas": min_replicas,
+        "--max-replicas": max_replicas,
+        "--target-ongoing-requests": target_ongoing_requests,
+        "--replica-cpus": replica_cpus,
+    }
+    given = [flag for flag, value in ray_only.items() if value is not None]
+    if given and not ray:
+        raise UsageError(f"{', '.join(given)} apply to --ray only")
     quiet_libraries()
     settings = settings_from(
         host=host,
@@ -101,6 +142,32 @@ def serve(
         registry=registry,
         cors_origins=cors_origins,
     )
-    code = run_server(settings)
+    if ray:
+        code = _serve_on_ray(
+            settings,
+            replicas=replicas or 1,
+            address=ray_address,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            target_ongoing_requests=target_ongoing_requests,
+            replica_cpus=replica_cpus or 1.0,
+        )
+    else:
+        code = run_server(settings)
     if code:
         raise typer.Exit(code)
+
+
+def _serve_on_ray(settings: Any, **options: Any) -> int:
+    """`serve --ray`: the application on Ray Serve (`server/cluster/app.py`); bad options and a missing Ray are
+    usage errors that say what to do."""
+    from loraswap.server.cluster.app import INSTALL, ClusterError, RayOptions, run
+
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--ray needs Ray Serve, an optional extra: {INSTALL}") from None
+    try:
+        return run(settings, RayOptions(**options))
+    except ClusterError as e:
+        raise UsageError(str(e)) from None
