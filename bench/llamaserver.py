@@ -75,11 +75,19 @@ def locate(explicit: str | None = None) -> tuple[Path | None, str]:
 
 
 def export_ggufs(ref: Any, folders: dict[str, Path], out: Path) -> dict[str, Path]:
-    """Each adapter folder as a llama.cpp LoRA GGUF under `out` (what `loraswap export --format gguf` writes)."""
+    """Each adapter folder as a llama.cpp LoRA GGUF under `out` (what `loraswap export --format gguf` writes); a
+    bare PEFT folder (the bench's synthetic adapters) gets the manifest an upload would give it first."""
+    from loraswap.adapters.archive import prepare_folder
     from loraswap.adapters.export import export_adapter
+    from loraswap.adapters.manifest import MANIFEST_FILE
 
     files = {}
     for name, folder in folders.items():
+        if not (folder / MANIFEST_FILE).is_file():
+            described = out / "described" / name
+            described.mkdir(parents=True)
+            prepare_folder(folder, name, described, ref)
+            folder = described
         result = export_adapter(folder, ref, "gguf", out / name, progress=False)
         files[name] = result.out / result.info["gguf"]["file"]
     return files
