@@ -6,7 +6,7 @@ vendors (the same code the `reference` extra compiles), for this CPU (`-march=na
 `LORASWAP_LLAMA_SERVER` names) and says why not, with how to build it, where there is none that runs here.
 
 `Peer` starts it on the base's GGUF with every adapter exported to GGUF (`loraswap export --format gguf`), loaded
-at start with scale 0 (`--lora-init-without-apply`); each request picks its adapter with the `lora` field, so the
+at start with scale 0 (`--lora-scaled FILE:0`, `--lora-init-without-apply`); each request picks its adapter with the `lora` field, so the
 server batches concurrent requests (`--parallel`, `--cont-batching`) only where their LoRA configurations are the
 same. `Peer.wire` asks it the bench's questions through the same client code as loraswap (`load.send`): the same
 prompt tokens, greedy, exactly `max_tokens` tokens (`n_predict` with `ignore_eos`), streamed from `/completion`.
@@ -150,9 +150,11 @@ class Peer:
         ]
         cmd += ["--no-webui"]
         if self.adapters:
+            # `--lora` alone records scale 1 as each adapter's default, which a request without a `lora` list (the
+            # base's) gets; `--lora-init-without-apply` only skips applying it at start. Scale 0 is asked for here.
             cmd.append("--lora-init-without-apply")
             for path in self.adapters.values():
-                cmd += ["--lora", str(path)]
+                cmd += ["--lora-scaled", f"{path}:0"]
         return cmd
 
     def __enter__(self) -> Peer:
