@@ -64,7 +64,8 @@ $(VENV)/.llama-cpp: $(STAMP)
 # Built for this CPU (-march=native, GGML_NATIVE=ON: AVX512, VNNI and BF16 where present), unlike the portable
 # wheel: the peer gets its best case here, as a user building llama.cpp on this machine would. Only the
 # llama-server target, linked statically, no web UI (and nothing downloaded for one), no curl or OpenSSL. Once
-# per machine into .cache/llama-server, beside the CPU flags it was built for; rebuilt where they differ.
+# per machine into .cache/llama-server, beside the CPU flags it was built for; rebuilt where they differ. 13
+# CPU-minutes (55 minutes on 2 cores shared with other work).
 LLAMA_SERVER_DIR  := .cache/llama-server
 LLAMA_SERVER_ARGS := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMON=ON \
                      -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \

@@ -3,13 +3,16 @@
 `make llama-server` builds it once per machine from the llama.cpp that llama-cpp-python's source distribution
 vendors (the same code the `reference` extra compiles), for this CPU (`-march=native`: the peer's best case), into
 `.cache/llama-server/` beside a note of the CPU flags it was built for. `locate` finds that binary (or the one
-`LORASWAP_LLAMA_SERVER` names) and says why not, with how to build it, where there is none that runs here.
+given with `--llama-server` / `LORASWAP_LLAMA_SERVER`) and says why not, with how to build it, where there is none
+that runs here.
 
 `Peer` starts it on the base's GGUF with every adapter exported to GGUF (`loraswap export --format gguf`), loaded
-at start with scale 0 (`--lora-scaled FILE:0`, `--lora-init-without-apply`); each request picks its adapter with the `lora` field, so the
-server batches concurrent requests (`--parallel`, `--cont-batching`) only where their LoRA configurations are the
-same. `Peer.wire` asks it the bench's questions through the same client code as loraswap (`load.send`): the same
-prompt tokens, greedy, exactly `max_tokens` tokens (`n_predict` with `ignore_eos`), streamed from `/completion`.
+at start with scale 0 (`--lora-scaled FILE:0`, `--lora-init-without-apply`); each request picks its adapter with
+the `lora` field, so the server batches concurrent requests (`--parallel`, `--cont-batching`) only where their
+LoRA configurations are the same. `Peer.wire` asks it the bench's questions through the same client code as
+loraswap (`load.send`): the same prompt tokens, greedy, exactly `max_tokens` tokens (`n_predict` with
+`ignore_eos`), streamed from `/completion`. `python -m loraswap.bench.llamaserver` measures it alone: one wave
+of base requests.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ if TYPE_CHECKING:
 
 CACHE = Path(".cache") / "llama-server"
 """Where `make llama-server` puts `bin/llama-server` and `cpu-flags`, under the repository."""
-BUILD_HINT = "build it once with `make llama-server` (about 10 minutes on 2 cores; it needs cmake and a C++ compiler)"
+BUILD_HINT = "build it once with `make llama-server` (about 13 CPU-minutes; it needs cmake and a C++ compiler)"
 
 
 def cpu_flags(cpuinfo: str) -> set[str]:
@@ -259,3 +262,36 @@ def version(binary: Path) -> str:
         return f"unknown ({e})"
     lines = (done.stdout + done.stderr).strip().splitlines()
     return " / ".join(line.strip() for line in lines[-2:])
+
+
+def probe(threads: int, clients: int, tokens: int) -> dict[str, Any]:
+    """llama-server alone on the embedded base: one wave of `clients` base requests of `tokens` tokens (after a
+    warm-up wave), as the bench sends them; its summary (`load.summarize`)."""
+    import tempfile
+
+    from loraswap.adapters.base import embedded_gguf_path, load_tokenizer, resolve_base
+    from loraswap.bench.load import QUESTIONS, closed_loop, jobs, summarize
+
+    binary, why = locate()
+    if binary is None:
+        raise SystemExit(why)
+    prompts = prompt_tokens(load_tokenizer(resolve_base("embedded")), QUESTIONS)
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "log", "wb"))
+        peer = stack.enter_context(Peer(binary, embedded_gguf_path(), {}, threads, clients, 256, log))
+        wire = peer.wire(prompts)
+        asyncio.run(closed_loop(peer.url, jobs(["base"], clients, 2, 1), clients, None, wire))
+        run = asyncio.run(closed_loop(peer.url, jobs(["base"], clients, tokens, 5), clients, None, wire))
+    return summarize([run])
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="llama-server alone: one wave of base requests, as the bench sends")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=8)
+    args = parser.parse_args()
+    print(json.dumps(probe(args.threads, args.clients, args.tokens)))

@@ -153,7 +153,7 @@ def peer_on_symptoms(tmp_path_factory: pytest.TempPathFactory) -> Any:
     files = llamaserver.export_ggufs(ref, {"symptoms": SHIPPED_DIR / "symptoms"}, work / "gguf")
     with (
         open(work / "log", "wb") as log,
-        llamaserver.Peer(BINARY, embedded_gguf_path(), files, 2, 4, 256, log) as peer,
+        llamaserver.Peer(BINARY, embedded_gguf_path(), files, 1, 4, 256, log) as peer,
     ):
         yield peer, peer.wire(llamaserver.prompt_tokens(load_tokenizer(ref), QUESTIONS))
 
