@@ -6,10 +6,12 @@ The agreement criterion: the first AGREE_TOKENS tokens of the greedy answer iden
 the 16 questions. The two do not run the same arithmetic: loraswap serves the base in NF4 (the embedded Q4_1
 weights dequantized, then re-quantized by bitsandbytes) with float32 activations, llama-server the Q4_1 file
 itself with activations rounded to 8 bits (Q8_1). Where two tokens are nearly tied the two may pick differently
-and every later token then differs, so whole answers cannot be required to match; an adapter missing, applied at
-the wrong scale, or a different prompt changes the start of nearly every answer, which is what this guards. The
-control: llama-server's base answers (no adapter) must differ from loraswap's adapter answers on most questions,
-so an adapter that changed nothing could not pass.
+and every later token then differs, so whole answers cannot be required to match. Measured with `symptoms`: both
+sides start all 16 answers with the adapter's learned MedQuAD template ("What are the signs and symptoms of X?
+The"), identical for the first 10-12 tokens, and part at the next near tie ("The Human Phenotype" against "The
+symptoms of"). An adapter missing, applied at the wrong scale, or a different prompt changes the start of nearly
+every answer, which is what this guards. The control: llama-server's base answers (no adapter) must differ
+from loraswap's adapter answers on most questions, so an adapter that changed nothing could not pass.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from loraswap.bench.load import Job, Result, Run
 from loraswap.bench.results import Collected, summary
 from loraswap.bench.scenarios import Bench, round_steps
 
-AGREE_TOKENS = 12
+AGREE_TOKENS = 8
 MIN_AGREE = 12
 TOPICS = (
     "asthma", "glaucoma", "psoriasis", "anemia", "migraine", "gout", "hepatitis B", "Parkinson's disease",
