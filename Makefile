@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SOURCES := $(shell find cli adapters train server bench -name '*.py' -o -name '*.json' -o -name '*.safetensors' \
              -o -name '*.html' -o -name '*.c' -o -name '*.css' -o -name '*.js' -o -name '*.svg' 2>/dev/null | grep -v '/\.')
 
-.PHONY: install llama-cpp test lint typecheck unit browser serve bench clean
+.PHONY: install llama-cpp llama-server test lint typecheck unit browser serve bench clean
 
 # Where torch comes from: empty = pip's default (here: the CPU wheel on disk; on PyPI for Linux: a CUDA
 # build). The Dockerfile sets https://download.pytorch.org/whl/cpu for CPU images.
@@ -59,6 +59,39 @@ $(VENV)/.llama-cpp: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	touch $@
 
+# llama.cpp's own server, the CPU peer of `loraswap bench` (and of tests/test_llamaserver.py): built from the
+# llama.cpp that the same llama-cpp-python source distribution vendors, so it is the code the wheel above runs.
+# Built for this CPU (-march=native, GGML_NATIVE=ON: AVX512, VNNI and BF16 where present), unlike the portable
+# wheel: the peer gets its best case here, as a user building llama.cpp on this machine would. Only the
+# llama-server target, linked statically, no web UI (and nothing downloaded for one), no curl or OpenSSL. Once
+# per machine into .cache/llama-server, beside the CPU flags it was built for; rebuilt where they differ. 13
+# CPU-minutes (55 minutes on 2 cores shared with other work).
+LLAMA_SERVER_DIR  := .cache/llama-server
+LLAMA_SERVER_ARGS := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMON=ON \
+                     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
+                     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
+                     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+
+llama-server: $(STAMP)
+	@flags="$$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)"; \
+	if [ -x $(LLAMA_SERVER_DIR)/bin/llama-server ] && [ "$$flags" = "$$(cat $(LLAMA_SERVER_DIR)/cpu-flags 2>/dev/null)" ]; \
+	then exit 0; fi; \
+	{ command -v c++ >/dev/null && command -v cmake >/dev/null; } || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	    && apt-get update -q && apt-get install -y -q --no-install-recommends build-essential cmake; } \
+	  || { echo "llama-server needs cmake and a C++ compiler (apt-get install build-essential cmake)"; exit 1; }; \
+	echo "building llama-server from llama-cpp-python $(LLAMA_CPP_VERSION)'s llama.cpp into $(LLAMA_SERVER_DIR) (once)"; \
+	set -e; tmp="$$(mktemp -d)"; trap 'rm -rf "$$tmp"' EXIT; \
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -d "$$tmp" llama-cpp-python==$(LLAMA_CPP_VERSION); \
+	tar xzf "$$tmp"/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C "$$tmp"; \
+	src="$$tmp/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp"; \
+	cmake -S "$$src" -B "$$tmp/build" $$(command -v ninja >/dev/null && echo -G Ninja) $(LLAMA_SERVER_ARGS) >/dev/null; \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) cmake --build "$$tmp/build" --target llama-server; \
+	mkdir -p $(LLAMA_SERVER_DIR)/bin; \
+	cp "$$tmp/build/bin/llama-server" $(LLAMA_SERVER_DIR)/bin/llama-server.new; \
+	mv $(LLAMA_SERVER_DIR)/bin/llama-server.new $(LLAMA_SERVER_DIR)/bin/llama-server; \
+	echo "$$flags" > $(LLAMA_SERVER_DIR)/cpu-flags; \
+	$(LLAMA_SERVER_DIR)/bin/llama-server --version
+
 lint: install
 	$(BIN)/ruff check cli adapters train server bench tests
 	$(BIN)/ruff format --check cli adapters train server bench tests
@@ -66,7 +99,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy -p loraswap
 
-unit: install browser llama-cpp
+unit: install browser llama-cpp llama-server
 	$(BIN)/pytest -q
 
 # The playground's browser tests drive Debian's Chromium through playwright (never a browser build of

@@ -15,6 +15,7 @@ package's own maps (`TensorNameMap`), the ones llama.cpp's converters use.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -180,17 +181,33 @@ def write_gguf_adapter(
         tmp.unlink(missing_ok=True)
 
 
-def check_base_gguf(path: Path, arch: dict[str, Any], model_type: str) -> None:
-    """Refuse a base GGUF whose architecture is not the adapter's base (layers, width, heads)."""
+@functools.lru_cache(maxsize=8)
+def _gguf_shape(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    """The architecture fields of a GGUF file, read once per file version (reading parses its whole vocabulary:
+    tens of seconds for a 49k-token one, and an export of many adapters checks the same base each time)."""
     import gguf
 
     try:
-        fields = gguf.GGUFReader(str(path)).fields
+        fields = gguf.GGUFReader(path).fields
     except (OSError, ValueError) as e:
+        raise AdapterError(f"base GGUF {Path(path).name!r} cannot be read: {e}") from None
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    keys = ["general.architecture"] + [
+        f"{arch}.{k}" for k in ("block_count", "embedding_length", "attention.head_count")
+    ]
+    return {k: fields[k].contents() if k in fields else None for k in keys}
+
+
+def check_base_gguf(path: Path, arch: dict[str, Any], model_type: str) -> None:
+    """Refuse a base GGUF whose architecture is not the adapter's base (layers, width, heads)."""
+    try:
+        stat = path.stat()
+    except OSError as e:
         raise AdapterError(f"base GGUF {path.name!r} cannot be read: {e}") from None
+    fields = _gguf_shape(str(path), stat.st_size, stat.st_mtime_ns)
 
     def value(key: str) -> Any:
-        return fields[key].contents() if key in fields else None
+        return fields.get(key)
 
     arch_name = value("general.architecture")
     want = {

@@ -38,6 +38,12 @@ class BenchConfig:
     """Adapter load/evict cycles of the in-process churn test (0: skip)."""
     reference: bool = True
     """Run llama.cpp when llama-cpp-python is installed."""
+    peer: bool = True
+    """Run the llama-server scenarios beside loraswap's where llama-server is built (`make llama-server`)."""
+    peer_only: bool = False
+    """Only the scenarios llama-server runs too (base, single, mixed16, mixed64, short beside long), and its."""
+    llama_server: str | None = None
+    """The llama-server binary; None: the one `make llama-server` built."""
     api_key: str | None = None
     admin_key: str | None = None
     seed: int = 0

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -82,18 +83,43 @@ def zipf_weights(n: int, s: float = 1.1) -> list[float]:
     return [1.0 / (k**s) for k in range(1, n + 1)]
 
 
-async def send(client: httpx.AsyncClient, job: Job, res: Result | None = None) -> Result:
-    """One streamed /v1/answer request, timed (into `res`, which a caller may read while it streams)."""
-    res = res or Result(job, time.perf_counter())
-    body = {
+@dataclass(frozen=True)
+class Wire:
+    """How a server is asked for one streamed answer and how its events read: loraswap's /v1/answer (`ANSWER`),
+    or a peer's route (llama-server's, in `llamaserver.py`)."""
+
+    route: str
+    body: Callable[[Job], dict[str, Any]]
+    text: Callable[[dict[str, Any]], bool]
+    """Whether an event carries generated text."""
+    tokens: Callable[[dict[str, Any]], int | None]
+    """The completion tokens, read off the event that reports them (None from the others)."""
+
+
+def _answer_body(job: Job) -> dict[str, Any]:
+    return {
         "adapter": job.adapter,
         "question": job.question,
         "max_tokens": job.max_tokens,
         "stream": True,
         "ignore_eos": True,
     }
+
+
+def _answer_tokens(event: dict[str, Any]) -> int | None:
+    return int(event["usage"]["completion_tokens"]) if "usage" in event else None
+
+
+ANSWER = Wire("/v1/answer", _answer_body, lambda event: bool(event.get("delta")), _answer_tokens)
+
+
+async def send(client: httpx.AsyncClient, job: Job, res: Result | None = None, wire: Wire = ANSWER) -> Result:
+    """One streamed request (`wire`: loraswap's /v1/answer unless told), timed (into `res`, which a caller may
+    read while it streams). A stream ends at `[DONE]` or when the server closes it."""
+    res = res or Result(job, time.perf_counter())
+    body = wire.body(job)
     try:
-        async with client.stream("POST", "/v1/answer", json=body) as resp:
+        async with client.stream("POST", wire.route, json=body) as resp:
             if resp.status_code != 200:
                 await resp.aread()
                 res.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -110,10 +136,11 @@ async def send(client: httpx.AsyncClient, job: Job, res: Result | None = None) -
                 if "error" in event:
                     res.error = str(event["error"].get("message", event["error"]))
                     return res
-                if event.get("delta"):
+                if wire.text(event):
                     res.streamed += 1
-                if "usage" in event:
-                    res.tokens = int(event["usage"]["completion_tokens"])
+                tokens = wire.tokens(event)
+                if tokens is not None:
+                    res.tokens = tokens
         res.latency = time.perf_counter() - res.start
         if res.tokens == 0:
             res.error = "stream ended without a result"
@@ -143,7 +170,9 @@ def client_for(url: str, api_key: str | None = None, connections: int = 256) -> 
     return httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(600.0), limits=limits)
 
 
-async def closed_loop(url: str, work: Sequence[Job], clients: int, api_key: str | None = None) -> Run:
+async def closed_loop(
+    url: str, work: Sequence[Job], clients: int, api_key: str | None = None, wire: Wire = ANSWER
+) -> Run:
     """`clients` concurrent clients, each sending its next request as soon as its last one finished,
     until `work` is done."""
     queue: Iterator[Job] = iter(work)
@@ -151,7 +180,7 @@ async def closed_loop(url: str, work: Sequence[Job], clients: int, api_key: str 
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         for job in queue:  # a shared iterator: each job is taken by exactly one client
-            results.append(await send(client, job))
+            results.append(await send(client, job, wire=wire))
 
     async with client_for(url, api_key) as client:
         start = time.perf_counter()
@@ -182,6 +211,7 @@ async def with_background(
     background: Callable[[int], Job],
     background_clients: int,
     api_key: str | None = None,
+    wire: Wire = ANSWER,
 ) -> Run:
     """`work` through `clients` closed-loop clients while `background_clients` more keep sending
     `background(i)` jobs until `work` is done (then their requests in flight are dropped). The Run holds
@@ -196,14 +226,14 @@ async def with_background(
 
         async def fg(queue: Iterator[Job]) -> None:
             for job in queue:
-                results.append(await send(client, job))
+                results.append(await send(client, job, wire=wire))
 
         async def bg() -> None:
             while not done.is_set():
                 job = background(next(counter))
                 res = Result(job, time.perf_counter())
                 behind.append(res)
-                results.append(await send(client, job, res))
+                results.append(await send(client, job, res, wire))
 
         bgs = [asyncio.create_task(bg()) for _ in range(background_clients)]
         await asyncio.sleep(0.5)  # the long requests are running before the short ones start

@@ -23,6 +23,13 @@ WHAT = {
     "llamacpp": "llama.cpp on the base GGUF, single stream",
     "single_neighbour": "the single scenario's requests while another process spins on a core",
     "single_quota": "the single scenario's requests with the server in a one-CPU cgroup quota",
+    "llamaserver_single": "llama-server, the single scenario's requests",
+    "llamaserver_mixed16": "llama-server, the mixed16 scenario's requests",
+    "llamaserver_mixed64": "llama-server, the mixed64 scenario's requests",
+    "llamaserver_base": "llama-server, the base scenario's requests",
+    "llamaserver_short_alone": "llama-server, the short requests alone",
+    "llamaserver_short_with_long": "llama-server, the same short requests beside long ones",
+    "llamaserver_long_with_short": "llama-server, the long requests of that mix",
 }
 GOALS = {
     "mixed16_vs_single": (">=", 0.90),
@@ -32,6 +39,14 @@ GOALS = {
     "single_vs_llamacpp": (">=", 2.0),
     "single_with_neighbour_vs_single": (">=", 0.45),
     "single_ttft_p50_with_neighbour_vs_single": ("<=", 3.0),
+    "mixed16_vs_llamaserver": (">=", 3.0),
+    "mixed64_vs_llamaserver": (">=", 3.0),
+    "single_vs_llamaserver": (">=", 1.0),
+    "base_vs_llamaserver": (">=", 1.0),
+    "single_ttft_p50_vs_llamaserver": ("<=", 1.0),
+    "mixed16_ttft_p50_vs_llamaserver": ("<=", 1.0),
+    "mixed64_ttft_p50_vs_llamaserver": ("<=", 1.0),
+    "base_ttft_p50_vs_llamaserver": ("<=", 1.0),
 }
 
 
@@ -67,6 +82,8 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
         f"clients, {cfg['max_tokens']} generated tokens per request (`ignore_eos`), {cfg['rounds']} interleaved "
         f"round(s) of {cfg['per_slice'] or 2 * cfg['clients']} requests per scenario. Adapters: rank 8 on q_proj "
         "and v_proj, random weights.",
+        "",
+        _peer_line(s.get("llamaserver") or {}),
         "",
         "## Ratios (same run, side by side)",
         "",
@@ -153,6 +170,20 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _peer_line(peer: dict[str, Any]) -> str:
+    """What llama-server ran as, or why it did not."""
+    if not peer:
+        return "llama-server: not run (--no-llama-server)."
+    if "skipped" in peer:
+        return f"llama-server: not run ({peer['skipped']})."
+    return (
+        f"llama-server ({peer['version']}) on `{peer['gguf']}`: {peer['threads']} threads, {peer['parallel']} slots "
+        f"(`--parallel`, `--cont-batching`), {peer['adapters']} LoRA GGUFs loaded at scale 0, the same requests "
+        "(prompt tokens, greedy, `n_predict` with `ignore_eos`) streamed from `/completion`, each slice beside "
+        "loraswap's."
+    )
+
+
 def _save(fig: Any, out: Path, name: str) -> str:
     import matplotlib.pyplot as plt
 
@@ -173,19 +204,22 @@ def _charts(c: Collected, s: dict[str, Any], out: Path) -> list[str]:
 
     # Throughput against the number of adapters, with the baselines as lines.
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    points = [(n, scen[k]["tok_s"]) for n, k in ((1, "single"), (4, "mixed4"), (16, "mixed16"), (64, "mixed64"))]
-    points = [(n, v) for n, v in points if v]
-    if points:
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="loraswap, uniform traffic")
+    for prefix, style, label in (("", "o-", "loraswap, uniform traffic"), ("llamaserver_", "^--", "llama-server")):
+        keys = ((1, "single"), (4, "mixed4"), (16, "mixed16"), (64, "mixed64"))
+        points = [(n, scen.get(prefix + k, {}).get("tok_s")) for n, k in keys]
+        points = [(n, v) for n, v in points if v]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
     if scen.get("skewed64", {}).get("tok_s"):
         ax.plot([64], [scen["skewed64"]["tok_s"]], "s", label="loraswap, Zipf traffic")
-    for key, style, label in (
-        ("base", ":", "base model only"),
-        ("naive", "--", "PEFT set_adapter, one at a time"),
-        ("llamacpp", "-.", "llama.cpp, single stream (base)"),
+    for key, style, color, label in (
+        ("base", ":", "grey", "base model only"),
+        ("naive", "--", "grey", "PEFT set_adapter, one at a time"),
+        ("llamacpp", "-.", "grey", "llama.cpp, single stream (base)"),
+        ("llamaserver_base", ":", "tab:orange", "llama-server, base model only"),
     ):
         if scen.get(key, {}).get("tok_s"):
-            ax.axhline(scen[key]["tok_s"], linestyle=style, color="grey", label=label)
+            ax.axhline(scen[key]["tok_s"], linestyle=style, color=color, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 4, 16, 64], ["1", "4", "16", "64"])
     ax.set_xlabel("distinct adapters in the traffic")

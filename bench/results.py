@@ -13,7 +13,20 @@ from loraswap.bench.config import BenchConfig
 from loraswap.bench.load import Run
 from loraswap.bench.probes import histogram_quantile
 
-THROUGHPUT = ("single", "mixed4", "mixed16", "mixed64", "skewed64", "base", "single_neighbour", "single_quota")
+THROUGHPUT = (
+    "single",
+    "mixed4",
+    "mixed16",
+    "mixed64",
+    "skewed64",
+    "base",
+    "single_neighbour",
+    "single_quota",
+    "llamaserver_single",
+    "llamaserver_mixed16",
+    "llamaserver_mixed64",
+    "llamaserver_base",
+)
 """The closed-loop throughput scenarios, in the order the report and its charts list them."""
 
 
@@ -36,6 +49,8 @@ class Collected:
     """The server's adapter load-time histogram at the end: (upper bound in s, cumulative count)."""
     load_sum: float = 0.0
     churn: dict[str, Any] = field(default_factory=dict)
+    peer: dict[str, Any] = field(default_factory=dict)
+    """llama-server as the run started it (binary, version, threads, slots), or why it did not run."""
     machine: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -45,18 +60,19 @@ class Collected:
 
 def summary(c: Collected) -> dict[str, Any]:
     """The report's numbers: the JSON object `loraswap bench --json` prints."""
-    scen: dict[str, Any] = {name: load.summarize(runs) for name, runs in c.runs.items() if name != "short_with_long"}
-    if "short_with_long" in c.runs:
-        runs = c.runs["short_with_long"]
-        scen["short_with_long"] = load.summarize(runs, tag="short")
+    mixes = ("short_with_long", "llamaserver_short_with_long")
+    scen: dict[str, Any] = {name: load.summarize(runs) for name, runs in c.runs.items() if name not in mixes}
+    for mix in (m for m in mixes if m in c.runs):
+        runs = c.runs[mix]
+        scen[mix] = load.summarize(runs, tag="short")
         # What the long requests streamed while the short ones ran (most are still running when they are done).
         wall = sum(run.wall for run in runs)
-        scen["short_with_long"]["long_streamed_tok_s"] = (
+        scen[mix]["long_streamed_tok_s"] = (
             round(sum(run.background_streamed for run in runs) / wall, 2) if wall else None
         )
         longs = load.summarize(runs, tag="long")
         if longs["requests"]:  # long requests still running when the short ones were done are not counted
-            scen["long_with_short"] = longs
+            scen[mix.replace("short_with_long", "long_with_short")] = longs
     for frac, (rate, run) in sorted(c.open_loop.items()):
         scen[f"open{round(frac * 100)}"] = load.summarize([run]) | {"offered_req_s": round(rate, 3)}
 
@@ -78,6 +94,15 @@ def summary(c: Collected) -> dict[str, Any]:
         "single_ttft_p50_with_neighbour_vs_single": ratio("single_neighbour", "single", "ttft_p50_ms"),
         "single_in_quota_vs_single": ratio("single_quota", "single"),
     }
+    # Against llama-server on the same requests: throughput, time to first token, short requests beside long ones.
+    for name in ("single", "mixed16", "mixed64", "base"):
+        ratios[f"{name}_vs_llamaserver"] = ratio(name, f"llamaserver_{name}")
+    for name in ("single", "mixed16", "mixed64", "base"):
+        ratios[f"{name}_ttft_p50_vs_llamaserver"] = ratio(name, f"llamaserver_{name}", "ttft_p50_ms")
+    ratios["llamaserver_short_p50_with_long_vs_alone"] = ratio(
+        "llamaserver_short_with_long", "llamaserver_short_alone", "p50_ms"
+    )
+    ratios["short_p50_with_long_vs_llamaserver"] = ratio("short_with_long", "llamaserver_short_with_long", "p50_ms")
     cold = sorted(1000 * (a - b) for a, b in c.cold)
     up = [1000 * u for u in c.upload_to_first]
     memory: dict[str, Any] = {}
@@ -135,6 +160,7 @@ def summary(c: Collected) -> dict[str, Any]:
         },
         "memory": memory,
         "churn": c.churn,
+        "llamaserver": c.peer,
         "machine": c.machine,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(c.config).items() if "key" not in k},
         "seconds": round(c.seconds, 1),

@@ -21,7 +21,7 @@ from typing import Any
 
 from loraswap.bench import cpu, load
 from loraswap.bench.config import BenchConfig
-from loraswap.bench.load import Job, Result, Run
+from loraswap.bench.load import ANSWER, Job, Result, Run, Wire
 from loraswap.bench.probes import prompt_cache_mb, worker_rss_mb
 from loraswap.bench.results import Collected
 from loraswap.bench.session import Session, say
@@ -49,6 +49,16 @@ class Bench:
     """PEFT's plain recipe loaded in this process (None: not measured)."""
     quota: bool = False
     """Run the single scenario inside a one-CPU cgroup quota too (a server started here, cgroups writable)."""
+    peer_url: str = ""
+    """llama-server, running the peer scenarios beside loraswap's ("": not run)."""
+    peer_wire: Wire | None = None
+    """How llama-server is asked (its route, body and events)."""
+
+
+PEER_TWINS = ("base", "single", "mixed16", "mixed64")
+"""The closed-loop scenarios that llama-server runs too, as `llamaserver_<name>` (and the short-beside-long one)."""
+PEER_ONLY = {*PEER_TWINS, "short_long"}
+"""The interleaved scenarios of `--peer-only` (beside their llama-server twins)."""
 
 
 def round_steps(b: Bench, r: int) -> list[tuple[str, Step]]:
@@ -74,7 +84,31 @@ def round_steps(b: Bench, r: int) -> list[tuple[str, Step]]:
     steps.append(("short_long", partial(short_long, b, seed + 7)))
     steps.append(("cold", partial(cold_loads, b, b.cold[r * cfg.cold_per_round :])))
     steps.append(("upload", partial(uploads, b, b.uploads[r * cfg.uploads_per_round :])))
+    if cfg.peer_only:
+        steps = [(name, step) for name, step in steps if name in PEER_ONLY]
+    if b.peer_url:  # the same requests to llama-server, right beside loraswap's as one step (first on odd rounds)
+        twins: dict[str, Step] = {n: partial(closed, b, traffic[n], True) for n in PEER_TWINS}
+        twins["short_long"] = partial(short_long, b, seed + 7, True)
+        paired: list[tuple[str, Step]] = []
+        for name, step in steps:
+            if name in twins:
+                pair = [(name, step), (f"llamaserver_{name}", twins[name])]
+                step = partial(_both, pair[::-1] if r % 2 else pair)
+            paired.append((name, step))
+        steps = paired
     return steps
+
+
+def _both(steps: list[tuple[str, Step]]) -> list[tuple[str, Run]]:
+    """Two steps one after the other, their runs named."""
+    runs: list[tuple[str, Run]] = []
+    for name, step in steps:
+        result = step()
+        if isinstance(result, Run):
+            runs.append((name, result))
+        elif isinstance(result, list):
+            runs += result
+    return runs
 
 
 def run_round(b: Bench, r: int) -> None:
@@ -90,9 +124,19 @@ def run_round(b: Bench, r: int) -> None:
                 b.out.add(sub, run)
 
 
-def closed(b: Bench, work: list[Job]) -> Run:
-    """`work` from `clients` closed-loop clients."""
-    return asyncio.run(load.closed_loop(b.url, work, b.cfg.clients, b.cfg.api_key))
+def closed(b: Bench, work: list[Job], peer: bool = False) -> Run:
+    """`work` from `clients` closed-loop clients (to llama-server where `peer`)."""
+    url, key, wire = _target(b, peer)
+    return asyncio.run(load.closed_loop(url, work, b.cfg.clients, key, wire))
+
+
+def _target(b: Bench, peer: bool) -> tuple[str, str | None, Wire]:
+    """(URL, API key, wire) of loraswap or, where `peer`, of llama-server."""
+    if not peer:
+        return b.url, b.cfg.api_key, ANSWER
+    if not b.peer_url or b.peer_wire is None:
+        raise RuntimeError("the peer scenarios need llama-server started (Bench.peer_url)")
+    return b.peer_url, None, b.peer_wire
 
 
 def beside_neighbour(b: Bench, work: list[Job]) -> Run:
@@ -161,23 +205,27 @@ def _one(b: Bench, adapter: str, max_tokens: int) -> Result:
     return res
 
 
-def short_long(b: Bench, seed: int) -> list[tuple[str, Run]]:
-    """Short requests alone, then the same short requests while long ones fill the rest of the batch."""
+def short_long(b: Bench, seed: int, peer: bool = False) -> list[tuple[str, Run]]:
+    """Short requests alone, then the same short requests while long ones fill the rest of the batch (to
+    llama-server where `peer`: its runs are named `llamaserver_short_alone` and `llamaserver_short_with_long`)."""
     cfg, names = b.cfg, b.names
+    url, key, wire = _target(b, peer)
     shorts = load.jobs(names[:16], cfg.shorts_per_round, cfg.short_tokens, seed, tag="short")
-    alone = asyncio.run(load.closed_loop(b.url, shorts, cfg.short_clients, cfg.api_key))
+    alone = asyncio.run(load.closed_loop(url, shorts, cfg.short_clients, key, wire))
     long_clients = max(1, cfg.max_batch_size - cfg.short_clients)
     mixed = asyncio.run(
         load.with_background(
-            b.url,
+            url,
             shorts,
             cfg.short_clients,
             partial(_long_job, names[16:32] or names, cfg.long_tokens, seed),
             long_clients,
-            cfg.api_key,
+            key,
+            wire,
         )
     )
-    return [("short_alone", alone), ("short_with_long", mixed)]
+    prefix = "llamaserver_" if peer else ""
+    return [(f"{prefix}short_alone", alone), (f"{prefix}short_with_long", mixed)]
 
 
 def _long_job(names: list[str], max_tokens: int, seed: int, i: int) -> Job:

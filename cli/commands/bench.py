@@ -44,6 +44,25 @@ def bench(
     no_reference: Annotated[
         bool, typer.Option("--no-reference", help="Skip the llama.cpp reference even where it is installed.")
     ] = False,
+    no_llama_server: Annotated[
+        bool, typer.Option("--no-llama-server", help="Skip the llama-server scenarios even where it is built.")
+    ] = False,
+    peer_only: Annotated[
+        bool,
+        typer.Option(
+            "--peer-only",
+            help="Only the scenarios llama-server runs too (base, single, mixed16, mixed64, short beside long) and "
+            "its, interleaved; no baselines, cold loads, uploads, open loop or churn.",
+        ),
+    ] = False,
+    llama_server: Annotated[
+        str | None,
+        typer.Option(
+            "--llama-server",
+            envvar="LORASWAP_LLAMA_SERVER",
+            help="The llama-server binary [default: the one `make llama-server` built].",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md, results.json and the PNG charts.")] = Path(
         "bench-results"
     ),
@@ -103,6 +122,9 @@ def bench(
         "lora_impl": lora_impl,
         "adapters": adapters,
         "reference": not no_reference,
+        "peer": not no_llama_server,
+        "peer_only": peer_only,
+        "llama_server": llama_server,
         "api_key": api_key,
         "admin_key": admin_key,
     }
@@ -110,6 +132,8 @@ def bench(
         kw["clients"] = max_batch_size
     if adapters < 1:
         raise UsageError("--adapters must be at least 1")
+    if peer_only and no_llama_server:
+        raise UsageError("--peer-only runs the llama-server scenarios; --no-llama-server skips them: choose one")
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     with contextlib.redirect_stdout(sys.stderr):
         collected = run_bench(cfg)
@@ -117,6 +141,7 @@ def bench(
         flags: dict[str, Any] = {"--quick": quick, "--quant": kw["quant"] if kw["quant"] != "nf4" else None}
         flags |= {"--no-double-quant": double_quant is False, "--url": url, "--lora-impl": lora_impl}
         flags |= {"--clients": clients, "--max-tokens": max_tokens, "--rounds": rounds}
+        flags |= {"--peer-only": peer_only, "--no-llama-server": no_llama_server}
         flags |= {"--base": base if base != "embedded" else None, "--adapters": adapters if adapters != 64 else None}
         flags["--max-batch-size"] = max_batch_size if max_batch_size != 16 else None
         command = " ".join(["loraswap bench"] + [k if v is True else f"{k} {v}" for k, v in flags.items() if v])
