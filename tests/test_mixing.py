@@ -73,8 +73,10 @@ def test_a_mixture_row_equals_peft_with_the_same_adapters_at_the_same_weights(
     torch.testing.assert_close(
         mixed[0:1], peft_mixture_logits(lively_base, adapters, two, PROMPTS[0:1]), atol=5e-5, rtol=1e-4
     )
-    torch.testing.assert_close(mixed[1:2], plain_logits(lively_base, adapters["c"], PROMPTS[1:2]), atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(mixed[2:3], plain_logits(lively_base, None, PROMPTS[2:3]), atol=2e-5, rtol=1e-4)
+    # Each reference runs its row alone, and a batch of four sums its float32 products in another order (3.4e-5 apart
+    # at most on an AMD EPYC's kernels): every row gets the mixtures' tolerance.
+    torch.testing.assert_close(mixed[1:2], plain_logits(lively_base, adapters["c"], PROMPTS[1:2]), atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(mixed[2:3], plain_logits(lively_base, None, PROMPTS[2:3]), atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(
         mixed[3:4], peft_mixture_logits(lively_base, adapters, three, PROMPTS[3:4]), atol=5e-5, rtol=1e-4
     )
