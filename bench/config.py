@@ -31,6 +31,9 @@ class BenchConfig:
     long_tokens: int = 256
     shorts_per_round: int = 6
     short_clients: int = 2
+    short_deadline: float = 120.0
+    """Seconds the short requests may take beside the long ones before the rest count as unfinished (llama-server
+    serves one LoRA set at a time, so its short requests can wait behind the long ones for as long as they come)."""
     rates: tuple[float, ...] = (0.25, 0.5, 0.75)
     """Open-loop arrival rates, as fractions of the measured single-adapter capacity."""
     open_loop_requests: int = 16

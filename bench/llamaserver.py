@@ -155,9 +155,9 @@ class Peer:
         if self.adapters:
             # `--lora` alone records scale 1 as each adapter's default, which a request without a `lora` list (the
             # base's) gets; `--lora-init-without-apply` only skips applying it at start. Scale 0 is asked for here.
-            cmd.append("--lora-init-without-apply")
-            for path in self.adapters.values():
-                cmd += ["--lora-scaled", f"{path}:0"]
+            # One comma-separated list: the option given again is deprecated ("only last value will be used", though
+            # this version still loads them all).
+            cmd += ["--lora-init-without-apply", "--lora-scaled", ",".join(f"{p}:0" for p in self.adapters.values())]
         return cmd
 
     def __enter__(self) -> Peer:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,8 @@ class Result:
     error: str | None = None
     streamed: int = 0
     """Events with text received so far (about one per generated token: text is held back only mid-character)."""
+    unfinished: bool = False
+    """Still waiting at a deadline: `latency` is the time it had waited, a lower bound."""
 
 
 def jobs(
@@ -212,12 +215,17 @@ async def with_background(
     background_clients: int,
     api_key: str | None = None,
     wire: Wire = ANSWER,
+    deadline: float | None = None,
 ) -> Run:
     """`work` through `clients` closed-loop clients while `background_clients` more keep sending
     `background(i)` jobs until `work` is done (then their requests in flight are dropped). The Run holds
     both kinds of result (tell them apart by `Job.tag`), and what the background streamed meanwhile, finished
-    or not; its wall time is the foreground's."""
+    or not; its wall time is the foreground's. After `deadline` seconds the foreground stops too: a server that
+    starves the foreground behind the background (llama-server serves one LoRA set at a time) would never let
+    it finish. Its requests still waiting then are `Result.unfinished` (their time so far is a lower bound),
+    those never sent are errors."""
     results: list[Result] = []
+    front: list[Result] = []  # every foreground request, in flight or done
     behind: list[Result] = []  # every background request, in flight or done
     done = asyncio.Event()
     counter = iter(range(1 << 30))
@@ -226,7 +234,10 @@ async def with_background(
 
         async def fg(queue: Iterator[Job]) -> None:
             for job in queue:
-                results.append(await send(client, job, wire=wire))
+                res = Result(job, time.perf_counter())
+                front.append(res)
+                results.append(res)
+                await send(client, job, res, wire)
 
         async def bg() -> None:
             while not done.is_set():
@@ -239,13 +250,20 @@ async def with_background(
         await asyncio.sleep(0.5)  # the long requests are running before the short ones start
         start, streamed = time.perf_counter(), sum(r.streamed for r in behind)
         queue = iter(work)
-        await asyncio.gather(*(fg(queue) for _ in range(clients)))
+        fgs = [asyncio.create_task(fg(queue)) for _ in range(clients)]
+        _, late = await asyncio.wait(fgs, timeout=deadline)
         wall = time.perf_counter() - start
         streamed = sum(r.streamed for r in behind) - streamed
         done.set()
-        for task in bgs:
+        for task in (*late, *bgs):
             task.cancel()
-        await asyncio.gather(*bgs, return_exceptions=True)
+        await asyncio.gather(*late, *bgs, return_exceptions=True)
+    now = time.perf_counter()
+    for res in front:
+        if res.latency is None and res.error is None:
+            res.unfinished, res.latency = True, now - res.start
+            res.error = f"not answered within the {deadline:.0f} s deadline"
+    results += [Result(job, now, error=f"not sent within the {deadline:.0f} s deadline") for job in queue]
     return Run(results, wall, streamed)
 
 
@@ -261,16 +279,21 @@ def percentile(values: Sequence[float], q: float, digits: int | None = None) -> 
     return p if digits is None else round(p, digits)
 
 
-def summarize(runs: Sequence[Run], tag: str | None = None) -> dict[str, float | int | None]:
+def summarize(runs: Sequence[Run], tag: str | None = None) -> dict[str, Any]:
     """Throughput over the runs' summed wall time, latency percentiles over all their requests (only
     those tagged `tag`, if given)."""
     results = [r for run in runs for r in run.results if tag is None or r.job.tag == tag]
     ok = [r for r in results if r.error is None]
     wall = sum(run.wall for run in runs)
-    lat = [1000 * r.latency for r in ok if r.latency is not None]
+    # A request still waiting at a deadline counts with the time it had waited (a lower bound): leaving it out
+    # would make a server that starves requests look as fast as its luckiest ones.
+    unfinished = [r for r in results if r.unfinished]
+    lat = [1000 * r.latency for r in (*ok, *unfinished) if r.latency is not None]
     ttft = [1000 * r.ttft for r in ok if r.ttft is not None]
 
+    failed = Counter(r.error for r in results if r.error and not r.unfinished)
     return {
+        **({"error_samples": [f"{n} x {e}" for e, n in failed.most_common(3)]} if failed else {}),
         "req_s": round(len(ok) / wall, 3) if wall else None,
         "tok_s": round(sum(r.tokens for r in ok) / wall, 2) if wall else None,
         "p50_ms": percentile(lat, 50, 1),
@@ -278,6 +301,7 @@ def summarize(runs: Sequence[Run], tag: str | None = None) -> dict[str, float | 
         "p99_ms": percentile(lat, 99, 1),
         "ttft_p50_ms": percentile(ttft, 50, 1),
         "ttft_p95_ms": percentile(ttft, 95, 1),
-        "errors": len(results) - len(ok),
+        "errors": len(results) - len(ok) - len(unfinished),
+        "unfinished": len(unfinished),
         "requests": len(results),
     }

@@ -103,6 +103,15 @@ def markdown(s: dict[str, Any], command: str, charts: list[str]) -> str:
         if "offered_req_s" in row:
             label = f"{name} (Poisson arrivals at {row['offered_req_s']} req/s, 16 adapters)"
         lines.append(f"| {label} | " + " | ".join(_fmt(row.get(k)) for k in COLUMNS) + " |")
+    for name, row in s["scenarios"].items():
+        if row.get("error_samples"):
+            lines += ["", f"{name}: errors, the most frequent first: " + "; ".join(row["error_samples"])]
+        if row.get("unfinished"):
+            lines += [
+                "",
+                f"{name}: {row['unfinished']} of {row['requests']} requests were still waiting at the deadline; "
+                "they count with the time they had waited, so its latencies are lower bounds.",
+            ]
     beside = s["scenarios"].get("short_with_long", {}).get("long_streamed_tok_s")
     if beside is not None:
         lines += [

@@ -222,6 +222,7 @@ def short_long(b: Bench, seed: int, peer: bool = False) -> list[tuple[str, Run]]
             long_clients,
             key,
             wire,
+            cfg.short_deadline,
         )
     )
     prefix = "llamaserver_" if peer else ""

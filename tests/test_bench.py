@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -49,9 +51,36 @@ def test_percentiles_and_summary_count_only_what_succeeded() -> None:
     ok = [Result(job, 0.0, ttft=0.1 * i, latency=1.0 * i, tokens=4) for i in range(1, 5)]
     bad = Result(job, 0.0, error="HTTP 500")
     s = load.summarize([Run([*ok[:2], bad], 2.0), Run(ok[2:], 2.0)])
-    assert s["requests"] == 5 and s["errors"] == 1
+    assert s["requests"] == 5 and s["errors"] == 1 and s["error_samples"] == ["1 x HTTP 500"]
     assert s["req_s"] == 1.0 and s["tok_s"] == 4.0  # 4 answers of 4 tokens in 4 s
     assert s["p50_ms"] == 2500.0 and s["ttft_p50_ms"] == 250.0
+
+
+def test_short_requests_starved_behind_long_ones_end_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that serves the long requests and never the short ones (llama-server's one LoRA set at a time, at
+    worst): the run ends at its deadline, the short requests waiting then count with the time they waited."""
+
+    async def send(client: object, job: Job, res: Result | None = None, wire: object = None) -> Result:
+        res = res or Result(job, time.perf_counter())
+        if job.tag == "short":
+            await asyncio.sleep(3600)
+        await asyncio.sleep(0.02)
+        res.latency, res.tokens = time.perf_counter() - res.start, job.max_tokens
+        return res
+
+    monkeypatch.setattr(load, "send", send)
+    shorts = [Job(f"s{i}", "q?", 4, "short") for i in range(5)]
+    run = asyncio.run(
+        load.with_background("http://127.0.0.1:9", shorts, 2, lambda i: Job("long", "q?", 8, "long"), 3, deadline=0.5)
+    )
+    assert 0.5 <= run.wall < 5
+    short = [r for r in run.results if r.job.tag == "short"]
+    assert len(short) == 5 and sum(r.unfinished for r in short) == 2  # two clients, each stuck on its first
+    assert all(0.5 <= r.latency < 5 for r in short if r.unfinished)  # type: ignore[operator]
+    s = load.summarize([run], tag="short")
+    assert (s["requests"], s["unfinished"], s["errors"]) == (5, 2, 3)  # three never sent
+    assert s["p50_ms"] is not None and s["p50_ms"] >= 500  # the waits count, as a lower bound
+    assert load.summarize([run], tag="long")["errors"] == 0
 
 
 def test_traffic_is_reproducible_and_zipf_is_skewed() -> None:
