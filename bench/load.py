@@ -8,6 +8,7 @@ scenarios on the same amount of work, whatever the adapters' answers would have 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -118,11 +119,29 @@ ANSWER = Wire("/v1/answer", _answer_body, lambda event: bool(event.get("delta"))
 
 async def send(client: httpx.AsyncClient, job: Job, res: Result | None = None, wire: Wire = ANSWER) -> Result:
     """One streamed request (`wire`: loraswap's /v1/answer unless told), timed (into `res`, which a caller may
-    read while it streams). A stream ends at `[DONE]` or when the server closes it."""
+    read while it streams). A stream ends at `[DONE]` or when the server closes it.
+
+    A request the server closed without any response is sent once more (its time counts from the first try): a
+    pooled keep-alive connection can be closed by the server just as the client reuses it (llama-server's HTTP
+    library closes connections idle for 5 s), and the server never saw that request."""
     res = res or Result(job, time.perf_counter())
+    try:
+        return await _send(client, job, res, wire)
+    except httpx.RemoteProtocolError as e:
+        with contextlib.suppress(httpx.RemoteProtocolError):
+            return await _send(client, job, res, wire)
+        res.error = f"{type(e).__name__}: {e} (and again when sent once more)"
+        return res
+
+
+async def _send(client: httpx.AsyncClient, job: Job, res: Result, wire: Wire) -> Result:
+    """`send`'s one try; raises httpx.RemoteProtocolError where the server closed the connection before any
+    response, the other HTTP errors go into `res.error`."""
     body = wire.body(job)
+    answered = False
     try:
         async with client.stream("POST", wire.route, json=body) as resp:
+            answered = True
             if resp.status_code != 200:
                 await resp.aread()
                 res.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -147,6 +166,10 @@ async def send(client: httpx.AsyncClient, job: Job, res: Result | None = None, w
         res.latency = time.perf_counter() - res.start
         if res.tokens == 0:
             res.error = "stream ended without a result"
+    except httpx.RemoteProtocolError as e:
+        if not answered:
+            raise
+        res.error = f"{type(e).__name__}: {e}"
     except httpx.HTTPError as e:
         res.error = f"{type(e).__name__}: {e}"
     return res

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from loraswap.adapters.base import resolve_base
@@ -81,6 +82,33 @@ def test_short_requests_starved_behind_long_ones_end_at_the_deadline(monkeypatch
     assert (s["requests"], s["unfinished"], s["errors"]) == (5, 2, 3)  # three never sent
     assert s["p50_ms"] is not None and s["p50_ms"] >= 500  # the waits count, as a lower bound
     assert load.summarize([run], tag="long")["errors"] == 0
+
+
+def test_a_request_the_server_closed_unanswered_is_sent_once_more() -> None:
+    """A pooled keep-alive connection the server closed just as it was reused: no response, so the request is sent
+    again; twice in a row is an error, and so is a stream cut after the server answered."""
+    sse = b'data: {"delta": "a"}\n\ndata: {"delta": "b", "usage": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n'
+
+    def run(fail: int) -> Result:
+        calls = 0
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            nonlocal calls
+            calls += 1
+            if calls <= fail:
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+            return httpx.Response(200, content=sse, headers={"content-type": "text/event-stream"})
+
+        async def go() -> Result:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://peer") as client:
+                return await load.send(client, Job("a", "q?", 2))
+
+        return asyncio.run(go())
+
+    once = run(fail=1)
+    assert once.error is None and once.tokens == 2 and once.latency is not None
+    twice = run(fail=2)
+    assert twice.error is not None and "sent once more" in twice.error and twice.tokens == 0
 
 
 def test_traffic_is_reproducible_and_zipf_is_skewed() -> None:
