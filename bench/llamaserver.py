@@ -244,7 +244,7 @@ def start_peer(b: Bench, stack: contextlib.ExitStack) -> None:
     if failed:
         raise RuntimeError(f"llama-server warm-up requests failed: {failed[0]}")
     b.out.peer = {
-        "binary": str(binary),
+        "binary": str(binary.relative_to(Path.cwd()) if binary.is_relative_to(Path.cwd()) else binary),
         "version": version(binary),
         "gguf": gguf.name,
         "threads": threads,

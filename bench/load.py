@@ -123,7 +123,7 @@ async def send(client: httpx.AsyncClient, job: Job, res: Result | None = None, w
 
     A request the server closed without any response is sent once more (its time counts from the first try): a
     pooled keep-alive connection can be closed by the server just as the client reuses it (llama-server's HTTP
-    library closes connections idle for 5 s), and the server never saw that request."""
+    library closes idle keep-alive connections after 5 s by default), and the server never saw that request."""
     res = res or Result(job, time.perf_counter())
     try:
         return await _send(client, job, res, wire)
