@@ -31,6 +31,7 @@ none (the request waits at the router). Re-implemented from their sources:
 from __future__ import annotations
 
 import random
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -160,15 +161,23 @@ class LoraAffinity:
         return best[self.rng.randrange(len(best))]
 
 
-def lora_affinity_score(adapter: int, s: Snapshot) -> float:
-    """The inference extension's LoRA-affinity score of a replica for `adapter`."""
-    if adapter in s.running_adapters:
+def lora_affinity(
+    adapter: Hashable, running: Collection[Hashable], waiting: Collection[Hashable], max_lora: int
+) -> float:
+    """The inference extension's LoRA-affinity score of a server for `adapter`, from the adapters it runs and queues
+    and its slot count (what its vllm:lora_requests_info metric says)."""
+    if adapter in running:
         return 1.0
-    if len(s.running_adapters) + len(s.waiting_adapters) < s.max_lora:
+    if len(running) + len(waiting) < max_lora:
         return 0.8
-    if adapter in s.waiting_adapters:
+    if adapter in waiting:
         return 0.6
     return 0.0
+
+
+def lora_affinity_score(adapter: int, s: Snapshot) -> float:
+    """The LoRA-affinity score of a simulated replica for `adapter`."""
+    return lora_affinity(adapter, s.running_adapters, s.waiting_adapters, s.max_lora)
 
 
 def make_policy(

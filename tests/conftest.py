@@ -1,13 +1,15 @@
-"""Shared fixtures: a tiny Llama base built from a config, a small Q/A data set, the MedQuAD copy."""
+"""Shared fixtures: a tiny Llama base built from a config, a small Q/A data set, the MedQuAD copy, moto's S3."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3 import S3, moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 MEDQUAD = REPO.parent / "shared" / "data" / "medquad" / "medquad.csv.gz"
@@ -161,6 +163,13 @@ def medquad() -> Path:
     if not MEDQUAD.is_file():
         pytest.skip(f"MedQuAD copy not found beside the repository ({MEDQUAD.name})")
     return MEDQUAD
+
+
+@pytest.fixture(scope="module")
+def s3(request: pytest.FixtureRequest) -> Iterator[S3]:
+    """moto's S3 server for one test module, with the module's `BUCKET` made in it where it names one."""
+    with moto_s3(getattr(request.module, "BUCKET", None)) as server:
+        yield server
 
 
 def random_lora_adapter(tiny_base: Path, store_dir: Path, name: str, seed: int, qtype: str | None = None) -> Path:

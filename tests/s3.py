@@ -64,13 +64,16 @@ def _spawn(port: int) -> subprocess.Popen[bytes]:
 
 
 @contextmanager
-def moto_s3() -> Iterator[S3]:
-    """moto's S3 server; the process environment points boto3 at it while the context is open."""
+def moto_s3(bucket: str | None = None) -> Iterator[S3]:
+    """moto's S3 server, with `bucket` made in it; the process environment points boto3 at it while the context is
+    open."""
     port = free_port()
     s3 = S3(_spawn(port), port)
     saved = {k: os.environ.get(k) for k in s3.env()}
     os.environ.update(s3.env())
     try:
+        if bucket:
+            make_bucket(bucket)
         yield s3
     finally:
         s3.stop()

@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 from conftest import adapter_archive, random_lora_adapter, run_cli
-from s3 import S3, make_bucket, moto_s3
+from s3 import S3
 
 from loraswap.adapters.base import resolve_base
 from loraswap.adapters.registry import Registry, publish
@@ -89,13 +89,6 @@ def eventually(check: Callable[[], bool], bound: float, what: str) -> None:
     while not check():
         assert time.monotonic() - start < bound, f"{what}: not within {bound:.0f} s"
         time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    with moto_s3() as server:
-        make_bucket(BUCKET)
-        yield server
 
 
 @pytest.fixture(scope="module")

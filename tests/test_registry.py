@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
 import pytest
 from conftest import random_lora_adapter, run_cli
-from s3 import CREDENTIALS, S3, make_bucket, moto_s3
+from s3 import CREDENTIALS, S3, make_bucket
 
 from loraswap.adapters.base import BaseRef, resolve_base
 from loraswap.adapters.manifest import MANIFEST_FILE, WEIGHTS_FILE, AdapterError, AdapterNotFound, sha256_of
@@ -26,12 +25,6 @@ from loraswap.adapters.registry import (
     publish,
 )
 from loraswap.adapters.replica import Replica
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    with moto_s3() as server:
-        yield server
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import adapter_archive, random_lora_adapter
-from s3 import CREDENTIALS, S3, make_bucket, moto_s3
+from s3 import CREDENTIALS, S3, make_bucket
 
 from loraswap.adapters.base import resolve_base
 from loraswap.adapters.manifest import WEIGHTS_FILE
@@ -46,13 +46,6 @@ class Replica:
         files = {"file": ("a.tar.gz", archive, "application/gzip")}
         data = {"name": name, "overwrite": "true" if overwrite else "false"}
         return httpx.post(f"{self.url}/v1/adapters", data=data, files=files, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    with moto_s3() as server:
-        make_bucket(BUCKET)
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -15,17 +15,19 @@ import httpx
 import pytest
 from conftest import random_lora_adapter
 from prometheus_client.parser import text_string_to_metric_families
-from s3 import S3, make_bucket, moto_s3
+from s3 import S3
 
 from loraswap.adapters.base import resolve_base
 from loraswap.adapters.registry import Registry, publish
+from loraswap.bench.fleet_policies import lora_affinity
 from loraswap.bench.launch import launch, stop
 from loraswap.server.api.metrics import Metrics
 
 ADMIN_KEY = "sk-admin-vllm-protocol-1"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-REGISTRY = "s3://proto/served"
-OTHER_REGISTRY = "s3://proto/elsewhere"
+BUCKET = "proto"
+REGISTRY = f"s3://{BUCKET}/served"
+OTHER_REGISTRY = f"s3://{BUCKET}/elsewhere"
 
 
 @dataclass
@@ -64,14 +66,8 @@ def epp_view(text: str) -> EppView:
     )
 
 
-def lora_affinity(view: EppView, model: str) -> float:
-    if model in view.active:
-        return 1.0
-    if len(view.active) + len(view.waiting_models) < view.max_active:
-        return 0.8
-    if model in view.waiting_models:
-        return 0.6
-    return 0.0
+def affinity(view: EppView, model: str) -> float:
+    return lora_affinity(model, view.active, view.waiting_models, view.max_active)
 
 
 def test_gauges_follow_the_requests_in_flight_as_the_picker_reads_them() -> None:
@@ -85,8 +81,8 @@ def test_gauges_follow_the_requests_in_flight_as_the_picker_reads_them() -> None
     view = epp_view(m.render().decode())
     assert (view.running, view.waiting, view.kv) == (1, 2, 0.25)
     assert view.active == {"a"} and view.waiting_models == {"b"} and view.max_active == 2
-    assert lora_affinity(view, "a") == 1.0
-    assert lora_affinity(view, "b") == 0.6 and lora_affinity(view, "c") == 0.0  # both slots taken
+    assert affinity(view, "a") == 1.0
+    assert affinity(view, "b") == 0.6 and affinity(view, "c") == 0.0  # both slots taken
     m.inflight.started("b")
     time.sleep(0.01)  # the newest series wins by its value, the time it was set
     view = epp_view(m.render().decode())
@@ -110,13 +106,6 @@ class Server:
     proc: object
     url: str
     store: Path
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    with moto_s3() as server:
-        make_bucket("proto")
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +231,8 @@ def test_metrics_of_a_live_server_drive_the_affinity_scorer(srv: Server, lively_
         scraper.join()
     busy = [v for v in views if v.running or v.waiting]
     assert busy, "no scrape saw the requests in flight"
-    assert any(lora_affinity(v, "hot") == 1.0 for v in busy), busy
+    assert any(affinity(v, "hot") == 1.0 for v in busy), busy
     assert all(v.max_active == 3 for v in busy) and all(0.0 <= v.kv <= 1.0 for v in views), views
-    assert any(lora_affinity(v, "cold") == 0.8 for v in busy), busy  # a free slot for an adapter not running
+    assert any(affinity(v, "cold") == 0.8 for v in busy), busy  # a free slot for an adapter not running
     final = epp_view(httpx.get(f"{srv.url}/metrics").text)
     assert (final.running, final.waiting, final.kv) == (0, 0, 0.0)
