@@ -22,8 +22,11 @@ PERIOD_US = 100_000
 
 @contextlib.contextmanager
 def busy_neighbour() -> Iterator[subprocess.Popen[bytes]]:
-    """One process spinning on a core (`while True: pass`) while the block runs."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """One process spinning on a core (`while True: pass`) while the block runs, in a session of its own as an
+    unrelated process would be: where the kernel groups each session's processes for fair scheduling (autogroup),
+    a neighbour left in the bench's session would share the bench's group, whose priority then decides the test
+    (a bench run at a raised priority starved the server to 11 tokens/s beside it)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
     try:
         yield proc
     finally:
