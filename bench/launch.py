@@ -44,18 +44,30 @@ def launch(
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, timeout)
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, name: str = "the server") -> None:
+    """Return once `url`/health answers 200; raise if `proc` exits first, or stop it and raise after `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+            raise RuntimeError(f"{name} exited with status {proc.returncode} before it was ready")
         time.sleep(0.5)
     stop(proc)
-    raise RuntimeError(f"the server was not healthy within {timeout:.0f} s")
+    raise RuntimeError(f"{name} was not healthy within {timeout:.0f} s")
+
+
+def log_tail(log: IO[bytes], chars: int = 3000) -> str:
+    """The last `chars` characters a process wrote to `log`, a file."""
+    log.flush()
+    return Path(log.name).read_text(errors="replace")[-chars:]
 
 
 def launch_with_log(
@@ -74,9 +86,7 @@ def launch_with_log(
             base, adapters_dir, quant, max_batch_size, env, log=log, timeout=timeout, double_quant=double_quant
         )
     except RuntimeError as e:
-        log.flush()
-        tail = Path(log.name).read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{e}; the server's last output:\n{tail}") from None
+        raise RuntimeError(f"{e}; the server's last output:\n{log_tail(log)}") from None
 
 
 def stop(proc: subprocess.Popen[bytes], graceful: bool = False) -> None:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 
-from loraswap.bench.launch import free_port, stop
+from loraswap.bench.launch import free_port, log_tail, stop, wait_healthy
 from loraswap.bench.load import Job, Wire
 
 if TYPE_CHECKING:
@@ -166,19 +165,17 @@ class Peer:
             self.command(port), stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, start_new_session=True
         )
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self._check_adapters()
-                    return self
-            if self.proc.poll() is not None:
-                self.log.flush()
-                tail = Path(self.log.name).read_text(errors="replace")[-3000:] if hasattr(self.log, "name") else ""
-                raise RuntimeError(f"llama-server exited with status {self.proc.returncode}; its last output:\n{tail}")
-            time.sleep(0.5)
-        self.__exit__(None, None, None)
-        raise RuntimeError("llama-server was not healthy within 300 s")
+        try:
+            try:
+                wait_healthy(self.proc, self.url, 300, "llama-server")
+            except RuntimeError as e:
+                tail = log_tail(self.log) if hasattr(self.log, "name") else ""
+                raise RuntimeError(f"{e}; its last output:\n{tail}") from None
+            self._check_adapters()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
 
     def _check_adapters(self) -> None:
         """Every adapter loaded, in the order given, at scale 0."""
