@@ -205,18 +205,14 @@ def check_base_gguf(path: Path, arch: dict[str, Any], model_type: str) -> None:
     except OSError as e:
         raise AdapterError(f"base GGUF {path.name!r} cannot be read: {e}") from None
     fields = _gguf_shape(str(path), stat.st_size, stat.st_mtime_ns)
-
-    def value(key: str) -> Any:
-        return fields.get(key)
-
-    arch_name = value("general.architecture")
+    arch_name = fields["general.architecture"]
     want = {
         "general.architecture": gguf_arch(model_type)[0],
         f"{arch_name}.block_count": arch.get("num_hidden_layers"),
         f"{arch_name}.embedding_length": arch.get("hidden_size"),
         f"{arch_name}.attention.head_count": arch.get("num_attention_heads"),
     }
-    wrong = [f"{k} is {value(k)!r}, the adapter's base has {v!r}" for k, v in want.items() if value(k) != v]
+    wrong = [f"{k} is {fields.get(k)!r}, the adapter's base has {v!r}" for k, v in want.items() if fields.get(k) != v]
     if wrong:
         raise AdapterError(f"base GGUF {path.name!r} is not the adapter's base: {'; '.join(wrong)}")
 

@@ -95,10 +95,9 @@ def summary(c: Collected) -> dict[str, Any]:
         "single_in_quota_vs_single": ratio("single_quota", "single"),
     }
     # Against llama-server on the same requests: throughput, time to first token, short requests beside long ones.
-    for name in ("single", "mixed16", "mixed64", "base"):
-        ratios[f"{name}_vs_llamaserver"] = ratio(name, f"llamaserver_{name}")
-    for name in ("single", "mixed16", "mixed64", "base"):
-        ratios[f"{name}_ttft_p50_vs_llamaserver"] = ratio(name, f"llamaserver_{name}", "ttft_p50_ms")
+    twins = ("single", "mixed16", "mixed64", "base")
+    ratios |= {f"{name}_vs_llamaserver": ratio(name, f"llamaserver_{name}") for name in twins}
+    ratios |= {f"{n}_ttft_p50_vs_llamaserver": ratio(n, f"llamaserver_{n}", "ttft_p50_ms") for n in twins}
     ratios["llamaserver_short_p50_with_long_vs_alone"] = ratio(
         "llamaserver_short_with_long", "llamaserver_short_alone", "p50_ms"
     )
