@@ -13,6 +13,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,10 +29,26 @@ def busy_neighbour() -> Iterator[subprocess.Popen[bytes]]:
     (a bench run at a raised priority starved the server to 11 tokens/s beside it)."""
     proc = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
     try:
+        _wait_spinning(proc.pid)
         yield proc
     finally:
         proc.kill()
         proc.wait()
+
+
+def _wait_spinning(pid: int, cpu_seconds: float = 0.5, timeout: float = 3.0) -> None:
+    """Until process `pid` has run `cpu_seconds` on a CPU (its interpreter started, then spun): the scenario is
+    traffic beside a process that is busy, not one that is starting. Where /proc is missing, the timeout."""
+    tick = os.sysconf("SC_CLK_TCK")
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            fields = []
+        if fields and (int(fields[11]) + int(fields[12])) / tick >= cpu_seconds:
+            return
+        time.sleep(0.05)
 
 
 def _v2_parent(root: Path) -> Path | None:

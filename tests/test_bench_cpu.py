@@ -15,6 +15,8 @@ def test_the_neighbour_spins_while_the_block_runs_and_is_gone_after() -> None:
     with busy_neighbour() as proc:
         assert psutil.Process(proc.pid).status() in (psutil.STATUS_RUNNING, psutil.STATUS_SLEEPING)
         assert proc.poll() is None
+        times = psutil.Process(proc.pid).cpu_times()
+        assert times.user + times.system >= 0.5  # spinning before the block starts, not still starting
     assert proc.poll() is not None
 
 

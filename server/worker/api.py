@@ -103,6 +103,8 @@ class LoraswapAPI(ls.LitAPI):
         )
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []
+        if self.threads is not None:
+            self.threads.engine_idle()  # loaded: from now until the first step, CPU time taken is other processes'
 
     @staticmethod
     def _say(message: str) -> None:
@@ -146,6 +148,8 @@ class LoraswapAPI(ls.LitAPI):
 
     def step(self, prev_outputs: Any) -> list[Output]:
         self._apply_cancels()
+        if self.threads is not None:
+            self.threads.before_step()
         outputs, self.immediate = self.immediate, []
         rows = self.engine.running
         try:

@@ -10,7 +10,10 @@ many threads as it may use (`thread_budget`: the affinity mask and the cgroup CP
 one thread fewer when its threads keep waiting for a CPU and one more when a CPU it may use stays idle, keeping a
 count only where the steps did more work with it (`ThreadGovernor`). The scheduler's own accounts suggest the
 trials: the run-queue wait of the process's threads (`/proc/self/task/*/schedstat`) and the idle time of the CPUs
-in its mask (`/proc/stat`).
+in its mask (`/proc/stat`). A step cannot be changed once started, and one step with a thread too many costs
+many quiet ones (a 16-prompt prefill beside a busy process: 14.4 s with two threads, 0.74 s alone), so while the
+engine is idle a watcher reads how many CPUs other processes leave free, and the first step after the idle spell
+starts from that (`CpuThreads.before_step`).
 
 No torch here: the worker applies the counts (`torch.set_num_threads` on its engine thread); CUDA workers keep
 torch's defaults.
@@ -22,109 +25,16 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraswap.server.worker.cpu_budget import read_text, thread_budget
+
 log = logging.getLogger(__name__)
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-@dataclass(frozen=True)
-class ThreadBudget:
-    threads: int
-    """The most compute threads the worker runs."""
-    reason: str
-    """Where the number came from, for the start-up log."""
-    fixed: bool = False
-    """Set by the operator: the worker keeps exactly this many and does not adapt."""
-
-
-def cgroup_cpu_quota(proc_cgroup: str, root: Path = CGROUP_ROOT) -> tuple[float, str] | None:
-    """The CPU quota of the process's cgroup (the tightest of it and its ancestors), in CPUs, with the file it came
-    from; None where no quota is set. `proc_cgroup` is the text of /proc/self/cgroup; cgroup v2 (`cpu.max`) and v1
-    (`cpu.cfs_quota_us` / `cpu.cfs_period_us`) are both read, v2 mounted at `root` or at `root`/unified."""
-    best: tuple[float, str] | None = None
-    for line in proc_cgroup.splitlines():
-        parts = line.strip().split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controllers == "":
-            mounts = [root, root / "unified"]
-            read = _v2_quota
-        elif "cpu" in controllers.split(","):
-            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
-            read = _v1_quota
-        else:
-            continue
-        for mount in mounts:
-            for folder in _ancestors(mount, path):
-                quota = read(folder)
-                if quota is not None and (best is None or quota[0] < best[0]):
-                    best = quota
-    return best
-
-
-def _ancestors(mount: Path, path: str) -> list[Path]:
-    """The cgroup's folder and its parents up to the mount. Inside a container the mount is often the container's
-    own cgroup while /proc/self/cgroup names a path of the host's: then only the mount itself applies."""
-    if not mount.is_dir():
-        return []
-    folder = mount / path.strip("/")
-    if not folder.is_dir():
-        return [mount]
-    chain = [folder]
-    while folder != mount:
-        folder = folder.parent
-        chain.append(folder)
-    return chain
-
-
-def _read(file: Path) -> str | None:
-    try:
-        return file.read_text().strip()
-    except OSError:
-        return None
-
-
-def _v2_quota(folder: Path) -> tuple[float, str] | None:
-    text = _read(folder / "cpu.max")
-    if not text:
-        return None
-    quota, _, period = text.partition(" ")
-    if quota == "max" or not period:
-        return None
-    return int(quota) / int(period), f"{folder / 'cpu.max'} = {text}"
-
-
-def _v1_quota(folder: Path) -> tuple[float, str] | None:
-    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-    if not quota or not period or int(quota) <= 0:
-        return None
-    return int(quota) / int(period), f"{folder / 'cpu.cfs_quota_us'} = {quota} per {period} us"
-
-
-def thread_budget(
-    setting: int | None, cpus: set[int] | None = None, proc_cgroup: str | None = None, root: Path = CGROUP_ROOT
-) -> ThreadBudget:
-    """How many compute threads to run: `setting` (LORASWAP_THREADS) where given, else the CPUs of the affinity
-    mask, no more than the cgroup's CPU quota rounded down (at least one). Threads that wait at every barrier for
-    a share of a CPU they cannot have are slower than fewer threads, so a fractional quota rounds down."""
-    cpus = os.sched_getaffinity(0) if cpus is None else cpus
-    if setting:
-        return ThreadBudget(setting, f"LORASWAP_THREADS={setting} ({len(cpus)} CPUs in the affinity mask)", fixed=True)
-    if proc_cgroup is None:
-        proc_cgroup = _read(Path("/proc/self/cgroup")) or ""
-    quota = cgroup_cpu_quota(proc_cgroup, root)
-    mask = f"{len(cpus)} CPU{'s' * (len(cpus) != 1)} in the affinity mask"
-    if quota is None or math.floor(quota[0]) >= len(cpus):
-        limit = "" if quota is None else f"; cgroup quota {quota[0]:g} CPUs ({quota[1]})"
-        return ThreadBudget(len(cpus), mask + (limit or ", no cgroup CPU quota"))
-    threads = max(1, math.floor(quota[0]))
-    return ThreadBudget(threads, f"cgroup quota {quota[0]:g} CPUs ({quota[1]}); {mask}")
 
 
 @dataclass(frozen=True)
@@ -135,7 +45,8 @@ class Sample:
     run_delay: float
     """Time the process's threads have spent runnable but waiting for a CPU, summed over its threads."""
     idle: float
-    """Idle time of the CPUs in the affinity mask, summed over them."""
+    """Time the CPUs in the affinity mask were free for the worker, summed over them: idle, or running niced
+    processes (positive nice), which a thread at the worker's priority displaces."""
     work: float = 0.0
     """Work the engine has done: rows decoded, summed over its steps."""
 
@@ -155,17 +66,18 @@ class SchedProbe:
         except OSError:
             return None
         for task in tasks:
-            text = _read(task / "schedstat")  # a thread can end between the listing and the read
+            text = read_text(task / "schedstat")  # a thread can end between the listing and the read
             if text:
                 delay += int(text.split()[1])
-        stat = _read(self.proc / "stat")
+        stat = read_text(self.proc / "stat")
         if stat is None:
             return None
         idle = 0
         for line in stat.splitlines():
             fields = line.split()
             if fields and fields[0] in self.cpus:
-                idle += int(fields[4]) + int(fields[5])  # idle + iowait
+                # idle + iowait, and the time of niced processes (`nice` column), which yield to the worker's threads
+                idle += int(fields[2]) + int(fields[4]) + int(fields[5])
         return Sample(time.monotonic(), delay / 1e9, idle / self.tick)
 
 
@@ -213,10 +125,30 @@ class ThreadGovernor:
         """While a count is on trial: the count before it and the work per second it did."""
         self.best = 0.0
         """The most work per second of recent windows at the current count (decaying)."""
+        self.unchecked = False
+        """The count came from an idle spell (`resume`) below the budget and no step has shown it better yet."""
 
     def reset(self) -> None:
         """Forget the window: the engine was idle, and idle time says nothing about the steps."""
         self.start = None
+
+    def resume(self, free: float) -> int | None:
+        """The engine has work again after an idle spell during which the mask's CPUs were `free` CPUs free (see
+        `Sample.idle`): run as many threads as were free, rounded, within the budget; returns the new count when it
+        changes. A step can take many times its quiet time with a thread too many (a 16-prompt prefill beside a
+        busy process: 14.4 s with two threads against 0.74 s alone), so the first step after an idle spell must
+        not be the one that finds out: the idle spell already showed what other processes take. But the spell
+        cannot tell a process that stays from a burst of work (a client loading a model just before it sends),
+        so a count below the budget is checked: after its first window, one more thread is tried whatever the
+        idle time (a trial beside a process that stays costs a step or two)."""
+        self.start = None
+        self.trial = None
+        threads = max(1, min(self.budget, math.floor(free + 0.5)))
+        self.unchecked = threads < self.budget
+        if threads == self.threads:
+            return None
+        self.threads = threads
+        return threads
 
     def observe(self, now: Sample) -> int | None:
         """Feed the accounts after a step; returns the new thread count when it changes."""
@@ -241,7 +173,8 @@ class ThreadGovernor:
         self.best = max(rate, 0.8 * self.best)
         if self.threads > 1 and waiting > self.contended and (now.wall >= self.next_try[-1] or collapsed):
             return self._try(self.threads - 1, rate)
-        if self.threads < self.budget and idle >= self.spare and now.wall >= self.next_try[1]:
+        if self.threads < self.budget and (idle >= self.spare or self.unchecked) and now.wall >= self.next_try[1]:
+            self.unchecked = False
             return self._try(self.threads + 1, rate)
         return None
 
@@ -291,6 +224,8 @@ class CpuThreads:
         recheck: float = 1.0,
         probe: SchedProbe | None = None,
         clock: Callable[[], float] = time.monotonic,
+        idle_tick: float | None = 0.1,
+        lookback: float = 0.3,
     ) -> None:
         self.setting, self.apply, self.report, self.recheck = setting, apply, report, recheck
         self.budget = thread_budget(setting)
@@ -303,6 +238,14 @@ class CpuThreads:
         self.settled = self.budget.threads
         """The count last reported: trials are not reported, the counts kept are."""
         self.checked = time.monotonic()
+        self.idle_tick = idle_tick
+        self.lookback = lookback
+        self.idle_samples: deque[Sample] = deque(maxlen=round(lookback / (idle_tick or 0.1)) + 1)
+        """The accounts over the last `lookback` seconds of the engine's idle spell, read every `idle_tick` seconds
+        by a watcher thread (None: no thread; `sample_idle` is then called from outside, as the tests do)."""
+        self.idle = threading.Event()
+        """Set while the engine is idle."""
+        self.watcher: threading.Thread | None = None
         apply(self.budget.threads)
         adapting = "fixed" if self.budget.fixed else "fewer while other processes hold the CPUs"
         report(f"compute threads: {self.budget.threads} ({self.budget.reason}; {adapting})")
@@ -318,6 +261,7 @@ class CpuThreads:
         if not busy:
             self.governor.reset()
             self.next_sample = 0.0
+            self.engine_idle()
             return
         self.work += rows
         now = self.clock()
@@ -337,6 +281,59 @@ class CpuThreads:
             self.settled = self.governor.threads
             why = "other processes held the CPUs" if self.settled < self.budget.threads else "a CPU is free again"
             self.report(f"compute threads: {self.settled} of {self.budget.threads} ({why}: the steps did more work)")
+
+    def engine_idle(self) -> None:
+        """The engine has no work: from now until `before_step`, the watcher reads what other processes take."""
+        if self.budget.fixed or self.idle.is_set():
+            return
+        self.idle_samples.clear()
+        self.idle.set()
+        if self.idle_tick and self.watcher is None:
+            self.watcher = threading.Thread(target=self._watch, name="loraswap-cpu-watch", daemon=True)
+            self.watcher.start()
+
+    def _watch(self) -> None:
+        assert self.idle_tick
+        while True:
+            self.idle.wait()
+            self.sample_idle()
+            time.sleep(self.idle_tick)
+
+    def sample_idle(self) -> None:
+        """One reading of the accounts during the engine's idle spell."""
+        sample = self.probe.sample()
+        if sample is not None and self.idle.is_set():
+            self.idle_samples.append(sample)
+
+    def before_step(self) -> None:
+        """Called before each engine step. The first step after an idle spell runs as many threads as the spell's
+        last `lookback` seconds left CPUs free (the engine's threads were asleep, so whatever ran was another
+        process): a busy neighbour that arrived while the server was idle costs no step run with a thread too
+        many. The most free CPUs of any tick count, not the mean: a process that keeps a CPU leaves none of the
+        ticks free, a burst of work (a client starting, the server's own API process) leaves some. A spell
+        shorter than two ticks says too little and changes nothing. The costs are uneven, hence the short
+        lookback: one thread too few costs a seventh of the work until the governor's next trial, one too many
+        beside a busy process twenty times the step."""
+        if not self.idle.is_set():
+            return
+        self.idle.clear()
+        samples = list(self.idle_samples)
+        now = self.probe.sample() if samples else None
+        if now is None or now.wall - samples[0].wall < 2 * (self.idle_tick or 0.1):
+            return
+        # A tick much shorter than the watcher's says nothing: /proc/stat counts in 10 ms jiffies.
+        shortest = (self.idle_tick or 0.1) / 2
+        ticks = zip(samples, [*samples[1:], now], strict=True)
+        free = max(
+            ((b.idle - a.idle) / (b.wall - a.wall) for a, b in ticks if b.wall - a.wall >= shortest), default=None
+        )
+        change = None if free is None else self.governor.resume(free)
+        if change is None:
+            return
+        self.apply(change)
+        self.settled = change
+        why = "other processes held the CPUs" if change < self.budget.threads else "the CPUs are free again"
+        self.report(f"compute threads: {change} of {self.budget.threads} ({why} while the engine was idle)")
 
     def _recheck_budget(self) -> None:
         budget = thread_budget(self.setting)
