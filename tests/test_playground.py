@@ -129,10 +129,11 @@ def test_page_and_assets_are_served_by_the_api_process(url: str) -> None:
     page = httpx.get(url)  # the page holds no data: it needs no key (the API calls it makes do)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in page.headers["content-security-policy"]
-    for src in ('src="playground/app.js"', 'href="playground/style.css"'):
+    for src in ('src="playground/app.js"', 'src="playground/adapters.js"', 'href="playground/style.css"'):
         assert src in page.text
-    js = httpx.get(f"{url}/playground/app.js")
-    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    for name in ("app.js", "adapters.js"):
+        js = httpx.get(f"{url}/playground/{name}")
+        assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
     missing = httpx.get(f"{url}/playground/secret.txt")
     assert missing.status_code == 404 and "no playground file" in missing.json()["error"]["message"]
     assert httpx.get(f"{url}/v1/models").status_code == 401  # the API still needs its key
