@@ -354,3 +354,16 @@ def test_after_a_resume_below_the_budget_one_more_thread_is_tried_whatever_the_i
     assert gov2.resume(1.0) == 1
     assert world2.run(10, World.NEIGHBOUR) == [2, 1]
     assert gov2.threads == 1 and world2.counts.count(2) <= 3  # the failed check: at most half a window
+
+
+def test_the_watcher_stops_where_the_accounts_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("loraswap.server.worker.cpu_budget.cgroup_cpu_quota", lambda *a: None)
+    probe = FakeProbe([None])  # type: ignore[list-item]  # what SchedProbe gives without /proc
+    threads = CpuThreads(None, lambda n: None, report=lambda m: None, probe=probe, idle_tick=0.01)
+    threads.engine_idle()
+    assert threads.watcher is not None
+    threads.watcher.join(timeout=5)
+    assert not threads.watcher.is_alive() and probe.samples == []
+    threads.before_step()  # nothing read, nothing changed
+    assert threads.threads == 2

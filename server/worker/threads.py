@@ -296,14 +296,16 @@ class CpuThreads:
         assert self.idle_tick
         while True:
             self.idle.wait()
-            self.sample_idle()
+            if not self.sample_idle():
+                return  # no /proc here (not Linux): nothing to watch
             time.sleep(self.idle_tick)
 
-    def sample_idle(self) -> None:
-        """One reading of the accounts during the engine's idle spell."""
+    def sample_idle(self) -> bool:
+        """One reading of the accounts during the engine's idle spell; False where they cannot be read."""
         sample = self.probe.sample()
         if sample is not None and self.idle.is_set():
             self.idle_samples.append(sample)
+        return sample is not None
 
     def before_step(self) -> None:
         """Called before each engine step. The first step after an idle spell runs as many threads as the spell's
