@@ -37,16 +37,15 @@ def busy_neighbour() -> Iterator[subprocess.Popen[bytes]]:
 
 
 def _wait_spinning(pid: int, cpu_seconds: float = 0.5, timeout: float = 3.0) -> None:
-    """Until process `pid` has run `cpu_seconds` on a CPU (its interpreter started, then spun): the scenario is
-    traffic beside a process that is busy, not one that is starting. Where /proc is missing, the timeout."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """Until process `pid` has run `cpu_seconds` on a CPU (its interpreter started, then spun), at most `timeout`
+    seconds: the scenario is traffic beside a process that is busy, not one that is starting."""
+    import psutil
+
+    proc = psutil.Process(pid)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            fields = []
-        if fields and (int(fields[11]) + int(fields[12])) / tick >= cpu_seconds:
+        times = proc.cpu_times()
+        if times.user + times.system >= cpu_seconds:
             return
         time.sleep(0.05)
 
