@@ -217,7 +217,7 @@ class FakeProbe(SchedProbe):
     def __init__(self, samples: list[Sample]) -> None:
         self.samples = samples
 
-    def sample(self) -> Sample | None:
+    def sample(self, run_delay: bool = True) -> Sample | None:
         return self.samples.pop(0)
 
 
@@ -269,6 +269,8 @@ def test_the_probe_counts_niced_processes_time_as_free(tmp_path: Path) -> None:
     assert sample is not None
     assert sample.run_delay == 2.5
     assert sample.idle == pytest.approx((300 + 200 + 0) / SchedProbe(cpus={0}, proc=tmp_path).tick)
+    cpus_only = SchedProbe(cpus={0}, proc=tmp_path).sample(run_delay=False)  # the idle watcher's reading
+    assert cpus_only is not None and cpus_only.run_delay == 0 and cpus_only.idle == sample.idle
 
 
 def idle_spell(free: list[float], tick: float = 0.1, start: float = 100.0) -> list[Sample]:

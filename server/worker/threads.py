@@ -59,10 +59,12 @@ class SchedProbe:
         self.proc = proc
         self.tick = os.sysconf("SC_CLK_TCK")
 
-    def sample(self) -> Sample | None:
+    def sample(self, run_delay: bool = True) -> Sample | None:
+        """The accounts now; with `run_delay` False the threads' wait is not read (0: a file per thread, which the
+        idle watcher, reading only the CPUs' time, does not need ten times a second)."""
         delay = 0
         try:
-            tasks = list((self.proc / "self" / "task").iterdir())
+            tasks = list((self.proc / "self" / "task").iterdir()) if run_delay else []
         except OSError:
             return None
         for task in tasks:
@@ -239,10 +241,11 @@ class CpuThreads:
         """The count last reported: trials are not reported, the counts kept are."""
         self.checked = time.monotonic()
         self.idle_tick = idle_tick
-        self.lookback = lookback
-        self.idle_samples: deque[Sample] = deque(maxlen=round(lookback / (idle_tick or 0.1)) + 1)
-        """The accounts over the last `lookback` seconds of the engine's idle spell, read every `idle_tick` seconds
-        by a watcher thread (None: no thread; `sample_idle` is then called from outside, as the tests do)."""
+        """Seconds between the watcher thread's readings (None: no thread; `sample_idle` is then called from
+        outside, as the tests do, at the same pace)."""
+        self.idle_period = idle_tick or 0.1
+        self.idle_samples: deque[Sample] = deque(maxlen=round(lookback / self.idle_period) + 1)
+        """The accounts over the last `lookback` seconds of the engine's idle spell."""
         self.idle = threading.Event()
         """Set while the engine is idle."""
         self.watcher: threading.Thread | None = None
@@ -302,7 +305,7 @@ class CpuThreads:
 
     def sample_idle(self) -> bool:
         """One reading of the accounts during the engine's idle spell; False where they cannot be read."""
-        sample = self.probe.sample()
+        sample = self.probe.sample(run_delay=False)
         if sample is not None and self.idle.is_set():
             self.idle_samples.append(sample)
         return sample is not None
@@ -320,15 +323,14 @@ class CpuThreads:
             return
         self.idle.clear()
         samples = list(self.idle_samples)
-        now = self.probe.sample() if samples else None
-        if now is None or now.wall - samples[0].wall < 2 * (self.idle_tick or 0.1):
+        now = self.probe.sample(run_delay=False) if samples else None
+        if now is None or now.wall - samples[0].wall < 2 * self.idle_period:
             return
         # A tick much shorter than the watcher's says nothing: /proc/stat counts in 10 ms jiffies.
-        shortest = (self.idle_tick or 0.1) / 2
-        ticks = zip(samples, [*samples[1:], now], strict=True)
-        free = max(
-            ((b.idle - a.idle) / (b.wall - a.wall) for a, b in ticks if b.wall - a.wall >= shortest), default=None
-        )
+        ticks = [
+            (a, b) for a, b in zip(samples, [*samples[1:], now], strict=True) if b.wall - a.wall >= self.idle_period / 2
+        ]
+        free = max(((b.idle - a.idle) / (b.wall - a.wall) for a, b in ticks), default=None)
         change = None if free is None else self.governor.resume(free)
         if change is None:
             return
