@@ -10,7 +10,10 @@ import torch
 from engines import PROMPTS, peft_adapter
 
 from loraswap.adapters.manifest import AdapterError
+from loraswap.server.worker import q4
 from loraswap.server.worker.slots import LoraSlots
+
+KERNELS = [False, pytest.param(True, marks=pytest.mark.skipif(q4.lora_kernel() is None, reason="no LoRA kernel"))]
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +45,15 @@ def reference_logits(base_path: Path, adapter: Path | None, ids: torch.Tensor) -
         return model(ids).logits
 
 
-def test_a_mixed_batch_gives_each_row_its_adapters_logits(lively_base: Path, adapters: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kernel", KERNELS, ids=["torch", "kernel"])
+def test_a_mixed_batch_gives_each_row_its_adapters_logits(
+    lively_base: Path, adapters: dict[str, Path], kernel: bool
+) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(lively_base)
-    slots = LoraSlots(model, capacity=4)
+    slots = LoraSlots(model, capacity=4, kernel=kernel)
+    assert (slots.native is not None) == kernel
     for name, path in adapters.items():
         slots.load(name, path)
     for rows in (["qv8", "qv4", "all16rs", "pattern"], ["pattern", None, "qv8", "all16rs"], ["qv4"] * 4):
@@ -81,11 +88,11 @@ def test_slots_are_reused_without_new_memory(lively_base: Path, adapters: dict[s
     slots = LoraSlots(AutoModelForCausalLM.from_pretrained(lively_base), capacity=2)
     slots.load("keep", adapters["qv8"])
     layer = next(iter(slots.layers.values()))
-    storage = (layer.A.data_ptr(), layer.B.data_ptr())
+    storage = (layer.A.data_ptr(), layer.Bt.data_ptr())
     for i in range(300):
         slots.load(f"churn{i}", adapters["qv4"])
         slots.unload(f"churn{i}")
-    assert (layer.A.data_ptr(), layer.B.data_ptr()) == storage
+    assert (layer.A.data_ptr(), layer.Bt.data_ptr()) == storage
     assert len(slots) == 1 and sorted(slots.free) == [2]
     with pytest.raises(AdapterError, match="slots are in use"):
         slots.load("a", adapters["qv4"])
@@ -113,7 +120,7 @@ def test_running_rows_stay_gathered_through_joins_leaves_and_reused_slots(
 
     monkeypatch.setattr(SlotLinear, "gather_rows", gather_rows)
     model = AutoModelForCausalLM.from_pretrained(lively_base)
-    slots = LoraSlots(model, capacity=3, max_rows=4)
+    slots = LoraSlots(model, capacity=3, max_rows=4, kernel=False)  # the row buffers are torch's
     slots.load("qv8", adapters["qv8"])
     slots.load("qv4", adapters["qv4"])
 
@@ -149,7 +156,7 @@ def test_a_running_batch_of_one_adapter_or_larger_than_the_row_buffers_gathers_n
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(lively_base)
-    slots = LoraSlots(model, capacity=2, max_rows=2)
+    slots = LoraSlots(model, capacity=2, max_rows=2, kernel=False)
     slots.load("qv8", adapters["qv8"])
     slots.load("qv4", adapters["qv4"])
     slots.use(["qv8"] * 4, running=True)
@@ -163,3 +170,37 @@ def test_a_running_batch_of_one_adapter_or_larger_than_the_row_buffers_gathers_n
         torch.testing.assert_close(
             out[i], reference_logits(lively_base, adapters[name], PROMPTS)[i], atol=2e-5, rtol=1e-4
         )
+
+
+@pytest.mark.skipif(q4.lora_kernel() is None, reason="no LoRA kernel")
+def test_the_lora_kernel_adds_each_rows_own_delta_and_refuses_what_it_cannot_take() -> None:
+    """Odd sizes (the vector tails), sequences of several rows, slot 0 and a zero scale adding nothing; against
+    the delta computed in torch."""
+    add = q4.lora_kernel()
+    assert add is not None
+    gen = torch.Generator().manual_seed(0)
+    slots_n, rank, k, n, seqs, per = 4, 5, 37, 45, 5, 3
+    a = torch.randn(slots_n, rank, k, generator=gen)
+    bt = torch.randn(slots_n, rank, n, generator=gen)
+    scale = torch.tensor([0.0, 0.5, 2.0, 0.0])
+    a[0].zero_(), bt[0].zero_()
+    slots = torch.tensor([1, 0, 2, 3, 1])
+    x = torch.randn(seqs, per, k, generator=gen)
+    base = torch.randn(seqs, per, n, generator=gen)
+    out = base.clone()
+    assert add(x, a, bt, scale, slots, out)
+    s = slots.repeat_interleave(per)
+    want = base.reshape(-1, n) + torch.einsum("mk,mrk,mrn->mn", x.reshape(-1, k), a[s], bt[s]) * scale[s, None]
+    torch.testing.assert_close(out.reshape(-1, n), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], base[1], atol=0, rtol=0)  # slot 0
+    torch.testing.assert_close(out[3], base[3], atol=0, rtol=0)  # scale 0
+    # What it does not take, it leaves alone for the caller: another dtype, a view with gaps, rows that are not
+    # whole sequences.
+    for bad in (
+        (x.to(torch.bfloat16), a, bt, scale, slots, base.clone()),
+        (x, a, bt, scale, slots, torch.randn(seqs, per, 2 * n)[..., :n]),
+        (x[:4], a, bt, scale, slots, base[:4].clone()),
+    ):
+        before = bad[-1].clone()
+        assert not add(*bad)
+        torch.testing.assert_close(bad[-1], before, atol=0, rtol=0)

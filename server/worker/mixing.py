@@ -69,7 +69,7 @@ def mixture_forward(
     rank = layer.A.shape[1]
     flat = slots.reshape(-1)
     a = layer.A.index_select(0, flat).reshape(n, k * rank, layer.in_features)  # [rows, K*R, in]
-    bt = layer.B.index_select(0, flat).transpose(1, 2).reshape(n, k * rank, layer.out_features)  # [rows, K*R, out]
+    bt = layer.Bt.index_select(0, flat).reshape(n, k * rank, layer.out_features)  # [rows, K*R, out]
     scale = layer.scale.index_select(0, flat).view(n, k) * weights.to(layer.scale.dtype)  # [rows, K]
     scale = scale.repeat_interleave(rank, dim=1).unsqueeze(1)  # [rows, 1, K*R]
     xd = x.to(layer.A.dtype)

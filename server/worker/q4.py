@@ -16,6 +16,11 @@ re-laid out). Two variants:
 For the LM head (dense), `bf16_weight_matmul`: a bf16 copy of the weight, float32 FMAs: it reads half the memory
 of the float32 head without bf16 dot products (`fastpath.bf16_head` recomputes the top logits in float32).
 
+For the LoRA layers (`slots.py`), `lora_kernel`: every row's low-rank delta added into the base layer's output in
+one call, each row reading its own adapter's slot (no gathered copies), on any CPU with AVX512F. In torch the same
+takes two or three small kernels a layer whose dispatch, not arithmetic, is the cost: about 3 ms of a 51 ms
+16-row decoding step with q, v adapters on 30 layers.
+
 The C source is compiled with the system's C compiler (`CC`, else `cc`; GCC 10 or later, or Clang 9 or later,
 for the AVX512-BF16 intrinsics) into the user cache, once per source and compiler, and loaded with ctypes.
 OpenMP threads come from the libgomp torch already loaded (one thread team, as bitsandbytes' own library).
@@ -88,7 +93,7 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("loraswap's CPU kernels are not available (4-bit layers keep bitsandbytes' own): %s", exc)
         return None
-    for name in ("q4_matmul_f32", "q4_matmul_bf16", "bf16w_matmul"):
+    for name in ("q4_matmul_f32", "q4_matmul_bf16", "bf16w_matmul", "lora_add"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -175,3 +180,42 @@ def bf16_weight_matmul(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.T
         return out[:, :n]
 
     return matmul
+
+
+LORA_MAX_RANK = 128  # as the kernel's
+
+
+@cache
+def lora_kernel() -> Callable[..., bool] | None:
+    """`add(x, A, Bt, scale, slots, out)`: out [rows, n] += scale[s] * x A[s]^T Bt[s] for each row, s its sequence's
+    slot (`slots`, one per sequence of rows/len(slots) rows; slot 0 adds nothing), on the CPU. A [S, R, k],
+    Bt [S, R, n] and scale [S] are a `slots.SlotLinear`'s own tensors (float32, contiguous) and `slots` a
+    `LoraSlots`' rows (int64, valid slots); x and out are checked: False (nothing done) where they do not fit the
+    kernel, and the caller computes the delta otherwise. None where the kernels are not built or the CPU has no
+    AVX512F."""
+    lib = library()
+    if lib is None or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return None
+    fn = lib.lora_add
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ctypes.c_int]
+    f32 = torch.float32
+
+    def add(
+        x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        _, rank, k = A.shape
+        n, seqs = Bt.shape[2], len(slots)
+        m = out.numel() // n
+        if (
+            x.dtype != f32 or out.dtype != f32 or not x.is_contiguous() or not out.is_contiguous()
+            or x.numel() != m * k or rank > LORA_MAX_RANK or m % seqs or x.device.type != "cpu"
+        ):  # fmt: skip
+            return False
+        rc = fn(
+            m, n, k, rank, x.data_ptr(), k, A.data_ptr(), Bt.data_ptr(), scale.data_ptr(), slots.data_ptr(), m // seqs,
+            out.data_ptr(), n, torch.get_num_threads(),
+        )  # fmt: skip
+        return rc == 0
+
+    return add

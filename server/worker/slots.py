@@ -5,14 +5,16 @@ PEFT's mixed-batch path (`adapter_names`) loops over the distinct adapters of th
 adapted layer, and its `load_adapter` walks the whole model (its cost grows with the adapters
 already loaded). Here each adapted layer holds, for S slots,
 
-    A: [S, R, in]   B: [S, out, R]   scale: [S]
+    A: [S, R, in]   Bt (B transposed): [S, R, out]   scale: [S]
 
 where R is the largest rank loaded (smaller ranks are zero-padded, which changes no sum). A forward
-over rows that use slots `idx` adds `bmm(bmm(x, A[idx]^T) * scale[idx], B[idx]^T)` into the base layer's
-output in place: the same number of operations whatever the mix of adapters. A batch of one adapter takes
-PEFT's own two matmuls. Slot 0 is all zeros: rows on the base, or on a prompt-learning adapter, use it.
+over rows that use slots `idx` adds `bmm(bmm(x, A[idx]^T) * scale[idx], Bt[idx])` into the base layer's
+output in place: the same number of operations whatever the mix of adapters. On a CPU with loraswap's kernels
+(`q4.lora_kernel`) that is one call a layer in which each row reads its own slot; elsewhere, in torch, a batch of
+one adapter takes PEFT's own two matmuls. Slot 0 is all zeros: rows on the base, or on a prompt-learning
+adapter, use it.
 
-The running batch's rows keep their gathered `A[idx]`, `B[idx]^T` and scales in per-layer row buffers
+In torch, the running batch's rows keep their gathered `A[idx]`, `Bt[idx]` and scales in per-layer row buffers
 (`[rows, R, in]`, `[rows, R, out]`, `[rows]`) from one decoding step to the next, and a step rewrites only the
 rows whose adapter changed: a request joining or leaving the batch costs one row's copy, not a regather of
 every row in every layer. The row buffers are a fixed cost sized by the batch (allocated and touched with
@@ -36,6 +38,7 @@ from torch import nn
 
 from loraswap.adapters.lora import lora_pairs, lora_scale
 from loraswap.adapters.manifest import CONFIG_FILE, WEIGHTS_FILE, AdapterError
+from loraswap.server.worker import q4
 from loraswap.server.worker.mixing import Mix, mix_rows, mixture_forward
 
 # PEFT LoRA features this path does not compute; such adapters are refused with the reason.
@@ -61,12 +64,12 @@ class SlotLinear(nn.Module):
         self.out_features = int(base_layer.out_features)  # type: ignore[arg-type]
         dev, dt = slots.device, slots.dtype
         self.A = torch.empty(capacity, rank, self.in_features, device=dev, dtype=dt)
-        self.B = torch.empty(capacity, self.out_features, rank, device=dev, dtype=dt)
+        self.Bt = torch.empty(capacity, rank, self.out_features, device=dev, dtype=dt)
         self.scale = torch.zeros(capacity, device=dev, dtype=dt)
         self.scales = [0.0] * capacity  # the same, as Python floats (a kernel argument, no tensor op)
         self.A[0].zero_()
-        self.B[0].zero_()
-        self._make_row_buffers(rows)
+        self.Bt[0].zero_()
+        self._make_row_buffers(0 if slots.native is not None else rows)  # the kernel reads the slots themselves
 
     def _make_row_buffers(self, rows: int) -> None:
         """The running rows' A [rows, R, in], B^T [rows, R, out] and scale [rows, 1, 1], as `LoraSlots.use` gathers
@@ -83,35 +86,35 @@ class SlotLinear(nn.Module):
         if rank <= old:
             return
         a = torch.empty(self.A.shape[0], rank, self.in_features, device=self.A.device, dtype=self.A.dtype)
-        b = torch.empty(self.B.shape[0], self.out_features, rank, device=self.B.device, dtype=self.B.dtype)
+        bt = torch.empty(self.Bt.shape[0], rank, self.out_features, device=self.Bt.device, dtype=self.Bt.dtype)
         for s in [0, *used]:
             a[s, :old].copy_(self.A[s])
             a[s, old:].zero_()
-            b[s, :, :old].copy_(self.B[s])
-            b[s, :, old:].zero_()
-        self.A, self.B = a, b
+            bt[s, :old].copy_(self.Bt[s])
+            bt[s, old:].zero_()
+        self.A, self.Bt = a, bt
         self._make_row_buffers(self.row_a.shape[0])  # `LoraSlots` regathers every row
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         """Put one adapter's A [r, in] and B [out, r] in `slot` (None: this adapter leaves the layer alone)."""
         if a is None or b is None:
             self.A[slot].zero_()
-            self.B[slot].zero_()
+            self.Bt[slot].zero_()
             self.scale[slot] = 0.0
             self.scales[slot] = 0.0
             return
         r = a.shape[0]
         self.A[slot, :r].copy_(a)
         self.A[slot, r:].zero_()
-        self.B[slot, :, :r].copy_(b)
-        self.B[slot, :, r:].zero_()
+        self.Bt[slot, :r].copy_(b.t())
+        self.Bt[slot, r:].zero_()
         self.scale[slot] = scale
         self.scales[slot] = float(self.scale[slot])
 
     def gather_rows(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Row buffer positions `rows` take the weights of `slots` (index tensors of the same length)."""
         self.row_a.index_copy_(0, rows, self.A.index_select(0, slots))
-        self.row_bt.index_copy_(0, rows, self.B.index_select(0, slots).transpose(1, 2))
+        self.row_bt.index_copy_(0, rows, self.Bt.index_select(0, slots))
         self.row_scale.index_copy_(0, rows, self.scale.index_select(0, slots).view(-1, 1, 1))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -121,17 +124,19 @@ class SlotLinear(nn.Module):
             return mixture_forward(self, x, out, *slots.mix)
         if slots.rows is None:
             return out
+        if slots.native is not None and slots.native(x, self.A, self.Bt, self.scale, slots.rows, out):
+            return out
         xd = x.to(self.A.dtype)
         if slots.uniform is not None and out.dtype == xd.dtype and out.is_contiguous():
             # One adapter for the whole batch: PEFT's two matmuls, the second adding its scaled product into the
             # base's output in place (two kernels a layer; dispatch, not arithmetic, is the cost at this size).
             s = slots.uniform
             flat = out.view(-1, self.out_features)
-            flat.addmm_(torch.mm(xd.reshape(-1, self.in_features), self.A[s].t()), self.B[s].t(), alpha=self.scales[s])
+            flat.addmm_(torch.mm(xd.reshape(-1, self.in_features), self.A[s].t()), self.Bt[s], alpha=self.scales[s])
             return out
         if slots.uniform is not None:
             s = slots.uniform
-            delta = nn.functional.linear(nn.functional.linear(xd, self.A[s]), self.B[s]) * self.scale[s]
+            delta = torch.matmul(nn.functional.linear(xd, self.A[s]), self.Bt[s]) * self.scale[s]
             return out + delta.to(out.dtype)
         assert slots.rows is not None
         if slots.kept:  # the running batch: its rows' weights are in the row buffers, in row order
@@ -139,7 +144,7 @@ class SlotLinear(nn.Module):
             a, bt, scale = self.row_a[:n], self.row_bt[:n], self.row_scale[:n]
         else:
             a = self.A.index_select(0, slots.rows)
-            bt = self.B.index_select(0, slots.rows).transpose(1, 2)
+            bt = self.Bt.index_select(0, slots.rows)
             scale = self.scale.index_select(0, slots.rows).view(-1, 1, 1)
         shape = xd.shape
         # Rows x (the scaled rank-R product) x B^T, added into the base's output in place when it can take it.
@@ -154,14 +159,24 @@ class LoraSlots:
     """The slots of one model: which adapter is where, and the rows of the next forward."""
 
     def __init__(
-        self, model: nn.Module, capacity: int, device: Any = None, dtype: Any = None, max_rows: int = 16
+        self,
+        model: nn.Module,
+        capacity: int,
+        device: Any = None,
+        dtype: Any = None,
+        max_rows: int = 16,
+        kernel: bool = True,
     ) -> None:
         """`capacity` adapters can be loaded at once (slot 0, the zero adapter, comes on top); a running batch of up
-        to `max_rows` rows keeps its rows' weights gathered between decoding steps."""
+        to `max_rows` rows keeps its rows' weights gathered between decoding steps (in torch). `kernel`: add the
+        deltas with loraswap's CPU kernel where it applies (False: torch ops everywhere, as on a GPU)."""
         self.model = model
         self.device = device or next(model.parameters()).device
         # float32, as PEFT computes LoRA (it upcasts half-precision adapter weights): the same results.
         self.dtype = dtype or torch.float32
+        on_cpu = torch.device(self.device).type == "cpu" and self.dtype == torch.float32
+        self.native = q4.lora_kernel() if kernel and on_cpu else None
+        """loraswap's kernel for the deltas (`q4.lora_kernel`), or None: torch ops and the row buffers."""
         self.capacity = capacity + 1
         self.rank = 0
         self.layers: dict[str, SlotLinear] = {}
@@ -279,7 +294,7 @@ class LoraSlots:
             return
         self.uniform = slots[0] if all(s == slots[0] for s in slots) else None
         self.rows = torch.tensor(slots, dtype=torch.long, device=self.device)
-        if running and self.uniform is None and len(slots) <= self.max_rows:
+        if running and self.native is None and self.uniform is None and len(slots) <= self.max_rows:
             changed = [i for i, s in enumerate(slots) if self._held[i] != s]
             if changed:
                 rows = torch.tensor(changed, dtype=torch.long, device=self.device)

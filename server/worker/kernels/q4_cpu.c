@@ -1,5 +1,6 @@
 /* loraswap's CPU kernels, for x86 CPUs with AVX512-BF16: 4-bit x float matrix products on bitsandbytes'
-   CPU-packed weights (q4_matmul_*), and a float x bf16-weight product for the LM head (bf16w_matmul).
+   CPU-packed weights (q4_matmul_*), a float x bf16-weight product for the LM head (bf16w_matmul), and the LoRA
+   deltas of a batch whose rows use different adapters (lora_add, AVX512F only).
 
    bitsandbytes' own CPU kernel is a GEMV per row: a step of 16 rows dequantizes every weight 16 times. Here
    each tile of 32 output features x one pair of input features is dequantized once, into registers, and used
@@ -175,5 +176,49 @@ int bf16w_matmul(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, c
         for (int64_t r = 0; r < m; r += MAX_ROWS)
             TILES_BF16W[m - r < MAX_ROWS ? m - r : MAX_ROWS](a + r * lda, lda, w + b * k * BLOCK_N, k,
                                                              out + r * ldo + b * BLOCK_N, ldo);
+    return 0;
+}
+
+/* out[r] += scale[s] * (x[r] A[s]^T) Bt[s] for every row r of a LoRA layer, s = slot[r / per] (a batch of
+   sequences of `per` rows each, one adapter a sequence); slot 0, the zero adapter, is skipped. A is [S][rank][k],
+   Bt (B transposed) [S][rank][n], scale [S], all float32 and contiguous. Rows are independent: no gathered copy of
+   any adapter's weights, whatever the mix, and the rank-sized intermediate stays in registers. AVX512F only. */
+#define LORA_MAX_RANK 128
+
+static inline __m512 load_tail(const float *p, int64_t left) {
+    return left >= 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), p);
+}
+
+int lora_add(int64_t m, int64_t n, int64_t k, int64_t rank, const float *x, int64_t ldx, const float *A,
+             const float *Bt, const float *scale, const int64_t *slot, int64_t per, float *out, int64_t ldo,
+             int threads) {
+    if (m < 0 || n <= 0 || k <= 0 || rank <= 0 || rank > LORA_MAX_RANK || per <= 0) return -1;
+    const int parallel = threads > 1 && m * rank * (n + k) >= (1 << 18);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+    for (int64_t r = 0; r < m; r++) {
+        const int64_t s = slot[r / per];
+        if (s == 0 || scale[s] == 0.0f) continue;
+        const float *xr = x + r * ldx, *a = A + s * rank * k, *bt = Bt + s * rank * n;
+        float u[LORA_MAX_RANK];
+        for (int64_t q0 = 0; q0 < rank; q0 += 8) { /* 8 independent sums at a time: x read once for them */
+            const int64_t qn = rank - q0 < 8 ? rank - q0 : 8;
+            __m512 acc[8];
+            for (int q = 0; q < 8; q++) acc[q] = _mm512_setzero_ps();
+            for (int64_t i = 0; i < k; i += 16) {
+                const __m512 xv = load_tail(xr + i, k - i);
+                for (int q = 0; q < qn; q++)
+                    acc[q] = _mm512_fmadd_ps(xv, load_tail(a + (q0 + q) * k + i, k - i), acc[q]);
+            }
+            for (int q = 0; q < qn; q++) u[q0 + q] = scale[s] * _mm512_reduce_add_ps(acc[q]);
+        }
+        float *o = out + r * ldo;
+        for (int64_t j = 0; j < n; j += 16) {
+            const __mmask16 keep = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            __m512 acc = _mm512_maskz_loadu_ps(keep, o + j);
+            for (int64_t q = 0; q < rank; q++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(u[q]), _mm512_maskz_loadu_ps(keep, bt + q * n + j), acc);
+            _mm512_mask_storeu_ps(o + j, keep, acc);
+        }
+    }
     return 0;
 }
