@@ -2,14 +2,16 @@
 
     python -m loraswap.bench.steps --batch 16 --adapters 16 [--impl batched|peft] [--tokens 32]
         [--no-prefix-cache] [--closed SECONDS] [--lm-head auto|float32|bfloat16]
-        [--q4-kernel auto|bitsandbytes|float32|bfloat16] [--no-fast-paths] [--profile]
+        [--q4-kernel auto|bitsandbytes|float32|bfloat16] [--no-fast-paths] [--profile] [--lora-kernel-ab ROUNDS]
 
 Synthetic rank-8 adapters (as `loraswap bench` makes them) fill a temporary store; `--profile`
 prints cProfile's top functions of the timed part; `--closed` then keeps `--batch` requests in flight
 for that many seconds (a new one as soon as one finishes, prompts cycling through the questions, the
 first round's lengths staggered so that requests finish and join one at a time), the
 engine's own closed loop with joins and prefills, as the server's clients load it. For finding where a
-step's time goes before changing anything.
+step's time goes before changing anything. `--lora-kernel-ab` instead times the decoding step with the LoRA
+deltas in loraswap's CPU kernel and in torch (`slots.LoraSlots.native` on and off), alternating round by round
+in the one engine, so that the machine's noise hits both.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import pstats
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         "--head-agreement", action="store_true", help="instead: greedy answers with the float32 and the bf16 LM head"
     )
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--lora-kernel-ab", type=int, default=0, metavar="ROUNDS", help="instead: kernel vs torch")
     args = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
             return prefill, (time.perf_counter() - start) / max(steps, 1)
 
         run(4, "warm")  # loads the adapters, warms the kernels (and the prefix cache: its system-turn blocks)
+        if args.lora_kernel_ab:
+            lora_kernel_ab(engine, run, args)
+            return
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()
@@ -111,6 +118,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     if tokens_s is not None:
         print(f"closed loop of {args.batch} requests of {args.tokens} tokens: {tokens_s:.1f} tokens/s")
+
+
+def lora_kernel_ab(engine: Any, run: Callable[[int, str], tuple[float, float]], args: argparse.Namespace) -> None:
+    """Median decoding step with the LoRA kernel and with torch's ops, `args.lora_kernel_ab` rounds of each,
+    alternating."""
+    import statistics
+
+    slots = engine.residency.slots
+    if slots is None or slots.native is None:
+        raise SystemExit("no LoRA kernel here (not the batched slots, not a CPU with AVX512F, or no C compiler)")
+    steps: dict[str, list[float]] = {"kernel": [], "torch": []}
+    for i in range(args.lora_kernel_ab):
+        for way in ("kernel", "torch") if i % 2 == 0 else ("torch", "kernel"):
+            slots.set_kernel(way == "kernel")
+            steps[way].append(run(args.tokens, f"{way}{i}.")[1])
+    slots.set_kernel(True)
+    k, t = statistics.median(steps["kernel"]), statistics.median(steps["torch"])
+    print(
+        f"batch {args.batch}, {args.adapters} adapters, {args.lora_kernel_ab} rounds each: decoding step "
+        f"{1000 * k:.1f} ms with the LoRA kernel, {1000 * t:.1f} ms in torch (torch/kernel {t / k:.3f})"
+    )
 
 
 def head_agreement(base: Any, store: Any, args: argparse.Namespace) -> None:

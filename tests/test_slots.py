@@ -64,6 +64,16 @@ def test_a_mixed_batch_gives_each_row_its_adapters_logits(
         for i, name in enumerate(rows):
             ref = reference_logits(lively_base, None if name is None else adapters[name], PROMPTS[i : i + 1])
             torch.testing.assert_close(mixed[i : i + 1], ref, atol=2e-5, rtol=1e-4)
+    # A running batch, then the other way from the next step on (torch's row buffers made or freed): the same logits.
+    rows = ["qv8", "qv4", "all16rs", "pattern"]
+    logits = []
+    for way in (kernel, not kernel):
+        assert slots.set_kernel(way) == (way and q4.lora_kernel() is not None)
+        slots.use(list(rows), running=True)
+        with torch.inference_mode():
+            logits.append(model(PROMPTS).logits)
+    torch.testing.assert_close(logits[0], logits[1], atol=2e-5, rtol=1e-4)
+    slots.clear()
     # With no adapter in use the model is the base, exactly.
     with torch.inference_mode():
         torch.testing.assert_close(model(PROMPTS).logits, reference_logits(lively_base, None, PROMPTS), atol=0, rtol=0)

@@ -174,8 +174,7 @@ class LoraSlots:
         self.device = device or next(model.parameters()).device
         # float32, as PEFT computes LoRA (it upcasts half-precision adapter weights): the same results.
         self.dtype = dtype or torch.float32
-        on_cpu = torch.device(self.device).type == "cpu" and self.dtype == torch.float32
-        self.native = q4.lora_kernel() if kernel and on_cpu else None
+        self.native: Any = None
         """loraswap's kernel for the deltas (`q4.lora_kernel`), or None: torch ops and the row buffers."""
         self.capacity = capacity + 1
         self.rank = 0
@@ -193,6 +192,17 @@ class LoraSlots:
         self.max_rows = max_rows
         self._held = [-1] * max_rows
         """The slot whose weights each row buffer position holds in every layer (-1: none, or stale)."""
+        self.set_kernel(kernel)
+
+    def set_kernel(self, on: bool) -> bool:
+        """From the next forward on, add the deltas with loraswap's CPU kernel where it applies (float32 slots on
+        the CPU), or in torch; the layers' row buffers are freed or made to match. Whether the kernel is used."""
+        on_cpu = torch.device(self.device).type == "cpu" and self.dtype == torch.float32
+        self.native = q4.lora_kernel() if on and on_cpu else None
+        for layer in self.layers.values():
+            layer._make_row_buffers(0 if self.native is not None else self.max_rows)
+        self._held = [-1] * self.max_rows
+        return self.native is not None
 
     def __len__(self) -> int:
         return len(self.slot_of)
