@@ -10,8 +10,8 @@ for that many seconds (a new one as soon as one finishes, prompts cycling throug
 first round's lengths staggered so that requests finish and join one at a time), the
 engine's own closed loop with joins and prefills, as the server's clients load it. For finding where a
 step's time goes before changing anything. `--lora-kernel-ab` instead times the decoding step with the LoRA
-deltas in loraswap's CPU kernel and in torch (`slots.LoraSlots.native` on and off), alternating round by round
-in the one engine, so that the machine's noise hits both.
+deltas in loraswap's CPU kernel and in torch (`LoraSlots.set_kernel`), alternating round by round in the
+one engine, so that the machine's noise hits both.
 """
 
 from __future__ import annotations
