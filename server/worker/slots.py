@@ -30,6 +30,7 @@ PEFT's within float tolerance (tests compare them).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ class SlotLinear(nn.Module):
         self.scales = [0.0] * capacity  # the same, as Python floats (a kernel argument, no tensor op)
         self.A[0].zero_()
         self.Bt[0].zero_()
-        self._make_row_buffers(0 if slots.native is not None else rows)  # the kernel reads the slots themselves
+        self._make_row_buffers(rows)
 
     def _make_row_buffers(self, rows: int) -> None:
         """The running rows' A [rows, R, in], B^T [rows, R, out] and scale [rows, 1, 1], as `LoraSlots.use` gathers
@@ -174,7 +175,7 @@ class LoraSlots:
         self.device = device or next(model.parameters()).device
         # float32, as PEFT computes LoRA (it upcasts half-precision adapter weights): the same results.
         self.dtype = dtype or torch.float32
-        self.native: Any = None
+        self.native: Callable[..., bool] | None = None
         """loraswap's kernel for the deltas (`q4.lora_kernel`), or None: torch ops and the row buffers."""
         self.capacity = capacity + 1
         self.rank = 0
@@ -200,9 +201,14 @@ class LoraSlots:
         on_cpu = torch.device(self.device).type == "cpu" and self.dtype == torch.float32
         self.native = q4.lora_kernel() if on and on_cpu else None
         for layer in self.layers.values():
-            layer._make_row_buffers(0 if self.native is not None else self.max_rows)
+            layer._make_row_buffers(self.buffered_rows)
         self._held = [-1] * self.max_rows
         return self.native is not None
+
+    @property
+    def buffered_rows(self) -> int:
+        """Rows of each layer's row buffers: `max_rows` in torch, none with the kernel (it reads the slots)."""
+        return 0 if self.native is not None else self.max_rows
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -264,7 +270,7 @@ class LoraSlots:
         layer = self.layers.get(module)
         if layer is not None:
             return layer
-        layer = SlotLinear(self._base_linear(module), self, self.capacity, self.rank, self.max_rows)
+        layer = SlotLinear(self._base_linear(module), self, self.capacity, self.rank, self.buffered_rows)
         for slot in self.slot_of.values():  # adapters loaded before this layer existed leave it alone
             layer.write(slot, None, None, 0.0)
         self._held = [-1] * self.max_rows
