@@ -18,7 +18,7 @@ LoraImpl = Literal["batched", "peft"]
 """How a worker computes LoRA rows (`Settings.lora_impl`)."""
 LmHead = Literal["auto", "float32", "bfloat16"]
 """The LM head's compute dtype on CPU (`Settings.lm_head`, `server/worker/fastpath.py`)."""
-Q4Kernel = Literal["auto", "bitsandbytes", "float32", "bfloat16"]
+Q4Kernel = Literal["auto", "bitsandbytes", "float32", "bfloat16", "int8"]
 """The kernel of the 4-bit layers on CPU (`Settings.q4_kernel`, `server/worker/fastpath.py`, `server/worker/q4.py`)."""
 
 PREFIX_CACHE_BYTES = 256 << 20
@@ -70,7 +70,8 @@ class Settings(BaseModel):
     q4_kernel: Q4Kernel = "auto"
     """The kernel of the 4-bit layers on CPUs with AVX512-BF16: "auto" (the fastest at the batch size, timed at
     start-up), "bitsandbytes" (its fused kernel, one row at a time), "float32" or "bfloat16" (loraswap's, a tile
-    of weights dequantized once for 8 rows: `server/worker/q4.py`)."""
+    of weights dequantized once for 8 rows), or "int8" (loraswap's on inputs rounded to int8 per block, integer
+    dot products, as llama.cpp computes: AVX512-VNNI) (`server/worker/q4.py`)."""
     threads: int | None = Field(None, ge=1)
     """Compute threads of a CPU worker, fixed. Unset: as many as the worker may use (its CPU affinity mask, no more
     than its cgroup's CPU quota), one fewer while other processes keep its threads waiting for a CPU, and back

@@ -129,7 +129,7 @@ def test_the_bf16_measurement_times_both_dtypes(monkeypatch: pytest.MonkeyPatch)
     assert calls == [(torch.float32, 3), (torch.bfloat16, 3)] * 4  # interleaved, at the rows asked
 
 
-@pytest.mark.parametrize("q4_kernel", ["bitsandbytes", "float32", "bfloat16"])
+@pytest.mark.parametrize("q4_kernel", ["bitsandbytes", "float32", "bfloat16", "int8"])
 def test_an_engine_on_the_fast_paths_matches_peft_on_a_4bit_base(
     q4_kernel: Q4Kernel, lively_base: Path, tmp_path: Path
 ) -> None:

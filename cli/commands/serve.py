@@ -61,7 +61,7 @@ def serve(
         typer.Option(
             "--q4-kernel",
             help="4-bit layers on CPUs with AVX512-BF16: 'auto' (the fastest at the batch size, timed at start-up) "
-            "[default], 'bitsandbytes', or loraswap's 'float32' or 'bfloat16'.",
+            "[default], 'bitsandbytes', or loraswap's 'float32', 'bfloat16' or 'int8' (int8 inputs, VNNI).",
         ),
     ] = None,
     threads: Annotated[

@@ -51,6 +51,7 @@ KERNEL_NAMES = {
     "bitsandbytes": "bitsandbytes' fused CPU kernel",
     "float32": "loraswap's float32 4-bit kernel",
     "bfloat16": "loraswap's bf16 4-bit kernel",
+    "int8": "loraswap's int8-activation 4-bit kernel",
 }
 RESCORED = 8  # logits per position the bf16 head recomputes in float32
 

@@ -12,6 +12,10 @@ re-laid out). Two variants:
 - `bfloat16`: bf16 dot products on the input rounded to bf16 (as bitsandbytes does), for CPUs where those
   are the faster (on the 2-core EPYC of earlier runs a bf16 matmul was 3x faster than float32; this variant
   has not been timed there).
+- `int8`: the input quantized to int8 in blocks of the weight's block size (a scale each, as llama.cpp's Q8
+  activations), the 4-bit codes as int8, integer dot products (AVX512-VNNI, 4 multiply-adds per 32-bit lane):
+  2.7-3.6x the float32 variant's speed on one core of a 2-core AMD EPYC, 5 to 256 rows, at a relative error of
+  the output of about 0.85% against it (the input's rounding to 8 bits; bf16's is 8 bits of mantissa too).
 
 For the LM head (dense), `bf16_weight_matmul`: a bf16 copy of the weight, float32 FMAs: it reads half the memory
 of the float32 head without bf16 dot products (`fastpath.bf16_head` recomputes the top logits in float32).
@@ -46,10 +50,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-Variant = Literal["float32", "bfloat16"]
-VARIANTS: tuple[Variant, ...] = ("float32", "bfloat16")
+Variant = Literal["float32", "bfloat16", "int8"]
+VARIANTS: tuple[Variant, ...] = ("float32", "bfloat16", "int8")
 SOURCE = Path(__file__).with_name("kernels") / "q4_cpu.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-fopenmp", "-fPIC", "-shared")
 BLOCK_N = 32  # output features bitsandbytes packs together
 
 
@@ -71,7 +75,7 @@ def build(out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # built aside, then renamed: workers may race
         built = Path(tmp) / target.name
-        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cc)} failed on {SOURCE.name}:\n{done.stderr.strip()}")
         os.replace(built, target)
@@ -93,7 +97,7 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("loraswap's CPU kernels are not available (4-bit layers keep bitsandbytes' own): %s", exc)
         return None
-    for name in ("q4_matmul_f32", "q4_matmul_bf16", "bf16w_matmul", "lora_add"):
+    for name in ("q4_matmul_f32", "q4_matmul_bf16", "q4_matmul_i8", "bf16w_matmul", "lora_add"):
         getattr(lib, name).restype = ctypes.c_int
     return lib
 
@@ -120,6 +124,8 @@ def kernel(module: Any, variant: Variant) -> Callable[[torch.Tensor], torch.Tens
     state = packed_state(module)
     if lib is None or state is None or module.training:
         return None
+    if variant == "int8":
+        return _int8_forward(lib, module, state) if vnni_cpu() else None
     n, k, block = int(state.shape[0]), int(state.shape[1]), int(state.blocksize)
     weight = module.weight.data.contiguous()
     absmax = state.absmax.contiguous()
@@ -141,10 +147,51 @@ def kernel(module: Any, variant: Variant) -> Callable[[torch.Tensor], torch.Tens
         )  # fmt: skip
         if rc != 0:  # unreachable: packed_state checked the shape
             raise RuntimeError(f"4-bit kernel refused shape {tuple(a.shape)} x {(n, k)}")
-        result = out if x.dtype == torch.float32 else out.to(x.dtype)
-        if bias is not None:
-            result += bias.to(result.dtype)
-        return result.reshape(*x.shape[:-1], n)
+        return _finish(out, x, bias, n)
+
+    return forward
+
+
+def vnni_cpu() -> bool:
+    """Whether this CPU has AVX512-VNNI (the int8 variant's dot products)."""
+    return bool(torch.cpu._is_vnni_supported()) and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """A kernel's float32 rows as the layer's output: x's dtype and leading shape, the bias added."""
+    result = out if x.dtype == torch.float32 else out.to(x.dtype)
+    if bias is not None:
+        result += bias.to(result.dtype)
+    return result.reshape(*x.shape[:-1], n)
+
+
+def _int8_forward(lib: ctypes.CDLL, module: Any, state: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The int8 variant's forward: float32 input, quantized in the kernel into scratch made here per call."""
+    n, k, block = int(state.shape[0]), int(state.shape[1]), int(state.blocksize)
+    if block % 4:
+        return None
+    weight = module.weight.data.contiguous()
+    absmax = state.absmax.contiguous()
+    code = state.code.to(torch.float32).contiguous()
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = lib.q4_matmul_i8
+    fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    bias = module.bias
+
+    def forward(x: torch.Tensor, _keep: tuple[torch.Tensor, ...] = (weight, absmax, code)) -> torch.Tensor:
+        a = x.reshape(-1, k).to(torch.float32).contiguous()
+        m = a.shape[0]
+        q = torch.empty((m, k), dtype=torch.int8)
+        scale = torch.empty((m, k // block), dtype=torch.float32)
+        total = torch.empty((m, k // block), dtype=torch.int32)
+        out = torch.empty((m, n), dtype=torch.float32)
+        rc = fn(
+            m, n, k, a.data_ptr(), k, weight.data_ptr(), absmax.data_ptr(), block, code.data_ptr(), q.data_ptr(),
+            scale.data_ptr(), total.data_ptr(), out.data_ptr(), n, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:  # unreachable: packed_state and the block size were checked
+            raise RuntimeError(f"int8 4-bit kernel refused shape {tuple(a.shape)} x {(n, k)}")
+        return _finish(out, x, bias, n)
 
     return forward
 
