@@ -2,7 +2,8 @@
 
     python -m loraswap.bench.steps --batch 16 --adapters 16 [--impl batched|peft] [--tokens 32]
         [--no-prefix-cache] [--closed SECONDS] [--lm-head auto|float32|bfloat16]
-        [--q4-kernel auto|bitsandbytes|float32|bfloat16] [--no-fast-paths] [--profile] [--lora-kernel-ab ROUNDS]
+        [--q4-kernel auto|bitsandbytes|float32|bfloat16|int8] [--no-fast-paths] [--profile] [--lora-kernel-ab ROUNDS]
+        [--q4-kernel-ab KERNEL,KERNEL [--ab-rounds ROUNDS]]
 
 Synthetic rank-8 adapters (as `loraswap bench` makes them) fill a temporary store; `--profile`
 prints cProfile's top functions of the timed part; `--closed` then keeps `--batch` requests in flight
@@ -11,7 +12,8 @@ first round's lengths staggered so that requests finish and join one at a time),
 engine's own closed loop with joins and prefills, as the server's clients load it. For finding where a
 step's time goes before changing anything. `--lora-kernel-ab` instead times the decoding step with the LoRA
 deltas in loraswap's CPU kernel and in torch (`LoraSlots.set_kernel`), alternating round by round in the
-one engine, so that the machine's noise hits both.
+one engine, so that the machine's noise hits both; `--q4-kernel-ab float32,int8` the same for two kernels of
+the 4-bit layers (`fastpath.lean_4bit` switches them), prefill and decoding step.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-prefix-cache", action="store_true", help="prefill whole prompts every time")
     ap.add_argument("--closed", type=float, default=0, help="then a closed loop of this many seconds")
     ap.add_argument("--lm-head", choices=["auto", "float32", "bfloat16"], default="auto", help="as serve's --lm-head")
-    kernels = ["auto", "bitsandbytes", "float32", "bfloat16"]
+    kernels = ["auto", "bitsandbytes", "float32", "bfloat16", "int8"]
     ap.add_argument("--q4-kernel", choices=kernels, default="auto", help="as serve's --q4-kernel")
     ap.add_argument("--no-fast-paths", action="store_true", help="the base as loaded, as before `fastpath.py`")
     ap.add_argument(
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--lora-kernel-ab", type=int, default=0, metavar="ROUNDS", help="instead: kernel vs torch")
+    ap.add_argument("--q4-kernel-ab", default=None, metavar="A,B", help="instead: two 4-bit kernels, alternating")
+    ap.add_argument("--ab-rounds", type=int, default=8, help="rounds of each kernel for --q4-kernel-ab")
     args = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.lora_kernel_ab:
             lora_kernel_ab(engine, run, args)
             return
+        if args.q4_kernel_ab:
+            q4_kernel_ab(base.model, run, args)
+            return
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()
@@ -138,6 +145,29 @@ def lora_kernel_ab(engine: Any, run: Callable[[int, str], tuple[float, float]], 
     print(
         f"batch {args.batch}, {args.adapters} adapters, {args.lora_kernel_ab} rounds each: decoding step "
         f"{1000 * k:.1f} ms with the LoRA kernel, {1000 * t:.1f} ms in torch (torch/kernel {t / k:.3f})"
+    )
+
+
+def q4_kernel_ab(model: Any, run: Callable[[int, str], tuple[float, float]], args: argparse.Namespace) -> None:
+    """Median prefill and decoding step on each of two 4-bit kernels, `args.ab_rounds` rounds of each, alternating."""
+    import statistics
+
+    from loraswap.server.worker import fastpath
+
+    kernels = [k.strip() for k in args.q4_kernel_ab.split(",")]
+    if len(kernels) != 2 or not set(kernels) <= set(fastpath.Q4_KERNELS[1:]):
+        raise SystemExit(f"--q4-kernel-ab takes two of {', '.join(fastpath.Q4_KERNELS[1:])}")
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in kernels}
+    for i in range(args.ab_rounds):
+        for kernel in kernels if i % 2 == 0 else kernels[::-1]:
+            if fastpath.lean_4bit(model, kernel)[1] != kernel:
+                raise SystemExit(f"the {kernel} kernel is not available here")
+            times[kernel].append(run(args.tokens, f"{kernel}{i}."))
+    (a, b), med = kernels, {k: [statistics.median(t[j] for t in v) for j in (0, 1)] for k, v in times.items()}
+    print(
+        f"batch {args.batch}, {args.adapters} adapters, {args.ab_rounds} rounds each: prefill {1000 * med[a][0]:.0f} "
+        f"ms on {a}, {1000 * med[b][0]:.0f} on {b} ({a}/{b} {med[a][0] / med[b][0]:.3f}); decoding step "
+        f"{1000 * med[a][1]:.1f} ms on {a}, {1000 * med[b][1]:.1f} on {b} ({a}/{b} {med[a][1] / med[b][1]:.3f})"
     )
 
 

@@ -14,8 +14,9 @@ re-laid out). Two variants:
   has not been timed there).
 - `int8`: the input quantized to int8 in blocks of the weight's block size (a scale each, as llama.cpp's Q8
   activations), the 4-bit codes as int8, integer dot products (AVX512-VNNI, 4 multiply-adds per 32-bit lane):
-  2.7-3.6x the float32 variant's speed on one core of a 2-core AMD EPYC, 5 to 256 rows, at a relative error of
-  the output of about 0.85% against it (the input's rounding to 8 bits; bf16's is 8 bits of mantissa too).
+  2.7-3.6x the float32 variant's speed on one core of a 2-core AMD EPYC, 5 to 256 rows. The price: on random
+  inputs its output is 0.85% off the float32 variant's (relative norm of the difference), the bf16 variant's
+  0.22%; what that does to answers: `python -m loraswap.bench.q4_kernels`.
 
 For the LM head (dense), `bf16_weight_matmul`: a bf16 copy of the weight, float32 FMAs: it reads half the memory
 of the float32 head without bf16 dot products (`fastpath.bf16_head` recomputes the top logits in float32).
