@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ab-rounds", type=int, default=8, help="rounds of each kernel for --q4-kernel-ab")
     args = ap.parse_args(argv)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("loraswap.server.worker.fastpath").setLevel(logging.INFO)  # what `auto` timed, and chose
 
     from loraswap.adapters.archive import install_archive
     from loraswap.adapters.base import load_base, resolve_base

@@ -5,7 +5,7 @@ bitsandbytes' fused CPU kernel computes a 4-bit layer one input row at a time, d
 for each row, so a 16-row decoding step costs about 6 times a 1-row one (1536 x 576: 40 us for one row,
 250 us for 16, on a 2-core Xeon). These kernels dequantize each tile of weights once, into registers, for up
 to 8 rows, on the weights bitsandbytes has already packed for its own CPU kernel (nothing is copied or
-re-laid out). Two variants:
+re-laid out). Three variants:
 
 - `float32`: weights dequantized to float32, float32 FMAs, float32 input: 121 us for 16 rows of that layer
   on the same Xeon, where a bf16 dot product issues at half the rate of two float32 FMAs.
@@ -13,10 +13,11 @@ re-laid out). Two variants:
   are the faster (on the 2-core EPYC of earlier runs a bf16 matmul was 3x faster than float32; this variant
   has not been timed there).
 - `int8`: the input quantized to int8 in blocks of the weight's block size (a scale each, as llama.cpp's Q8
-  activations), the 4-bit codes as int8, integer dot products (AVX512-VNNI, 4 multiply-adds per 32-bit lane):
-  2.7-3.6x the float32 variant's speed on one core of a 2-core AMD EPYC, 5 to 256 rows. The price: on random
-  inputs its output is 0.85% off the float32 variant's (relative norm of the difference), the bf16 variant's
-  0.22%; what that does to answers: `python -m loraswap.bench.q4_kernels`.
+  activations), the 4-bit codes as int8, integer dot products (AVX512-VNNI, 4 multiply-adds per 32-bit lane,
+  against a float32 FMA's 1): on a 2-core AMD EPYC a 16-row decoding step 1.02-1.06x and a 16-prompt prefill
+  1.07-1.18x faster than on the bf16 variant, 1.17-1.35x and 1.47-1.70x than on the float32 one (BENCHMARKS.md).
+  Its rounding of the input is the price; what it does to the answers' scores: `python -m
+  loraswap.bench.q4_kernels`.
 
 For the LM head (dense), `bf16_weight_matmul`: a bf16 copy of the weight, float32 FMAs: it reads half the memory
 of the float32 head without bf16 dot products (`fastpath.bf16_head` recomputes the top logits in float32).
@@ -155,7 +156,8 @@ def kernel(module: Any, variant: Variant) -> Callable[[torch.Tensor], torch.Tens
 
 def vnni_cpu() -> bool:
     """Whether this CPU has AVX512-VNNI (the int8 variant's dot products)."""
-    return bool(torch.cpu._is_vnni_supported()) and torch.backends.cpu.get_cpu_capability() == "AVX512"
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)  # torch's own CPU probe (private: may go away)
+    return bool(probe and probe()) and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
