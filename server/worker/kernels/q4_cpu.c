@@ -145,7 +145,7 @@ int q4_matmul_bf16(int64_t m, int64_t n, int64_t k, const uint16_t *a, int64_t l
     return 0;
 }
 
-/* Prefill: 4-bit weights x int8 activations, integer dot products (AVX512-VNNI vpdpbusd: 4 multiply-adds per
+/* 4-bit weights x int8 activations, integer dot products (AVX512-VNNI vpdpbusd: 4 multiply-adds per
    32-bit lane, where vdpbf16ps does 2 and a float32 FMA 1), as llama.cpp computes its quantized layers.
    - Activations: each row's block of `blocksize` inputs (the weight's absmax block) as int8 with its own scale
      (absmax / 127, round to nearest), and the block's sum of those int8 values.
