@@ -101,6 +101,8 @@ def library() -> ctypes.CDLL | None:
         return None
     for name in ("q4_matmul_f32", "q4_matmul_bf16", "q4_matmul_i8", "bf16w_matmul", "lora_add"):
         getattr(lib, name).restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.q4_matmul_i8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_int]
     return lib
 
 
@@ -169,29 +171,26 @@ def _finish(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: in
 
 
 def _int8_forward(lib: ctypes.CDLL, module: Any, state: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The int8 variant's forward: float32 input, quantized in the kernel into scratch made here per call."""
+    """The int8 variant's forward: float32 input, quantized to int8 in the kernel (its own scratch)."""
     n, k, block = int(state.shape[0]), int(state.shape[1]), int(state.blocksize)
     if block % 4:
         return None
     weight = module.weight.data.contiguous()
     absmax = state.absmax.contiguous()
     code = state.code.to(torch.float32).contiguous()
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn = lib.q4_matmul_i8
-    fn.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     bias = module.bias
 
     def forward(x: torch.Tensor, _keep: tuple[torch.Tensor, ...] = (weight, absmax, code)) -> torch.Tensor:
         a = x.reshape(-1, k).to(torch.float32).contiguous()
         m = a.shape[0]
-        q = torch.empty((m, k), dtype=torch.int8)
-        scale = torch.empty((m, k // block), dtype=torch.float32)
-        total = torch.empty((m, k // block), dtype=torch.int32)
         out = torch.empty((m, n), dtype=torch.float32)
         rc = fn(
-            m, n, k, a.data_ptr(), k, weight.data_ptr(), absmax.data_ptr(), block, code.data_ptr(), q.data_ptr(),
-            scale.data_ptr(), total.data_ptr(), out.data_ptr(), n, torch.get_num_threads(),
+            m, n, k, a.data_ptr(), k, weight.data_ptr(), absmax.data_ptr(), block, code.data_ptr(), out.data_ptr(),
+            n, torch.get_num_threads(),
         )  # fmt: skip
+        if rc == -2:
+            raise MemoryError(f"int8 4-bit kernel: no memory for the int8 copy of {m} rows of {k}")
         if rc != 0:  # unreachable: packed_state and the block size were checked
             raise RuntimeError(f"int8 4-bit kernel refused shape {tuple(a.shape)} x {(n, k)}")
         return _finish(out, x, bias, n)

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define BLOCK_N 32
 #define MAX_ROWS 8
@@ -235,12 +236,14 @@ static void quantize_rows(int64_t m, int64_t k, const float *a, int64_t lda, int
 }
 
 /* out[m][n] (row stride ldo) = a[m][k] (float32, row stride lda) x dequantized w^T through int8 activations;
-   q (m*k bytes), ascale and asum (m*k/blocksize each) are the caller's scratch. code is the 16 float32 values
-   of the data type. Returns 0, or -1 for a shape the layout cannot hold (blocksize must be a multiple of 4). */
+   code is the 16 float32 values of the data type. The int8 rows, their scales and sums are scratch allocated
+   here, one block per call. Returns 0, -1 for a shape the layout cannot hold (blocksize must be a multiple of
+   4), or -2 where the scratch cannot be allocated. */
 int q4_matmul_i8(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const uint8_t *w,
-                 const uint16_t *absmax, int64_t blocksize, const float *code, int8_t *q, float *ascale,
-                 int32_t *asum, float *out, int64_t ldo, int threads) {
+                 const uint16_t *absmax, int64_t blocksize, const float *code, float *out, int64_t ldo,
+                 int threads) {
     if (bad_shape(m, n, k, blocksize) || blocksize % 4) return -1;
+    if (m == 0) return 0;
     float cmax = 0.0f;
     for (int i = 0; i < 16; i++) cmax = fmaxf(cmax, fabsf(code[i]));
     if (cmax == 0.0f) cmax = 1.0f;
@@ -249,6 +252,10 @@ int q4_matmul_i8(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, c
     const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)table));
     const float wscale = cmax / 127.0f;
     const int64_t nblocks = k / blocksize;
+    float *ascale = malloc((size_t)(m * nblocks) * (sizeof(float) + sizeof(int32_t)) + (size_t)(m * k));
+    if (ascale == NULL) return -2;
+    int32_t *asum = (int32_t *)(ascale + m * nblocks);
+    int8_t *q = (int8_t *)(asum + m * nblocks);
     quantize_rows(m, k, a, lda, blocksize, q, ascale, asum, threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t b = 0; b < n / BLOCK_N; b++)
@@ -257,6 +264,7 @@ int q4_matmul_i8(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, c
                                                          nblocks, w + b * (k / 2) * BLOCK_N,
                                                          absmax + b * BLOCK_N, n, blocksize, lut, wscale,
                                                          out + r * ldo + b * BLOCK_N, ldo);
+    free(ascale);
     return 0;
 }
 
