@@ -20,10 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-KERNELS = ("bitsandbytes", "float32", "bfloat16", "int8")
 
-
-def measure(data: str, adapter: str, questions: int, kernels: tuple[str, ...] = KERNELS) -> dict[str, Any]:
+def measure(data: str, adapter: str, questions: int, kernels: tuple[str, ...]) -> dict[str, Any]:
     """One adapter: NLL per kernel, adapter and base, and the changes against the first kernel's."""
     import torch
     from peft import PeftModel
@@ -66,18 +64,21 @@ def measure(data: str, adapter: str, questions: int, kernels: tuple[str, ...] = 
 
 
 def main(argv: list[str] | None = None) -> None:
+    from loraswap.server.worker.fastpath import Q4_KERNELS
+
+    every = Q4_KERNELS[1:]  # all but "auto"
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="MedQuAD as `loraswap train --data` takes it")
     ap.add_argument("--adapters", default="symptoms,causes", help="shipped adapters, comma-separated")
     ap.add_argument("--questions", type=int, default=32, help="held-out questions per adapter")
-    ap.add_argument("--kernels", default=",".join(KERNELS), help="4-bit kernels; changes are against the first")
+    ap.add_argument("--kernels", default=",".join(every), help="4-bit kernels; changes are against the first")
     ap.add_argument("--out", type=Path, default=None, help="also write q4_kernels.json here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
-    if not kernels or not set(kernels) <= set(KERNELS):
-        raise SystemExit(f"--kernels takes some of {', '.join(KERNELS)}")
+    if not kernels or not set(kernels) <= set(every):
+        raise SystemExit(f"--kernels takes some of {', '.join(every)}")
     names = [name.strip() for name in args.adapters.split(",") if name.strip()]
     results = [measure(args.data, name, args.questions, kernels) for name in names]
     text = json.dumps(results, indent=2)

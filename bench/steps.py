@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-prefix-cache", action="store_true", help="prefill whole prompts every time")
     ap.add_argument("--closed", type=float, default=0, help="then a closed loop of this many seconds")
     ap.add_argument("--lm-head", choices=["auto", "float32", "bfloat16"], default="auto", help="as serve's --lm-head")
-    kernels = ["auto", "bitsandbytes", "float32", "bfloat16", "int8"]
-    ap.add_argument("--q4-kernel", choices=kernels, default="auto", help="as serve's --q4-kernel")
+    from loraswap.server.worker.fastpath import Q4_KERNELS
+
+    ap.add_argument("--q4-kernel", choices=Q4_KERNELS, default="auto", help="as serve's --q4-kernel")
     ap.add_argument("--no-fast-paths", action="store_true", help="the base as loaded, as before `fastpath.py`")
     ap.add_argument(
         "--head-agreement", action="store_true", help="instead: greedy answers with the float32 and the bf16 LM head"
