@@ -12,6 +12,7 @@ from conftest import qa_rows, write_qa_csv
 
 from loraswap.adapters.prompt import normalize_answer, normalize_question
 from loraswap.train.data import DataError, check_qtypes, is_heldout, load_qa, qtype_counts, split
+from loraswap.train.trainer import TrainConfig, other_qtype_rows
 
 
 def test_every_local_format_reads_the_same_rows(tmp_path: Path) -> None:
@@ -93,6 +94,22 @@ def test_split_never_straddles_duplicates(medquad: Path) -> None:
     assert {normalize_question(r.question) for r in whole.train}.isdisjoint(
         {normalize_question(r.question) for r in whole.heldout}
     )
+
+
+def test_rows_of_other_qtypes_keep_every_held_out_question_out(medquad: Path) -> None:
+    rows = load_qa(str(medquad))
+    cfg = TrainConfig()
+    mixed = other_qtype_rows(rows, "prevention", 300, cfg)
+    assert len(mixed) == 300
+    assert "prevention" not in {r.qtype for r in mixed}
+    assert len({r.qtype for r in mixed}) > 5  # drawn from across the data set, not from one collection
+    held = {normalize_question(r.question) for r in split(rows).heldout}
+    assert not held & {normalize_question(r.question) for r in mixed}
+    assert other_qtype_rows(rows, "prevention", 300, cfg) == mixed  # the same rows for the same seed
+    assert other_qtype_rows(rows, "prevention", 300, TrainConfig(seed=1)) != mixed
+    assert other_qtype_rows(rows, "prevention", 0, cfg) == []
+    with pytest.raises(ValueError, match="other_rows must be 0 or more"):
+        TrainConfig(other_rows=-0.5)
 
 
 def test_answers_are_normalised_for_training_not_on_disk(tmp_path: Path) -> None:

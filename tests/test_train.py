@@ -80,7 +80,7 @@ def test_training_writes_a_complete_adapter(trained: Path, tiny_base: Path) -> N
     assert (m.rank, m.alpha, m.target_modules) == (8, 32.0, ["q_proj", "v_proj"])
     assert m.weights_sha256 == sha256_of(folder / WEIGHTS_FILE)
     assert m.split_hash and m.data_source == "qa.csv"
-    assert m.training["max_steps"] == 12 and m.training["steps"] == 12
+    assert m.training["max_steps"] == 12 and m.training["steps"] == 12 and m.training["other_rows"] == 0.0
     losses = json.loads((folder / "loss.json").read_text())
     assert len(losses) == 12
     assert sum(x["loss"] for x in losses[-3:]) < sum(x["loss"] for x in losses[:3])
@@ -175,6 +175,14 @@ def test_prompt_learning_methods_train_and_evaluate(method: str, tiny_base: Path
     res = evaluate_adapters(base, [entry], held, ("nll", "rougeL"), max_new_tokens=4)
     assert res["symptoms"]["symptoms"]["nll"] > 0 and "rougeL" in res["symptoms"]["symptoms"]
     assert res["symptoms"][BASE]["nll"] > 0
+
+
+def test_rows_of_other_qtypes_are_trained_on_and_recorded(tiny_base: Path, qa_csv: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(max_steps=1, batch_size=4, eval_examples=0, quant="none", other_rows=0.5)
+    [result] = train_many(str(tiny_base), str(qa_csv), ["treatment"], tmp_path, cfg, progress=False)
+    own = len(split(load_qa(str(qa_csv)), "treatment").train)
+    training = read_manifest(result.path).training
+    assert training["other_rows"] == 0.5 and training["examples"] == own + round(0.5 * own)
 
 
 def test_nf4_training_on_tiny_base(tiny_base: Path, qa_csv: Path, tmp_path: Path) -> None:

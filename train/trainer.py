@@ -67,6 +67,9 @@ class TrainConfig:
     """Epochs over the training rows when max_steps is -1."""
     max_examples: int | None = None
     """Use at most this many training rows (after the split), picked deterministically."""
+    other_rows: float = 0.0
+    """Mix in training rows of the other qtypes, as a share of this qtype's own (0.5: half as many again), drawn
+    with the seed from their side of the split (a held-out question is held out of every qtype)."""
     max_seq_len: int = 256
     """Prompt + answer tokens; longer answers are cut (the prompt never is)."""
     seed: int = 0
@@ -85,6 +88,10 @@ class TrainConfig:
     """Checkpoint every N steps, so an interrupted run resumes."""
     eval_examples: int = 16
     """Held-out questions scored (answer NLL, base vs adapter) after training; 0 skips."""
+
+    def __post_init__(self) -> None:
+        if not self.other_rows >= 0:
+            raise ValueError(f"other_rows must be 0 or more (a share of the qtype's own rows), got {self.other_rows}")
 
     @property
     def learning_rate(self) -> float:
@@ -259,6 +266,15 @@ def _work_dir(out: Path, name: str, cfg: TrainConfig, ref: BaseRef, split_hash: 
     return work
 
 
+def other_qtype_rows(rows: list[QA], qtype: str, n: int, cfg: TrainConfig) -> list[QA]:
+    """`n` training rows of qtypes other than `qtype`, drawn with the seed. The split is by question, so none of
+    them is a held-out question of `qtype` or of any other qtype."""
+    if n <= 0:
+        return []
+    others = [r for r in split(rows, None, cfg.heldout_fraction).train if r.qtype != qtype]
+    return pick_rows(others, n, cfg.seed + 1)
+
+
 def train_qtype(
     base_spec: str | BaseRef,
     rows: list[QA],
@@ -283,8 +299,13 @@ def train_qtype(
         )
     base = load_base(ref, quant=cfg.quant, double_quant=cfg.double_quant)
     train_rows = pick_rows(sp.train, cfg.max_examples, cfg.seed)
-    examples = tokenize_rows(train_rows, base.tokenizer, cfg.max_seq_len, seq2seq=ref.kind == "seq2seq")
-    print(f"[{name}] {len(examples)} training examples, {len(sp.heldout)} held-out questions; base {ref.base_id}")
+    mixed = other_qtype_rows(rows, qtype, round(cfg.other_rows * len(train_rows)), cfg)
+    examples = tokenize_rows(train_rows + mixed, base.tokenizer, cfg.max_seq_len, seq2seq=ref.kind == "seq2seq")
+    of_others = f" ({len(mixed)} of other qtypes)" if mixed else ""
+    print(
+        f"[{name}] {len(examples)} training examples{of_others}, {len(sp.heldout)} held-out questions; "
+        f"base {ref.base_id}"
+    )
     peft_model = attach_adapter(base, cfg)
     work = _work_dir(out, name, cfg, ref, sp.hash)
     history, seconds, collated = run_trainer(
@@ -346,4 +367,4 @@ def train_many(
     ]
 
 
-__all__ = ["TrainConfig", "TrainResult", "replace", "train_many", "train_qtype"]
+__all__ = ["TrainConfig", "TrainResult", "other_qtype_rows", "replace", "train_many", "train_qtype"]

@@ -64,7 +64,12 @@ def train(
     check_choices(TrainConfig, config)
     if bool(qtype) == all_qtypes:
         raise UsageError("give --qtype (one or more) or --all-qtypes, not both")
-    cfg = TrainConfig(**config, quant=pick_quant(quant, no_quant, double_quant), double_quant=double_quant is not False)
+    try:
+        cfg = TrainConfig(
+            **config, quant=pick_quant(quant, no_quant, double_quant), double_quant=double_quant is not False
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     reg = open_registry(registry) if push else None  # checked before hours of training, not after
     qtypes = list(qtype or [])
     if all_qtypes:
