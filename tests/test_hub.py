@@ -101,6 +101,7 @@ def test_install_validates_and_refuses(
     fake_hub: FakeHub, lively_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import huggingface_hub.constants
+    import huggingface_hub.utils._http
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests' default is offline
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -119,8 +120,14 @@ def test_install_validates_and_refuses(
         hub.install("hf:org/pickled", store, ref, 64, endpoint=fake_hub.url)
     with pytest.raises(AdapterError):
         hub.install("hf:org/broken", store, ref, 64, endpoint=fake_hub.url)
-    with pytest.raises(hub.HubUnavailable):
-        hub.install("hf:org/anything", store, ref, 64, endpoint=f"http://127.0.0.1:{free_port()}")
+    # A hub that cannot be reached: huggingface_hub retries with backoff (23 s of sleeps), then loraswap says so.
+    # The sleeps are recorded here instead of slept: the retries are the hub client's, the outcome is loraswap's.
+    slept: list[float] = []
+    with monkeypatch.context() as m:
+        m.setattr(huggingface_hub.utils._http.time, "sleep", slept.append)
+        with pytest.raises(hub.HubUnavailable):
+            hub.install("hf:org/anything", store, ref, 64, endpoint=f"http://127.0.0.1:{free_port()}")
+    assert slept, "the hub client gave up without retrying"
     assert store.names() == [name] and not any(p.name.startswith(".") for p in store.user_dir.iterdir())
 
 
