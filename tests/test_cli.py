@@ -149,6 +149,7 @@ def test_eval_record_writes_the_figures_into_the_manifest(
         (["train", "--qtype", "symptom"], "unknown qtype(s) ['symptom']"),
         (["train"], "give --qtype"),
         (["train", "--qtype", "symptoms", "--method", "ia3"], "--method 'ia3'"),
+        (["train", "--qtype", "symptoms", "--other-rows", "-1"], "other_rows must be 0 or more"),
         (["eval", "--qtype", "symptoms", "--metrics", "bleu"], "choose from nll, rougeL"),
         (["eval", "--qtype", "symptoms", "--adapter", "symtoms"], "did you mean 'symptoms'"),
     ],
