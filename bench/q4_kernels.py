@@ -64,21 +64,20 @@ def measure(data: str, adapter: str, questions: int, kernels: tuple[str, ...]) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    from loraswap.server.worker.fastpath import Q4_KERNELS
+    from loraswap.server.worker.fastpath import Q4_CHOICES
 
-    every = Q4_KERNELS[1:]  # all but "auto"
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="MedQuAD as `loraswap train --data` takes it")
     ap.add_argument("--adapters", default="symptoms,causes", help="shipped adapters, comma-separated")
     ap.add_argument("--questions", type=int, default=32, help="held-out questions per adapter")
-    ap.add_argument("--kernels", default=",".join(every), help="4-bit kernels; changes are against the first")
+    ap.add_argument("--kernels", default=",".join(Q4_CHOICES), help="4-bit kernels; changes are against the first")
     ap.add_argument("--out", type=Path, default=None, help="also write q4_kernels.json here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     kernels = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
-    if not kernels or not set(kernels) <= set(every):
-        raise SystemExit(f"--kernels takes some of {', '.join(every)}")
+    if not kernels or not set(kernels) <= set(Q4_CHOICES):
+        raise SystemExit(f"--kernels takes some of {', '.join(Q4_CHOICES)}")
     names = [name.strip() for name in args.adapters.split(",") if name.strip()]
     results = [measure(args.data, name, args.questions, kernels) for name in names]
     text = json.dumps(results, indent=2)

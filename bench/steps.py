@@ -158,8 +158,8 @@ def q4_kernel_ab(model: Any, run: Callable[[int, str], tuple[float, float]], arg
     from loraswap.server.worker import fastpath
 
     kernels = [k.strip() for k in args.q4_kernel_ab.split(",")]
-    if len(kernels) != 2 or not set(kernels) <= set(fastpath.Q4_KERNELS[1:]):
-        raise SystemExit(f"--q4-kernel-ab takes two of {', '.join(fastpath.Q4_KERNELS[1:])}")
+    if len(kernels) != 2 or not set(kernels) <= set(fastpath.Q4_CHOICES):
+        raise SystemExit(f"--q4-kernel-ab takes two of {', '.join(fastpath.Q4_CHOICES)}")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in kernels}
     for i in range(args.ab_rounds):
         for kernel in kernels if i % 2 == 0 else kernels[::-1]:

@@ -47,6 +47,8 @@ from loraswap.server.worker import q4
 log = logging.getLogger(__name__)
 
 Q4_KERNELS: tuple[Q4Kernel, ...] = get_args(Q4Kernel)
+Q4_CHOICES: tuple[Q4Kernel, ...] = tuple(k for k in Q4_KERNELS if k != "auto")
+"""The kernels themselves: what `auto` times and chooses among."""
 KERNEL_NAMES = {
     "bitsandbytes": "bitsandbytes' fused CPU kernel",
     "float32": "loraswap's float32 4-bit kernel",
@@ -295,7 +297,7 @@ def _fastest_kernel(layers: list[Any], rows: int) -> Q4Kernel:
     largest = max(layers, key=lambda m: m.weight.numel())
     x = torch.randn(max(1, rows), largest.in_features)
     calls: dict[str, Callable[[], Any]] = {}
-    for name in Q4_KERNELS[1:]:
+    for name in Q4_CHOICES:
         forward = _forward_for(largest, name)
         if forward is not None:
             calls[name] = functools.partial(forward, x)
