@@ -51,10 +51,13 @@ class App:
     mark: str
     log: Path
 
-    def chat(self, model: str, max_tokens: int = 4, stream: bool = False, **extra: Any) -> httpx.Response:
+    def chat(
+        self, model: str, max_tokens: int = 4, stream: bool = False, url: str | None = None, **extra: Any
+    ) -> httpx.Response:
+        """QUESTION to `model` through the application, or through the server at `url` (a replica's own)."""
         body = {"model": model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens}
         return HTTP.post(
-            f"{self.url}/v1/chat/completions", json=body | {"stream": stream} | extra, headers=AUTH, timeout=300
+            f"{url or self.url}/v1/chat/completions", json=body | {"stream": stream} | extra, headers=AUTH, timeout=300
         )
 
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -222,10 +225,9 @@ def test_an_upload_is_answered_by_both_replicas(app: App, lively_base: Path) -> 
     assert through_app.status_code == 200, through_app.text
     servers = replica_servers(app.mark)
     assert len(servers) == 2, servers
-    body = {"model": "fresh", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 48}
     answers = {}
     for replica, url in servers.items():
-        reply = HTTP.post(f"{url}/v1/chat/completions", json=body | {"ignore_eos": True}, headers=AUTH)
+        reply = app.chat("fresh", max_tokens=48, url=url, ignore_eos=True)
         assert reply.status_code == 200, (replica, reply.text)
         answers[replica] = reply.json()["choices"][0]["message"]["content"]
     assert through_app.headers["x-loraswap-replica"] in answers
