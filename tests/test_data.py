@@ -112,6 +112,14 @@ def test_rows_of_other_qtypes_keep_every_held_out_question_out(medquad: Path) ->
         TrainConfig(other_rows=-0.5)
 
 
+def test_loraplus_ratio_is_checked() -> None:
+    with pytest.raises(ValueError, match="loraplus_ratio must be above 0"):
+        TrainConfig(loraplus_ratio=0)
+    with pytest.raises(ValueError, match="LoRA only, not to prefix"):
+        TrainConfig(method="prefix", loraplus_ratio=4)
+    assert TrainConfig(loraplus_ratio=16).describe()["loraplus_ratio"] == 16
+
+
 def test_answers_are_normalised_for_training_not_on_disk(tmp_path: Path) -> None:
     raw = "First paragraph   line\n                \n                \n   - bullet one\n   - bullet  two  "
     p = write_qa_csv(tmp_path / "ws.csv", [("symptoms", "q?", raw)])

@@ -17,7 +17,7 @@ from loraswap.train.artifact import save_adapter
 from loraswap.train.batching import PadCollator
 from loraswap.train.data import load_qa, split
 from loraswap.train.evaluate import BASE, answer_nll, evaluate_adapters, greedy_answers
-from loraswap.train.trainer import TrainConfig, train_many
+from loraswap.train.trainer import TrainConfig, _optimizer, attach_adapter, train_many
 
 FAST = TrainConfig(max_steps=12, lr=5e-3, batch_size=4, save_steps=4, eval_examples=4, quant="none")
 
@@ -183,6 +183,19 @@ def test_rows_of_other_qtypes_are_trained_on_and_recorded(tiny_base: Path, qa_cs
     own = len(split(load_qa(str(qa_csv)), "treatment").train)
     training = read_manifest(result.path).training
     assert training["other_rows"] == 0.5 and training["examples"] == own + round(0.5 * own)
+
+
+def test_loraplus_gives_the_b_matrices_their_own_rate(tiny_base: Path, qa_csv: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(max_steps=1, batch_size=4, eval_examples=0, quant="none", lr=1e-3, loraplus_ratio=8)
+    model = attach_adapter(load_base(str(tiny_base), quant="none"), cfg)
+    rates = {id(p): g["lr"] for g in _optimizer(model, cfg).param_groups for p in g["params"]}
+    lora = {n: rates[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+    assert {r for n, r in lora.items() if "lora_A" in n} == {1e-3}
+    assert {r for n, r in lora.items() if "lora_B" in n} == {8e-3}
+    assert len(lora) == len(rates)  # every trainable weight is in the optimizer, the frozen base in none
+    assert _optimizer(model, TrainConfig(quant="none")) is None  # plain LoRA keeps the Trainer's own AdamW
+    [result] = train_many(str(tiny_base), str(qa_csv), ["treatment"], tmp_path, cfg, progress=False)
+    assert read_manifest(result.path).training["loraplus_ratio"] == 8
 
 
 def test_nf4_training_on_tiny_base(tiny_base: Path, qa_csv: Path, tmp_path: Path) -> None:

@@ -50,6 +50,9 @@ class TrainConfig:
     """LoRA alpha (scale = alpha / r)."""
     dropout: float = 0.1
     """LoRA dropout."""
+    loraplus_ratio: float = 1.0
+    """LoRA+ (Hayou et al., 2024): the B matrices learn this many times faster than the A matrices, whose rate is
+    `lr`; 1 is plain LoRA. PEFT's `create_loraplus_optimizer` builds the optimizer; the adapter is plain LoRA."""
     target_modules: tuple[str, ...] = ()
     """Modules LoRA adapts; () for the architecture's default (attention q and v), ('all-linear',) for every
     linear layer but the output head."""
@@ -92,6 +95,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.other_rows >= 0:
             raise ValueError(f"other_rows must be 0 or more (a share of the qtype's own rows), got {self.other_rows}")
+        if not self.loraplus_ratio > 0:
+            raise ValueError(f"loraplus_ratio must be above 0 (1 is plain LoRA), got {self.loraplus_ratio}")
+        if self.loraplus_ratio != 1 and self.method != "lora":
+            raise ValueError(f"loraplus_ratio applies to LoRA only, not to {self.method}")
 
     @property
     def learning_rate(self) -> float:
@@ -228,7 +235,13 @@ def run_trainer(
         dataloader_num_workers=0,
     )
     collator = PadCollator(pad_id, seq2seq=seq2seq)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, data_collator=collator)
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=ds,
+        data_collator=collator,
+        optimizers=(_optimizer(peft_model, cfg), None),
+    )
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_progress_callback())
@@ -252,6 +265,18 @@ def run_trainer(
         if "loss" in h
     ]
     return history, seconds, collator
+
+
+def _optimizer(peft_model: Any, cfg: TrainConfig) -> Any:
+    """The LoRA+ optimizer (AdamW, B matrices at `loraplus_ratio` times `lr`); None leaves the Trainer's own."""
+    if cfg.loraplus_ratio == 1:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        peft_model, optimizer_cls=torch.optim.AdamW, lr=cfg.learning_rate, loraplus_lr_ratio=cfg.loraplus_ratio
+    )
 
 
 def _work_dir(out: Path, name: str, cfg: TrainConfig, ref: BaseRef, split_hash: str) -> Path:
