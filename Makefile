@@ -64,17 +64,24 @@ $(VENV)/.llama-cpp: $(STAMP)
 # Built for this CPU (-march=native, GGML_NATIVE=ON: AVX512, VNNI and BF16 where present), unlike the portable
 # wheel: the peer gets its best case here, as a user building llama.cpp on this machine would. Only the
 # llama-server target, linked statically, no web UI (and nothing downloaded for one), no curl or OpenSSL. Once
-# per machine into .cache/llama-server, beside the CPU flags it was built for; rebuilt where they differ. 13
-# CPU-minutes (55 minutes on 2 cores shared with other work).
+# per machine into .cache/llama-server, beside the CPU flags and the build's arguments; rebuilt where either
+# differs. 13 CPU-minutes (55 minutes on 2 cores shared with other work).
+# Without AMX (-mno-amx-*), which -march=native turns on for Sapphire Rapids and newer Xeons: ggml's AMX path
+# crashes this llama.cpp in its first forward (SIGSEGV in ggml_backend_amx_mul_mat, at start-up on a 2-core
+# Xeon with amx_int8; llama.cpp issue 20824, closed unfixed), while `--no-repack` at run time, which skips the
+# AMX buffers, serves. AVX512, VNNI and BF16 stay on.
 LLAMA_SERVER_DIR  := .cache/llama-server
+LLAMA_NO_AMX      := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_SERVER_ARGS := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_COMMON=ON \
                      -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF \
                      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
-                     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+                     -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
+                     -DCMAKE_C_FLAGS="$(LLAMA_NO_AMX)" -DCMAKE_CXX_FLAGS="$(LLAMA_NO_AMX)"
 
 llama-server: $(STAMP)
-	@flags="$$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)"; \
-	if [ -x $(LLAMA_SERVER_DIR)/bin/llama-server ] && [ "$$flags" = "$$(cat $(LLAMA_SERVER_DIR)/cpu-flags 2>/dev/null)" ]; \
+	@flags="$$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)"; args='$(LLAMA_SERVER_ARGS)'; \
+	if [ -x $(LLAMA_SERVER_DIR)/bin/llama-server ] && [ "$$flags" = "$$(cat $(LLAMA_SERVER_DIR)/cpu-flags 2>/dev/null)" ] \
+	  && [ "$$args" = "$$(cat $(LLAMA_SERVER_DIR)/build-args 2>/dev/null)" ]; \
 	then exit 0; fi; \
 	{ command -v c++ >/dev/null && command -v cmake >/dev/null; } || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	    && apt-get update -q && apt-get install -y -q --no-install-recommends build-essential cmake; } \
@@ -89,7 +96,7 @@ llama-server: $(STAMP)
 	mkdir -p $(LLAMA_SERVER_DIR)/bin; \
 	cp "$$tmp/build/bin/llama-server" $(LLAMA_SERVER_DIR)/bin/llama-server.new; \
 	mv $(LLAMA_SERVER_DIR)/bin/llama-server.new $(LLAMA_SERVER_DIR)/bin/llama-server; \
-	echo "$$flags" > $(LLAMA_SERVER_DIR)/cpu-flags; \
+	echo "$$flags" > $(LLAMA_SERVER_DIR)/cpu-flags; echo "$$args" > $(LLAMA_SERVER_DIR)/build-args; \
 	$(LLAMA_SERVER_DIR)/bin/llama-server --version
 
 lint: install
