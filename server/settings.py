@@ -51,6 +51,10 @@ class Settings(BaseModel):
     """While short requests (max_tokens at most a quarter of the largest running) run beside longer ones, up to
     this many decoding steps in a row run the short ones alone; then one step runs every request. 0: every step
     runs every request (the most tokens per second, the slowest short answers beside long ones)."""
+    join_in_step: bool = True
+    """Requests whose prompts are mostly in the prefix cache join the running requests' decoding forward instead of
+    a prefill of their own, where the padding that costs the running rows is small (`server/worker/joining.py`).
+    False: every step that admits requests runs a prefill, then the decoding step."""
     max_tokens: int = 1024
     """Largest max_tokens a request may ask for."""
     max_loaded_adapters: int = 32

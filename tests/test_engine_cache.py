@@ -213,3 +213,46 @@ def test_front_first_moves_the_fewest_rows() -> None:
     order = front_first([False, True, True, False, False, True])
     assert sorted(order) == list(range(6)) and [o in (1, 2, 5) for o in order] == [True] * 3 + [False] * 3
     assert sum(i != o for i, o in enumerate(order)) == 2  # one swap
+
+
+@IMPLS
+def test_a_wave_joining_in_the_running_rows_decoding_step_matches_peft(
+    lively_base: Path, store: AdapterStore, impl: LoraImpl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests whose prompts' leading blocks are cached join a running request in its decoding forward
+    (`joining.py`): one forward, each new row's remaining prompt beside the running row's next token, padding in the
+    running row's cache. Every answer, the running one's included, is still PEFT's."""
+    from loraswap.server.worker import joining
+
+    engine = make_engine(lively_base, store, impl, max_batch_size=16)
+    tok = engine.tokenizer
+    adapters = ["symptoms", "treatment", None]
+    for i, q in enumerate(QUESTIONS):  # every prompt once, so that its leading blocks are cached
+        for a in adapters:
+            engine.submit(Job(f"warm{i}{a}", prompt_ids(tok, q), a, max_tokens=1))
+    run_all(engine)
+    joined: list[int] = []
+    join_and_decode = joining.join_and_decode
+
+    def counted(engine: object, new: list[object], *rest: object) -> object:
+        joined.append(len(new))
+        return join_and_decode(engine, new, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(joining, "join_and_decode", counted)
+    engine.submit(Job("running", prompt_ids(tok, QUESTIONS[0]), "symptoms", max_tokens=12))
+    events: dict[str, list[JobEvent]] = {}
+    wave = [(f"w{i}", adapters[i % 3], QUESTIONS[i % 4]) for i in range(8)]
+    for step in range(200):
+        if step == 3:
+            for uid, adapter, q in wave:
+                engine.submit(Job(uid, prompt_ids(tok, q), adapter, max_tokens=8))
+        if step > 3 and not engine.has_work():
+            break
+        for e in engine.step():
+            events.setdefault(e.uid, []).append(e)
+    assert joined == [8]  # the wave joined in one decoding forward
+    assert all(events[uid][0].cached_tokens > 0 for uid, _, _ in wave)
+    expected = {"running": ("symptoms", QUESTIONS[0], 12), **{uid: (a, q, 8) for uid, a, q in wave}}
+    for uid, (adapter, q, n) in expected.items():
+        ref = solo_reference(lively_base, store, adapter, q, n)
+        assert text_of(events[uid]) == tok.decode(ref, skip_special_tokens=True), uid

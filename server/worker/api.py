@@ -100,6 +100,7 @@ class LoraswapAPI(ls.LitAPI):
             max_prefill_tokens=self.settings.max_prefill_tokens,
             prefix_cache_bytes=self.settings.prefix_cache_bytes,
             short_first_steps=self.settings.short_first_steps,
+            join_in_step=self.settings.join_in_step,
         )
         self.uids: dict[str, Any] = {}
         self.immediate: list[Output] = []

@@ -33,7 +33,7 @@ from loraswap.adapters.prompt import generation_eos, stop_token_ids
 from loraswap.adapters.store import StoreEntry
 from loraswap.server.jobs import FinishReason, Job, JobEvent, failed
 from loraswap.server.settings import PREFIX_CACHE_BYTES, LoraImpl
-from loraswap.server.worker import logprobs
+from loraswap.server.worker import joining, logprobs
 from loraswap.server.worker.batch import Batch, Row, front_first
 from loraswap.server.worker.failures import InvalidJob, failure_kind, forward_failed
 from loraswap.server.worker.grammar import Grammars
@@ -70,6 +70,7 @@ class Engine:
         prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
         prefix_block: int = 8,
         short_first_steps: int = 3,
+        join_in_step: bool = True,
     ) -> None:
         """`model` is the base (a transformers causal LM); `resolve` maps an adapter name to its store entry
         (raising AdapterNotFound for unknown names). `lora_impl` picks how LoRA rows are computed:
@@ -77,7 +78,8 @@ class Engine:
         `max_prefill_tokens` bounds the prompt tokens admitted in one step (one request is always admitted).
         `prefix_cache_bytes` bounds the prompt blocks of `prefix_block` tokens kept for reuse (`prefix.py`;
         0 turns prefix caching off). `short_first_steps`: decoding steps in a row that short requests may run
-        without the longer ones (0: every step runs every row)."""
+        without the longer ones (0: every step runs every row). `join_in_step`: requests with at most a prefix block
+        left to compute join in the running rows' decoding forward (`joining.py`), instead of a prefill of their own."""
         self.base_model = model
         self.tokenizer = tokenizer
         self.resolve = resolve
@@ -116,6 +118,9 @@ class Engine:
         """Decoding steps in a row that the rows behind `front` have waited out."""
         self.idle = True
         """No request has run since the last step that ended with none (when freed memory was handed back)."""
+        self.join_in_step = join_in_step
+        self.decoded = False
+        """This step's admission ran the decoding forward too (`joining.py`)."""
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -146,8 +151,9 @@ class Engine:
             self.idle = False
         events: list[JobEvent] = []
         events += self._drop_cancelled()
+        self.decoded = False
         events += self._admit()
-        if self.batch.rows:
+        if self.batch.rows and not self.decoded:
             try:
                 events += self._decode()
             except Exception as e:  # one failed forward fails the running rows, not the engine
@@ -189,6 +195,8 @@ class Engine:
         except Exception as e:
             log.exception("prefill failed")
             message = forward_failed(e)
+            if any(r is row for r in self.batch.rows for row in new):  # joined a decoding forward: it ran every row
+                return events + self.fail_running(message)
             for row in new:
                 self.residency.release(row.key)
                 events.append(failed(row.req.uid, message, "generation_failed", len(row.req.prompt_ids)))
@@ -210,6 +218,9 @@ class Engine:
                 assert self.prompt_cache is not None
                 r.cached, pasts[i] = self.prompt_cache.lookup(r.key, r.req.prompt_ids)
         todo = [r.req.prompt_ids[r.cached :] for r in new]  # prompt tokens this forward computes
+        if joining.fits(self, new, todo, pasts):
+            self.decoded = True
+            return joining.join_and_decode(self, new, todo, pasts, cacheable)
         lengths = [len(t) + (0 if v is None else v.shape[0]) for t, v in zip(todo, virtual, strict=True)]
         width = max(lengths)
         ids = torch.full((len(new), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
@@ -247,27 +258,10 @@ class Engine:
         )
         logprobs.score_prompts(new, out.logits)
         if self.prompt_cache is not None:
-            self._keep_blocks(new, cacheable, out.past_key_values, mask.shape[1])
+            joining.keep_blocks(self.prompt_cache, new, cacheable, out.past_key_values, mask.shape[1], first_row=0)
         self.batch.join(new, out.past_key_values, mask)
         self._arrange()
         return self._sample_and_emit(new, out.logits[:, -1, :])
-
-    def _keep_blocks(self, new: list[Row], cacheable: list[bool], cache: Any, columns: int) -> None:
-        """Hand the prefix cache the keys and values this prefill computed for the prompts' leading blocks.
-        Row i's prompt ends at the last cache column; its token t sits `len(prompt) - t` columns before the end."""
-        assert self.prompt_cache is not None
-        for i, r in enumerate(new):
-            if not cacheable[i]:
-                continue
-            n = len(r.req.prompt_ids)
-
-            def kv(t0: int, t1: int, i: int = i, n: int = n) -> KV:
-                c0, c1 = columns - (n - t0), columns - (n - t1)
-                keys = torch.stack([layer.keys[i, :, c0:c1] for layer in cache.layers])
-                values = torch.stack([layer.values[i, :, c0:c1] for layer in cache.layers])
-                return keys, values
-
-            self.prompt_cache.store(r.key, r.req.prompt_ids, r.cached, kv)
 
     def _decode(self) -> list[JobEvent]:
         batch = self.batch
