@@ -52,7 +52,7 @@ class TrainConfig:
     """LoRA dropout."""
     loraplus_ratio: float = 1.0
     """LoRA+ (Hayou et al., 2024): the B matrices learn this many times faster than the A matrices, whose rate is
-    `lr`; 1 is plain LoRA. PEFT's `create_loraplus_optimizer` builds the optimizer; the adapter is plain LoRA."""
+    `lr`; 1 is plain LoRA. PEFT's LoRA+ optimizer (create_loraplus_optimizer) does it; the adapter is plain LoRA."""
     target_modules: tuple[str, ...] = ()
     """Modules LoRA adapts; () for the architecture's default (attention q and v), ('all-linear',) for every
     linear layer but the output head."""

@@ -19,7 +19,7 @@ requests run alone take the two forwards.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -29,13 +29,10 @@ from loraswap.server.worker.batch import Row
 from loraswap.server.worker.kvcache import past_cache
 from loraswap.server.worker.prefix import KV, PrefixCache
 
-if TYPE_CHECKING:
-    from loraswap.server.worker.engine import Engine
 
-
-def fits(engine: Engine, new: Sequence[Row], todo: Sequence[Sequence[int]], pasts: Sequence[KV | None]) -> bool:
+def fits(engine: Any, new: Sequence[Row], todo: Sequence[Sequence[int]], pasts: Sequence[KV | None]) -> bool:
     """Whether `new` (their prompt tokens still to compute: `todo`; their cached keys and values: `pasts`) may join
-    in the running rows' decoding step."""
+    in the running rows' decoding step of `engine` (an `engine.Engine`, which imports this module)."""
     if not engine.join_in_step or not engine.batch.rows or engine.prompt_cache is None:
         return False
     running = len(engine.batch.rows)
@@ -51,7 +48,7 @@ def fits(engine: Engine, new: Sequence[Row], todo: Sequence[Sequence[int]], past
 
 
 def join_and_decode(
-    engine: Engine, new: list[Row], todo: Sequence[Sequence[int]], pasts: Sequence[KV | None], cacheable: list[bool]
+    engine: Any, new: list[Row], todo: Sequence[Sequence[int]], pasts: Sequence[KV | None], cacheable: list[bool]
 ) -> list[JobEvent]:
     """One forward over the running rows' next tokens and `new`'s remaining prompt tokens (`fits` said it may)."""
     batch = engine.batch
