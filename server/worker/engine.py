@@ -2,7 +2,8 @@
 
 Every `step()` admits waiting requests (their prompts are prefilled together), runs one decoding
 forward over all running requests, and retires the ones that finished, so a short answer never
-waits for a long one. Which adapter a request uses is request data, never model-global state
+waits for a long one. Requests whose prompts are mostly cached may instead join that decoding forward
+(`joining.py`). Which adapter a request uses is request data, never model-global state
 (`residency.py`): LoRA rows name their adapter slot or PEFT adapter, prompt and P-tuning rows get
 their virtual tokens in front of the prompt's, prefix-tuning rows their keys and values in their part
 of the cache; so one batch mixes every method and the base. The running rows and their batched,
@@ -78,8 +79,8 @@ class Engine:
         `max_prefill_tokens` bounds the prompt tokens admitted in one step (one request is always admitted).
         `prefix_cache_bytes` bounds the prompt blocks of `prefix_block` tokens kept for reuse (`prefix.py`;
         0 turns prefix caching off). `short_first_steps`: decoding steps in a row that short requests may run
-        without the longer ones (0: every step runs every row). `join_in_step`: requests with at most a prefix block
-        left to compute join in the running rows' decoding forward (`joining.py`), instead of a prefill of their own."""
+        without the longer ones (0: every step runs every row). `join_in_step`: requests whose prompts' leading blocks
+        are cached join the running rows' decoding forward where the padding it costs them is small (`joining.py`)."""
         self.base_model = model
         self.tokenizer = tokenizer
         self.resolve = resolve
