@@ -43,7 +43,7 @@ def peft_adapter(base_path: Path, out: Path, seed: int, **config: Any) -> Path:
 IMPLS = pytest.mark.parametrize("impl", ["batched", "peft"])
 
 
-def make_engine(lively_base: Path, store: AdapterStore, impl: LoraImpl = "batched", **kw: int) -> Engine:
+def make_engine(lively_base: Path, store: AdapterStore, impl: LoraImpl = "batched", **kw: int | bool) -> Engine:
     base = load_base(str(lively_base), quant="none")
     return Engine(base.model, base.tokenizer, store.get, lora_impl=impl, **kw)
 

@@ -216,15 +216,17 @@ def test_front_first_moves_the_fewest_rows() -> None:
 
 
 @IMPLS
+@pytest.mark.parametrize("join", [True, False], ids=["joined", "prefilled"])
 def test_a_wave_joining_in_the_running_rows_decoding_step_matches_peft(
-    lively_base: Path, store: AdapterStore, impl: LoraImpl, monkeypatch: pytest.MonkeyPatch
+    lively_base: Path, store: AdapterStore, impl: LoraImpl, join: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Requests whose prompts' leading blocks are cached join a running request in its decoding forward
     (`joining.py`): one forward, each new row's remaining prompt beside the running row's next token, padding in the
-    running row's cache. Every answer, the running one's included, is still PEFT's."""
+    running row's cache. Every answer, the running one's included, is still PEFT's; with `join_in_step` off
+    (LORASWAP_JOIN_IN_STEP=false) the wave gets a prefill of its own, with the same answers."""
     from loraswap.server.worker import joining
 
-    engine = make_engine(lively_base, store, impl, max_batch_size=16)
+    engine = make_engine(lively_base, store, impl, max_batch_size=16, join_in_step=join)
     tok = engine.tokenizer
     adapters = ["symptoms", "treatment", None]
     for i, q in enumerate(QUESTIONS):  # every prompt once, so that its leading blocks are cached
@@ -250,7 +252,7 @@ def test_a_wave_joining_in_the_running_rows_decoding_step_matches_peft(
             break
         for e in engine.step():
             events.setdefault(e.uid, []).append(e)
-    assert joined == [8]  # the wave joined in one decoding forward
+    assert joined == ([8] if join else [])  # the wave joined in one decoding forward, or in none
     assert all(events[uid][0].cached_tokens > 0 for uid, _, _ in wave)
     expected = {"running": ("symptoms", QUESTIONS[0], 12), **{uid: (a, q, 8) for uid, a, q in wave}}
     for uid, (adapter, q, n) in expected.items():
