@@ -1,9 +1,11 @@
 """A server's side of the registry: what the registry holds (listed in the background), and a local cache of the
 adapters it pulled, bounded by bytes.
 
-Consistency: the listing is refreshed every `poll_seconds` (one LIST request, plus one GET per record that changed),
-never per request. So a new, replaced or deleted adapter is seen by every replica within `poll_seconds` plus one
-listing's time (the replica that published or deleted it sees it at once). A request for a listed adapter whose copy
+Consistency: the listing is refreshed every `poll_seconds` (one LIST request, plus one GET per record that changed).
+So a replaced or deleted adapter is seen by every replica within `poll_seconds` plus one listing's time (the replica
+that published or deleted it sees it at once). A new one is served at once everywhere: a request for a name the
+listing lacks reads that name's record (one GET, at most once per `poll_seconds` for a name the registry lacks too),
+so an adapter uploaded through one replica answers on the next one asked. A request for a listed adapter whose copy
 here is missing or older is pulled before the request is queued: every blob checked against its sha256 and size,
 then the full adapter validation (`registry.fetch`), then one atomic rename into the cache folder, which the workers
 read like any store folder. A bad adapter is refused and remembered (by its record's ETag, so a fixed re-publish is
@@ -97,6 +99,7 @@ class Replica:
         """name -> (record ETag, why) of adapters refused at their last pull."""
         self._cached: dict[str, tuple[str, int]] = {}  # name -> (record ETag, bytes) of the copies here
         self._used: dict[str, float] = {}
+        self._absent: dict[str, float] = {}  # name -> when the registry was last asked for it and had none
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self._cache_lock = threading.RLock()  # the copies here: pulls (request threads) and drops (the listing)
@@ -190,7 +193,7 @@ class Replica:
                 return True
             why = self.error or f"registry {self.registry.uri} has not been listed yet"
             raise RegistryUnavailable(f"adapter {name!r} is not cached here and the registry cannot be read: {why}")
-        record = listing.get(name)
+        record = listing.get(name) or self._published_since(name)
         if record is None:
             return False
         refused = self.refused.get(name)
@@ -208,6 +211,26 @@ class Replica:
                     log.warning("loraswap: %r could not be pulled again; serving the copy cached before", name)
         self._used[name] = time.monotonic()
         return True
+
+    def _published_since(self, name: str) -> Record | None:
+        """The record of `name` if it was published after the last listing (None if not, or if that cannot be read
+        now: the listing stands). A name the registry lacks is not asked again for `poll_seconds`."""
+        now = time.monotonic()
+        if now - self._absent.get(name, -self.poll_seconds) < self.poll_seconds:
+            return None
+        try:
+            record = self.registry.record(name)
+        except AdapterRefused:
+            raise  # a malformed record: refused, as the listing would
+        except (AdapterNotFound, RegistryUnavailable, ValueError):  # ValueError: not a name the registry can hold
+            self._absent[name] = now
+            if len(self._absent) > 4096:  # names asked for and absent: bounded, the oldest forgotten first
+                self._absent.pop(next(iter(self._absent)))
+            return None
+        with self._cache_lock:
+            if self.listing is not None:
+                self.listing = {**self.listing, name: record}
+        return record
 
     def _pull(self, record: Record) -> None:
         start = time.perf_counter()

@@ -185,7 +185,7 @@ def test_replica_pulls_verifies_follows_deletes_and_bounds_its_cache(
     assert replica.ensure("one") is False  # not published: not a registry adapter
     publish(registry, folders["one"], "one", ref, max_rank=64)
     publish(registry, folders["two"], "two", ref, max_rank=64)
-    assert replica.ensure("one") is False  # the listing is not refreshed per request
+    assert replica.ensure("one") is False  # absent when asked a moment ago: not asked again within poll_seconds
     replica.sync()
     assert replica.ensure("one") is True and replica.ready("one")
     cached = tmp_path / "cache" / "one"
@@ -205,6 +205,22 @@ def test_replica_pulls_verifies_follows_deletes_and_bounds_its_cache(
     replica.ensure("one")
     again = Replica(registry, tmp_path / "cache", lambda: ref, 64, max_bytes=1 << 30)
     assert again.cached("one") and not any(p.name.startswith(".") for p in (tmp_path / "cache").iterdir())
+
+
+def test_a_name_published_after_the_listing_answers_at_once_and_an_absent_one_is_asked_once_per_interval(
+    registry: Registry, folders: dict[str, Path], ref: BaseRef, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter uploaded through one replica answers on the next replica asked, before its next listing."""
+    replica = Replica(registry, tmp_path / "cache", lambda: ref, 64, max_bytes=1 << 30, poll_seconds=60)
+    replica.sync()
+    publish(registry, folders["one"], "new", ref, max_rank=64)
+    assert replica.ensure("new") is True and replica.ready("new")  # no listing in between
+    assert sha256_of(tmp_path / "cache" / "new" / WEIGHTS_FILE) == sha256_of(folders["one"] / WEIGHTS_FILE)
+    asked: list[str] = []
+    record = registry.record
+    monkeypatch.setattr(registry, "record", lambda name: asked.append(name) or record(name))
+    assert replica.ensure("missing") is False and replica.ensure("missing") is False
+    assert asked == ["missing"]  # a name the registry lacks costs one read per poll interval, not one per request
 
 
 def test_replica_refuses_a_tampered_adapter_until_it_is_published_again(
