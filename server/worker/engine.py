@@ -289,12 +289,15 @@ class Engine:
     def _decoding_rows(self) -> int:
         """How many rows, from the front, this decoding step runs: the short ones alone for up to
         `short_first_steps` steps in a row, then every row for one step."""
-        running = len(self.batch.rows)
-        if 0 < self.front < running and self.held < self.short_first_steps:
+        if self.front_alone():
             self.held += 1
             return self.front
         self.held = 0
-        return running
+        return len(self.batch.rows)
+
+    def front_alone(self) -> bool:
+        """Whether the next decoding step runs the short rows in front alone (the rows behind wait it out)."""
+        return 0 < self.front < len(self.batch.rows) and self.held < self.short_first_steps
 
     def _arrange(self) -> None:
         """Put the short requests in front (after rows joined or left); see `short_first_steps`."""

@@ -38,7 +38,7 @@ def fits(engine: Any, new: Sequence[Row], todo: Sequence[Sequence[int]], pasts: 
     running = len(engine.batch.rows)
     if not any(p is not None for p in pasts) or running * (max(len(t) for t in todo) - 1) > running + len(new):
         return False
-    if 0 < engine.front < running and engine.held < engine.short_first_steps:
+    if engine.front_alone():
         return False  # this step runs the short rows alone
     residency = engine.residency
     return not any(
