@@ -216,7 +216,8 @@ class Replica:
         """The record of `name` if it was published after the last listing (None if not, or if that cannot be read
         now: the listing stands). A name the registry lacks is not asked again for `poll_seconds`."""
         now = time.monotonic()
-        if now - self._absent.get(name, -self.poll_seconds) < self.poll_seconds:
+        asked = self._absent.get(name)
+        if asked is not None and now - asked < self.poll_seconds:
             return None
         try:
             record = self.registry.record(name)
@@ -225,7 +226,7 @@ class Replica:
         except (AdapterNotFound, RegistryUnavailable, ValueError):  # ValueError: not a name the registry can hold
             self._absent[name] = now
             if len(self._absent) > 4096:  # names asked for and absent: bounded, the oldest forgotten first
-                self._absent.pop(next(iter(self._absent)))
+                self._absent.pop(next(iter(self._absent)), None)  # None: another request thread took it
             return None
         with self._cache_lock:
             if self.listing is not None:
